@@ -1,0 +1,29 @@
+# The README's two commands: `make train` and `make test`. Both set up .venv from scratch.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/tiny.yaml
+
+.PHONY: setup train test clean
+
+setup: $(STAMP)
+
+# torch first, pinned: the registry's newest torch is a multi-GB CUDA build; 2.13.0 is a
+# local CPU wheel. The project's own ranges are then already satisfied by it.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check --upgrade "pip>=24"
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/moe train $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

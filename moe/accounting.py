@@ -1,0 +1,82 @@
+"""Parameter and FLOP counts from the configs alone (no model instance needed).
+
+Used for logging MFU, for scaling-law sweeps and for the performance predictor, which
+all need the numbers for models that are never built here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe.config import ModelConfig, MoEConfig
+from moe.mlp import input_width
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Total and per-token-active parameter counts; "embedding" is the token embedding
+    plus an untied LM head, "non-embedding" is everything else (Kaplan et al. 2020)."""
+
+    embedding: int
+    non_embedding_total: int
+    non_embedding_active: int
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.non_embedding_total
+
+    @property
+    def active(self) -> int:
+        return self.embedding + self.non_embedding_active
+
+
+def _mlp_params(dim: int, ffn_dim: int, activation: str) -> int:
+    return dim * input_width(ffn_dim, activation) + ffn_dim * dim
+
+
+def _moe_layer_params(dim: int, moe: MoEConfig, experts: int) -> int:
+    """Router + ``experts`` routed experts + the shared experts."""
+    shared = _mlp_params(dim, moe.expert_ffn_dim * moe.num_shared_experts, moe.activation) if moe.num_shared_experts else 0
+    return moe.num_experts * dim + experts * _mlp_params(dim, moe.expert_ffn_dim, moe.activation) + shared
+
+
+def num_moe_layers(cfg: ModelConfig) -> int:
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+
+
+def _non_embedding(cfg: ModelConfig, moe: MoEConfig, experts_per_moe_layer: int) -> int:
+    n_moe = num_moe_layers(cfg)
+    n_dense = cfg.n_layers - n_moe
+    attention = 4 * cfg.dim * cfg.dim
+    norms = 2 * cfg.dim
+    return (
+        cfg.n_layers * (attention + norms)
+        + n_dense * _mlp_params(cfg.dim, cfg.ffn_dim, cfg.activation)
+        + n_moe * _moe_layer_params(cfg.dim, moe, experts_per_moe_layer)
+        + cfg.dim  # final norm
+    )
+
+
+def param_counts(cfg: ModelConfig, moe: MoEConfig) -> ParamCounts:
+    """Counts as the model in ``moe.model`` holds them (its tests check this equality)."""
+    embedding = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    return ParamCounts(
+        embedding=embedding,
+        non_embedding_total=_non_embedding(cfg, moe, moe.num_experts),
+        non_embedding_active=_non_embedding(cfg, moe, moe.top_k),
+    )
+
+
+def train_flops_per_token(cfg: ModelConfig, moe: MoEConfig) -> float:
+    """Model FLOPs per trained token: ``6 · P_matmul + 6 · L · S · D``.
+
+    ``P_matmul`` is the active matmul weights a token meets: attention projections, the
+    dense MLP or the router plus K routed experts plus shared experts, and the LM head
+    (``V·D``). The second term is attention scores and values: ``2·2·D`` FLOPs per key,
+    ``S/2`` keys on average under the causal mask, times 3 for forward + backward.
+    Norms and softmaxes are left out, as in Kaplan et al. and Megatron's count.
+    """
+    active = param_counts(cfg, moe).non_embedding_active
+    norms = cfg.n_layers * 2 * cfg.dim + cfg.dim
+    matmul = active - norms + cfg.vocab_size * cfg.dim
+    return 6.0 * matmul + 6.0 * cfg.n_layers * cfg.seq_len * cfg.dim

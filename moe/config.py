@@ -1,0 +1,134 @@
+"""Configuration of the model and its MoE layers.
+
+Each dataclass is frozen and validates its own values in ``__post_init__``; the YAML
+loader in ``launch/config.py`` checks key names and types before it constructs them,
+so a message from here is always about a value, and names the key as it is written
+in YAML (``moe.top_k``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, value and fix."""
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ``ConfigError("key=value: allowed")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+Activation = Literal["gelu", "swiglu"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer: RMSNorm, RoPE, causal attention, dense or MoE MLPs."""
+
+    vocab_size: int = 257
+    dim: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    seq_len: int = 256
+    ffn_dim: int = 768
+    activation: Activation = "gelu"
+    moe_every: int = 1
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len", "ffn_dim"):
+            value = getattr(self, key)
+            require(value >= 1, f"model.{key}", value, "must be >= 1")
+        require(
+            self.dim % self.n_heads == 0,
+            "model.n_heads",
+            self.n_heads,
+            f"must divide model.dim={self.dim}",
+        )
+        require(
+            (self.dim // self.n_heads) % 2 == 0,
+            "model.n_heads",
+            self.n_heads,
+            f"head size model.dim/model.n_heads={self.dim}/{self.n_heads} must be even for RoPE",
+        )
+        require(
+            0 <= self.moe_every <= self.n_layers,
+            "model.moe_every",
+            self.moe_every,
+            f"must be in [0, model.n_layers={self.n_layers}] (0 = dense model, 1 = MoE in every layer)",
+        )
+        require(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be > 0")
+        require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be > 0")
+        require(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layer ``layer`` (0-based) is MoE when ``(layer + 1) % moe_every == 0``.
+
+        moe_every=2 gives GLaM's every-other layer (layers 1, 3, 5, ...), moe_every=1 every
+        layer, moe_every=0 none.
+        """
+        return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Routed experts: the router, capacity, the losses that shape routing, the experts."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    router: Literal["topk"] = "topk"
+    capacity_factor: float | None = None
+    drop_policy: Literal["position", "probability"] = "position"
+    normalize_weights: bool = True
+    jitter_eps: float = 0.0
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 1e-3
+    expert_ffn_dim: int = 768
+    activation: Activation = "gelu"
+    num_shared_experts: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
+        require(
+            1 <= self.top_k <= self.num_experts,
+            "moe.top_k",
+            self.top_k,
+            f"must be in [1, moe.num_experts={self.num_experts}]",
+        )
+        require(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            "moe.capacity_factor",
+            self.capacity_factor,
+            "must be > 0, or null for dropless routing",
+        )
+        # With k=1 a renormalised gate is identically 1.0: the LM loss would no longer
+        # reach the router, which then learns only from the aux loss.
+        require(
+            not (self.normalize_weights and self.top_k == 1),
+            "moe.normalize_weights",
+            self.normalize_weights,
+            "with moe.top_k=1 every renormalised gate is 1.0 and the router gets no LM-loss "
+            "gradient; set moe.normalize_weights=false (Switch uses the raw probability)",
+        )
+        require(
+            0.0 <= self.jitter_eps < 1.0,
+            "moe.jitter_eps",
+            self.jitter_eps,
+            "must be in [0, 1) (Switch uses 0.01; 0 disables jitter)",
+        )
+        require(self.aux_loss_coeff >= 0, "moe.aux_loss_coeff", self.aux_loss_coeff, "must be >= 0")
+        require(self.z_loss_coeff >= 0, "moe.z_loss_coeff", self.z_loss_coeff, "must be >= 0")
+        require(self.expert_ffn_dim >= 1, "moe.expert_ffn_dim", self.expert_ffn_dim, "must be >= 1")
+        require(
+            self.num_shared_experts >= 0,
+            "moe.num_shared_experts",
+            self.num_shared_experts,
+            "must be >= 0",
+        )

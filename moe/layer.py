@@ -1,0 +1,94 @@
+"""The MoE layer: router -> capacity -> dispatcher -> experts -> combine (+ shared experts).
+
+Legend: B batch, S sequence, T = B·S tokens, D model dim, E experts, K experts per token,
+N expert-sorted rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moe.capacity import expert_capacity, keep_mask
+from moe.config import MoEConfig
+from moe.dispatcher import DispatchPlan, LocalDispatcher
+from moe.experts import GroupedExperts
+from moe.losses import load_balancing_loss, router_z_loss
+from moe.mlp import MLP
+from moe.router import TopKRouter
+
+
+class Dispatcher(Protocol):
+    """What the layer needs of a dispatcher; ``parallel/`` provides an all-to-all twin."""
+
+    def permute(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DispatchPlan]: ...
+
+    def unpermute(self, y_ND: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """One layer's routing losses (with gradient) and load statistics (detached).
+
+    ``tokens_per_expert_E`` counts routed assignments before capacity drops: it is the
+    load the router asked for, which is what balance is judged on.
+    """
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+
+class MoELayer(nn.Module):
+    """``y = sum_k gate_k · expert_k(x) + shared(x)`` over each token's kept top-k experts."""
+
+    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.normalize_weights, cfg.jitter_eps)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_ffn_dim, cfg.activation)
+        self.shared = (
+            MLP(dim, cfg.expert_ffn_dim * cfg.num_shared_experts, cfg.activation)
+            if cfg.num_shared_experts > 0
+            else None
+        )
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
+
+    def _keep(self, routing_experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+        if self.cfg.capacity_factor is None:
+            return None
+        num_tokens = routing_experts_TK.shape[0]
+        capacity = expert_capacity(num_tokens, self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
+        return keep_mask(routing_experts_TK, weights_TK, self.cfg.num_experts, capacity, self.cfg.drop_policy)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        batch, seq, dim = x_BSD.shape
+        x_TD = x_BSD.reshape(batch * seq, dim)
+        routing = self.router(x_TD)
+        keep_TK = self._keep(routing.experts_TK, routing.weights_TK)
+
+        x_ND, plan = self.dispatcher.permute(x_TD, routing.experts_TK, keep_TK)
+        y_ND = self.experts(x_ND, plan.tokens_per_expert_E)
+        y_TD = self.dispatcher.unpermute(y_ND, plan, routing.weights_TK)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+
+        stats = MoEStats(
+            aux_loss=load_balancing_loss(routing.probs_TE, routing.experts_TK, self.cfg.aux_loss_coeff),
+            z_loss=router_z_loss(routing.logits_TE, self.cfg.z_loss_coeff),
+            tokens_per_expert_E=torch.bincount(
+                routing.experts_TK.reshape(-1), minlength=self.cfg.num_experts
+            ).detach(),
+            dropped_fraction=(
+                torch.zeros((), device=x_TD.device)
+                if keep_TK is None
+                else 1.0 - keep_TK.float().mean().detach()
+            ),
+        )
+        return y_TD.reshape(batch, seq, dim), stats

@@ -1,0 +1,39 @@
+"""The parallel layout section of the config.
+
+Degrees only; the topology object that checks them against the world size and the model
+(experts % ep, heads % tp, ...) and builds megatron-core's process groups is built from
+this once, before any group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moe.config import require
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """``world = tp · pp · dp`` for dense parts; experts are split ``ep`` ways (× ``etp``)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    etp: int = 1
+    vpp: int = 1
+    engine: Literal["megatron", "deepspeed"] = "megatron"
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp", "ep", "dp", "etp", "vpp"):
+            value = getattr(self, key)
+            require(value >= 1, f"parallel.{key}", value, "must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def is_single_process(self) -> bool:
+        return self.world_size == 1 and self.ep == 1 and self.etp == 1 and self.vpp == 1

@@ -1,0 +1,98 @@
+import dataclasses
+
+import pytest
+import torch
+
+from moe.config import MoEConfig
+from moe.layer import MoELayer
+from moe.mlp import MLP
+
+
+def _layer(**kw: object) -> MoELayer:
+    cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_ffn_dim": 16, **kw})
+    layer = MoELayer(8, cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_one_expert_top1_equals_dense_mlp(activation: str) -> None:
+    cfg = MoEConfig(num_experts=1, top_k=1, normalize_weights=False, capacity_factor=1.0,
+                    expert_ffn_dim=16, activation=activation)
+    layer = MoELayer(8, cfg)
+    mlp = MLP(8, 16, activation)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        layer.experts.w_in_EDF[0].copy_(mlp.w_in.weight.T)
+        layer.experts.w_out_EFD[0].copy_(mlp.w_out.weight.T)
+        torch.nn.init.normal_(layer.router.weight_ED)
+    x1 = torch.randn(2, 5, 8, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y_moe, _ = layer(x1)
+    y_mlp = mlp(x2)
+    assert torch.allclose(y_moe, y_mlp, atol=1e-6)
+    grad = torch.randn_like(y_mlp)
+    y_moe.backward(grad)
+    y_mlp.backward(grad)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-6)
+    assert torch.allclose(layer.experts.w_in_EDF.grad[0], mlp.w_in.weight.grad.T, atol=1e-6)
+    assert torch.allclose(layer.experts.w_out_EFD.grad[0], mlp.w_out.weight.grad.T, atol=1e-6)
+
+
+def test_dropless_equals_large_capacity() -> None:
+    dropless = _layer(capacity_factor=None)
+    large = MoELayer(8, dataclasses.replace(dropless.cfg, capacity_factor=4.0))  # capacity = T*K
+    large.load_state_dict(dropless.state_dict())
+    x = torch.randn(3, 7, 8)
+    y1, s1 = dropless(x)
+    y2, s2 = large(x)
+    assert torch.equal(y1, y2)
+    assert s2.dropped_fraction.item() == 0.0
+
+
+def test_dropped_tokens_pass_through_unchanged() -> None:
+    layer = _layer(top_k=1, normalize_weights=False, capacity_factor=0.25, num_experts=2)
+    with torch.no_grad():
+        layer.router.weight_ED.zero_()
+        layer.router.weight_ED[0, 0] = 10.0  # every token with x[0] > 0 goes to expert 0
+    x = torch.randn(1, 16, 8).abs()  # all tokens to expert 0; capacity ceil(.25*16/2) = 2
+    y, stats = layer(x)
+    y = y.squeeze(0)
+    assert torch.count_nonzero(y.abs().sum(-1)).item() == 2
+    assert torch.equal(y[2:], torch.zeros(14, 8))  # position policy: the first two are kept
+    assert stats.dropped_fraction.item() == pytest.approx(14 / 16)
+
+
+def test_router_gets_gradient_from_lm_loss_and_from_aux_loss() -> None:
+    layer = _layer(top_k=2, aux_loss_coeff=0.01, z_loss_coeff=0.0)
+    x = torch.randn(2, 6, 8)
+    y, stats = layer(x)
+    (g_task,) = torch.autograd.grad(y.square().sum(), layer.router.weight_ED, retain_graph=True)
+    (g_aux,) = torch.autograd.grad(stats.aux_loss, layer.router.weight_ED)
+    assert g_task.abs().sum() > 0
+    assert g_aux.abs().sum() > 0
+
+
+def test_switch_top1_router_gets_task_gradient() -> None:
+    layer = _layer(top_k=1, normalize_weights=False, aux_loss_coeff=0.0, z_loss_coeff=0.0)
+    y, _ = layer(torch.randn(2, 6, 8))
+    (g,) = torch.autograd.grad(y.square().sum(), layer.router.weight_ED)
+    assert g.abs().sum() > 0
+
+
+def test_shared_expert_is_added() -> None:
+    layer = _layer(num_shared_experts=1)
+    x = torch.randn(1, 4, 8)
+    y, _ = layer(x)
+    shared = layer.shared
+    layer.shared = None
+    y_routed, _ = layer(x)
+    assert torch.allclose(y, y_routed + shared(x.reshape(4, 8)).reshape(1, 4, 8), atol=1e-6)
+
+
+def test_stats_count_routed_assignments() -> None:
+    layer = _layer(top_k=2)
+    _, stats = layer(torch.randn(2, 5, 8))
+    assert stats.tokens_per_expert_E.sum().item() == 2 * 5 * 2

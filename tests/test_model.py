@@ -1,0 +1,68 @@
+import dataclasses
+
+import pytest
+import torch
+
+from moe.accounting import param_counts, train_flops_per_token
+from moe.config import ModelConfig, MoEConfig
+from moe.layer import MoELayer
+from moe.model import Transformer
+
+SMALL = ModelConfig(vocab_size=50, dim=32, n_layers=4, n_heads=4, seq_len=16, ffn_dim=64)
+SMALL_MOE = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32)
+
+
+@pytest.mark.parametrize(
+    "model_kw, moe_kw",
+    [
+        ({}, {}),
+        ({"moe_every": 2, "activation": "swiglu", "tie_embeddings": False}, {"activation": "swiglu", "num_shared_experts": 2}),
+        ({"moe_every": 0}, {}),
+    ],
+)
+def test_param_counts_match_the_model(model_kw: dict, moe_kw: dict) -> None:
+    cfg = dataclasses.replace(SMALL, **model_kw)
+    moe = dataclasses.replace(SMALL_MOE, **moe_kw)
+    model = Transformer(cfg, moe)
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg, moe).total
+
+
+def test_active_params_count_k_experts() -> None:
+    counts = param_counts(SMALL, SMALL_MOE)
+    per_expert = 2 * 32 * 32  # w_in [D, F] + w_out [F, D]
+    assert counts.non_embedding_total - counts.non_embedding_active == 4 * (4 - 2) * per_expert
+
+
+def test_flops_per_token_formula() -> None:
+    dense = dataclasses.replace(SMALL, moe_every=0)
+    d, f, v, s, layers = 32, 64, 50, 16, 4
+    expected = 6 * (layers * (4 * d * d + 2 * d * f) + v * d) + 6 * layers * s * d
+    assert train_flops_per_token(dense, SMALL_MOE) == expected
+
+
+def test_moe_every_places_moe_layers() -> None:
+    model = Transformer(dataclasses.replace(SMALL, moe_every=2), SMALL_MOE)
+    assert [isinstance(b.ffn, MoELayer) for b in model.blocks] == [False, True, False, True]
+
+
+def test_forward_shapes_and_losses() -> None:
+    model = Transformer(SMALL, SMALL_MOE)
+    ids = torch.randint(0, 50, (3, 16))
+    out = model(ids, ids)
+    assert out.logits_BSV.shape == (3, 16, 50)
+    assert len(out.moe_stats) == 4
+    assert torch.allclose(out.loss, out.lm_loss + out.aux_loss + out.z_loss)
+    assert torch.allclose(out.aux_loss, sum(s.aux_loss for s in out.moe_stats))
+
+
+def test_causal_future_tokens_do_not_change_past_logits() -> None:
+    model = Transformer(SMALL, dataclasses.replace(SMALL_MOE, capacity_factor=None)).eval()
+    ids = torch.randint(0, 50, (1, 16))
+    changed = ids.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 50
+    assert torch.allclose(model(ids).logits_BSV[:, :10], model(changed).logits_BSV[:, :10], atol=1e-5)
+
+
+def test_sequence_longer_than_context_is_rejected() -> None:
+    with pytest.raises(ValueError, match="model.seq_len=16"):
+        Transformer(SMALL, SMALL_MOE)(torch.zeros(1, 17, dtype=torch.long))
