@@ -11,12 +11,13 @@ CONFIG ?= configs/tiny.yaml
 setup: $(STAMP)
 
 # torch first, pinned: the registry's newest torch is a multi-GB CUDA build; 2.13.0 is a
-# local CPU wheel. The project's own ranges are then already satisfied by it.
-$(STAMP): pyproject.toml
+# local CPU wheel. The project's own ranges are then already satisfied by it, and
+# constraints.txt pins every other package (regenerate: pip freeze --exclude-editable).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check --upgrade "pip>=24"
+	$(PIP) install -q --disable-pip-version-check "pip==26.3"
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -1,0 +1,63 @@
+"""The ``moe`` command line.
+
+    moe train CONFIG [section.key=value ...]     train (e.g. moe.num_experts=16 train.steps=50)
+    moe data prepare PATHS... --out DIR          tokenize text/JSONL files into .bin/.idx
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from launch.config import load_config
+from launch.data import DataError, prepare_main
+from moe.config import ConfigError
+from parallel.checkpoint import CheckpointError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from launch.train import train  # the heavy imports (torch, tensorboard) only when training
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, Path(args.config).stem)
+    run_dir = summary["run_dir"]
+    print(
+        f"done: {summary['steps']} steps, final validation loss {summary['final_val_loss']:.4f} nats/token "
+        f"({summary['val_tokens']} held-out tokens), {summary['tokens_per_s']:.0f} tokens/s, "
+        f"min expert share {summary['expert_load_tail']['min_share']}"
+    )
+    print(f"outputs in {run_dir}/: " + ", ".join(summary["outputs"].values()) + ", summary.json, config.yaml")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe", description="moe-train: Mixture-of-Experts training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", help="a YAML file, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. moe.num_experts=16")
+    train.set_defaults(run=_train)
+    data = sub.add_parser("data", help="data preparation (moe data prepare PATHS... --out DIR)")
+    data.add_argument("action", choices=["prepare"])
+    data.add_argument("rest", nargs=argparse.REMAINDER)
+    data.set_defaults(run=lambda a: prepare_main(a.rest))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    """Console-script entry point: exit with ``main``'s status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,213 @@
+"""The root config: per-component dataclasses composed into one, loaded from YAML.
+
+Each component owns its dataclass (model and MoE in ``moe/``, the layout in
+``parallel/``, data, training and launching here). This module owns the YAML mapping:
+files in ``configs/`` mirror these dataclasses key for key, and ``section.key=value``
+overrides from the command line are applied before anything is constructed, so every
+bad key, type or value is rejected with one message before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from launch.data import DataConfig
+from moe.config import ConfigError, ModelConfig, MoEConfig, require
+from parallel.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation run: AdamW with linear warmup then cosine decay to ``min_lr_ratio·lr``."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    micro_batch_size: int | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 10
+    eval_every: int = 200
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    run_dir: str | None = None
+    resume: bool = False
+    peak_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+            value = getattr(self, key)
+            require(value >= 1, f"train.{key}", value, "must be >= 1")
+        micro = self.micro_batch_size
+        require(
+            micro is None or (micro >= 1 and self.batch_size % micro == 0),
+            "train.micro_batch_size",
+            micro,
+            f"must divide train.batch_size={self.batch_size} (or be null for no accumulation)",
+        )
+        require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            require(0 <= value < 1, f"train.{key}", value, "must be in [0, 1)")
+        require(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
+        require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "train.peak_tflops",
+            self.peak_tflops,
+            "must be > 0, or null when the device's peak is unknown (no MFU is logged)",
+        )
+
+    @property
+    def micro_batches(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How processes are started. ``local``: this process, on this machine."""
+
+    launcher: Literal["local"] = "local"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.threads is None or self.threads >= 1,
+            "launch.threads",
+            self.threads,
+            "must be >= 1, or null for torch's default",
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The root: one section per component."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in that type."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it spells.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Construct dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types
+    are errors; missing keys take the dataclass defaults."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(
+                f"unknown key '{dotted}'{_suggest(str(key), names)}; "
+                f"allowed in '{prefix or 'config'}': {', '.join(names)}"
+            )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. moe.num_experts=16")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+    """Read a YAML config, apply overrides, validate everything; raise ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; ship-with configs are in configs/")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top")
+    return build(Config, apply_overrides(raw, list(overrides)), "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

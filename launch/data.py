@@ -1,0 +1,653 @@
+"""Training data: a byte tokenizer, corpus preparation into megatron-core indexed datasets,
+and the deterministic batch sampler the trainer reads from.
+
+A prepared dataset is a directory holding ``train.{bin,idx}``, ``val.{bin,idx}`` (megatron-core's
+indexed-dataset format, one sequence per document, no EOD stored) and ``meta.json``. EOD tokens
+are inserted when a split is loaded, so the files stay reusable by megatron's own samplers.
+
+megatron-core is imported inside the functions that need it: the import takes seconds and
+prints fallback warnings, and loading a ``DataConfig`` or running ``moe --help`` should pay for
+neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import math
+import os
+import secrets
+import shutil
+import struct
+import sys
+import sysconfig
+import types
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+SPLITS: tuple[str, ...] = ("train", "val")
+SOURCE_SUFFIXES: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl")
+DATASET_FILES: tuple[str, ...] = ("meta.json", "train.bin", "train.idx", "val.bin", "val.idx")
+PREPARE_HINT = "run `moe data prepare PATHS --out DIR`"
+
+# megatron-core's .idx layout: magic, version <Q, dtype code <B, sequence count <Q,
+# document count <Q, then int32 lengths, int64 pointers, int64 document indices.
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEADER = struct.Struct("<9sQBQQ")
+_INDEX_DTYPES: MappingProxyType[int, type[np.integer]] = MappingProxyType(
+    {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+)
+
+
+class DataError(ValueError):
+    """A problem with the data or its configuration that the user can fix; the message says how."""
+
+
+def _check_val_fraction(value: object, key: str) -> None:
+    """Reject a val_fraction the split cannot honour: 0 would leave no validation set, and more
+    than half would starve training."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (is_number and 0 < value <= 0.5):  # type: ignore[operator]
+        raise DataError(f"{key}={value!r}: must be a number in (0, 0.5]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training tokens come from and how much is held out for validation."""
+
+    path: str | None = None
+    cache_dir: str = "data/cache"
+    val_fraction: float = 0.05
+    val_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        """Fail at config load rather than minutes into a run."""
+        _check_val_fraction(self.val_fraction, "data.val_fraction")
+        if isinstance(self.val_tokens, bool) or not isinstance(self.val_tokens, int):
+            raise DataError(f"data.val_tokens={self.val_tokens!r}: must be an integer >= 1")
+        if self.val_tokens < 1:
+            raise DataError(f"data.val_tokens={self.val_tokens}: must be an integer >= 1")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes plus one end-of-document id: needs no training or vocabulary file, so any
+    text can be prepared offline and the model's vocabulary is fixed at 257."""
+
+    name: ClassVar[str] = "bytes"
+    vocab_size: ClassVar[int] = 257
+    eod: ClassVar[int] = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text``'s UTF-8 bytes, as uint16 (the dtype the dataset is stored in)."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
+        """Text of ``ids`` with EOD dropped; byte runs that are not valid UTF-8 (a model can emit
+        them) become U+FFFD instead of raising."""
+        array = np.asarray(ids, dtype=np.int64).ravel()
+        bad = array[(array < 0) | (array > self.eod)]
+        if bad.size:
+            raise DataError(
+                f"token id {int(bad[0])}: not a '{self.name}' token (ids are 0..{self.eod}); "
+                f"mask logits beyond vocab_size={self.vocab_size} before sampling"
+            )
+        return bytes(array[array != self.eod].astype(np.uint8)).decode("utf-8", errors="replace")
+
+
+def get_tokenizer(name: str) -> ByteTokenizer:
+    """The tokenizer a dataset was prepared with, by the name recorded in its meta.json."""
+    if name != ByteTokenizer.name:
+        raise DataError(
+            f"tokenizer {name!r}: unknown; this trainer supports '{ByteTokenizer.name}', "
+            f"re-prepare the data ({PREPARE_HINT})"
+        )
+    return ByteTokenizer()
+
+
+@dataclass(frozen=True)
+class SplitStats:
+    """Size of one split; tokens exclude the EOD added at load time."""
+
+    documents: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """What `prepare` wrote, mirrored in the directory's meta.json."""
+
+    out_dir: Path
+    sources: int
+    fingerprint: str
+    val_fraction: float
+    train: SplitStats
+    val: SplitStats
+
+
+def stdlib_sources() -> list[Path]:
+    """The running Python's standard-library ``.py`` files: a ~30 MB corpus present on every
+    machine, so a first run needs no download. Third-party packages are excluded so the corpus
+    does not depend on what happens to be installed."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: list[tuple[str, Path]] = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [name for name in subdirs if name not in ("site-packages", "dist-packages")]
+        relative = Path(directory).relative_to(root)
+        found.extend(
+            ((relative / name).as_posix(), Path(directory, name))
+            for name in files
+            if name.endswith(".py") and os.path.isfile(os.path.join(directory, name))
+        )
+    return [path for _, path in sorted(found)]
+
+
+def collect_sources(paths: Sequence[Path]) -> list[Path]:
+    """Expand directories into their text files (hidden directories skipped, so a repository's
+    .git or .venv is not swallowed); files named explicitly are kept whatever their suffix."""
+    found: dict[Path, Path] = {}
+    for path in paths:
+        if not path.exists():
+            raise DataError(f"source not found: {path}; check the path")
+        if path.is_dir():
+            files = _walk_text_files(path)
+            if not files:
+                raise DataError(
+                    f"{path}: no {' '.join(SOURCE_SUFFIXES)} files found; pass files directly "
+                    "or a directory that contains some"
+                )
+        else:
+            files = [path]
+        for file in files:
+            found.setdefault(file.resolve(), file)
+    return sorted(found.values(), key=lambda path: path.as_posix())
+
+
+def _walk_text_files(directory: Path) -> list[Path]:
+    """Files under ``directory`` with a source suffix; hidden directories are pruned, not
+    just filtered, so a large .venv is never traversed."""
+    found: list[Path] = []
+    for parent, subdirs, files in os.walk(directory):
+        subdirs[:] = [name for name in subdirs if not name.startswith(".")]
+        found.extend(
+            Path(parent, name)
+            for name in files
+            if Path(name).suffix.lower() in SOURCE_SUFFIXES
+            and os.path.isfile(os.path.join(parent, name))
+        )
+    return found
+
+
+def _document_ids(sources: Sequence[Path]) -> list[str]:
+    """Each source's path relative to the sources' common root: ids (and so the split) do not
+    depend on where the corpus is checked out."""
+    if not sources:
+        raise DataError(f"no source files given; {PREPARE_HINT} with at least one file")
+    resolved: dict[Path, Path] = {}
+    for path in sources:
+        if not path.exists():
+            raise DataError(f"source not found: {path}; check the path")
+        if not path.is_file():
+            raise DataError(
+                f"source is not a file: {path}; pass files (`moe data prepare` expands directories)"
+            )
+        real = path.resolve()
+        if real in resolved:
+            raise DataError(f"source listed twice: {path}; pass each file once")
+        resolved[real] = path
+    root = os.path.commonpath([str(real.parent) for real in resolved])
+    return [real.relative_to(root).as_posix() for real in resolved]
+
+
+def _fingerprint(sources: Sequence[Path], doc_ids: Sequence[str]) -> str:
+    """sha1 over each source's id, size and mtime: cheap enough to check on every start, and
+    it changes when the list or any file changes (e.g. a Python upgrade)."""
+    digest = hashlib.sha1()
+    for path, doc_id in zip(sources, doc_ids):
+        stat = path.stat()
+        digest.update(f"{doc_id}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _is_val(doc_id: str, val_fraction: float) -> bool:
+    """Hash-based split: a document's side depends only on its id, so adding or removing other
+    files never moves it between train and validation."""
+    return int(hashlib.sha1(doc_id.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < val_fraction
+
+
+def _documents(sources: Sequence[Path], doc_ids: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(doc id, text) for every non-empty document, in source order."""
+    for path, doc_id in zip(sources, doc_ids):
+        if path.suffix.lower() == ".jsonl":
+            yield from _jsonl_documents(path, doc_id)
+            continue
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if text:
+            yield doc_id, text
+
+
+def _jsonl_documents(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
+    """One document per line's "text" field; blank lines (a trailing newline) are skipped."""
+    with path.open("rb") as lines:
+        for lineno, raw in enumerate(lines, start=1):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line of a .jsonl source "
+                    'must be a JSON object with a string "text" field'
+                ) from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(
+                    f'{path}:{lineno}: no string "text" field; each line of a .jsonl source '
+                    'must be a JSON object with a string "text" field'
+                )
+            if text:
+                yield f"{doc_id}:{lineno}", text
+
+
+def _indexed_dataset_module() -> types.ModuleType:
+    """megatron-core's indexed dataset module, imported quietly: megatron warns at import
+    that TransformerEngine/Apex are absent, which says nothing about reading tokens."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("megatron.core.datasets.indexed_dataset")
+
+
+def _write_splits(
+    documents: Iterable[tuple[str, str]], directory: Path, val_fraction: float
+) -> dict[str, SplitStats]:
+    """Tokenize ``documents`` into ``directory/{train,val}.{bin,idx}``; one sequence per
+    document so megatron's document index stays meaningful."""
+    IndexedDatasetBuilder = _indexed_dataset_module().IndexedDatasetBuilder
+
+    tokenizer = ByteTokenizer()
+    builders = {
+        split: IndexedDatasetBuilder(str(directory / f"{split}.bin"), dtype=np.uint16)
+        for split in SPLITS
+    }
+    counts = {split: [0, 0] for split in SPLITS}
+    try:
+        for doc_id, text in documents:
+            split = "val" if _is_val(doc_id, val_fraction) else "train"
+            tokens = tokenizer.encode(text)
+            builders[split].add_document(tokens, [len(tokens)])
+            counts[split][0] += 1
+            counts[split][1] += len(tokens)
+        for split, builder in builders.items():
+            builder.finalize(str(directory / f"{split}.idx"))
+    finally:
+        # The builder has no close(); without this a failed prepare leaks open .bin handles.
+        for builder in builders.values():
+            builder.data_file.close()
+    return {split: SplitStats(*count) for split, count in counts.items()}
+
+
+def _check_splits(stats: dict[str, SplitStats], sources: int, val_fraction: float) -> None:
+    """An empty split would only fail later, at the first batch or validation."""
+    if all(split.documents == 0 for split in stats.values()):
+        raise DataError(f"no text in {sources} source file(s): every document is empty")
+    for name, split in stats.items():
+        if split.documents == 0:
+            raise DataError(
+                f"the {name} split is empty (train {stats['train'].documents} documents, "
+                f"val {stats['val'].documents}) at val_fraction={val_fraction}; "
+                "add more source documents or change the validation fraction"
+            )
+
+
+def _meta_dict(prepared: PreparedData) -> dict[str, Any]:
+    """The meta.json record of a prepared dataset."""
+    tokenizer = ByteTokenizer()
+    return {
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eod": tokenizer.eod,
+        "val_fraction": prepared.val_fraction,
+        "sources": prepared.sources,
+        "fingerprint": prepared.fingerprint,
+        "train": {"documents": prepared.train.documents, "tokens": prepared.train.tokens},
+        "val": {"documents": prepared.val.documents, "tokens": prepared.val.tokens},
+    }
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an empty directory or an earlier prepared dataset may be replaced: a mistyped
+    output path must never delete someone's files."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a directory; choose another output path")
+    foreign = sorted({path.name for path in out_dir.iterdir()} - set(DATASET_FILES))
+    if foreign:
+        raise DataError(
+            f"{out_dir}: exists and is not a prepared dataset (it holds {foreign[0]}); "
+            "choose a new or empty output directory"
+        )
+
+
+def _publish(built: Path, out_dir: Path) -> None:
+    """Move a finished dataset into place with renames, so ``out_dir`` is never half-written:
+    it is either the old dataset, absent, or the new one."""
+    if out_dir.exists():
+        old = built.with_name(built.name.replace(".tmp-", ".old-", 1))
+        os.rename(out_dir, old)
+        os.rename(built, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(built, out_dir)
+
+
+def prepare(sources: list[Path], out_dir: Path, val_fraction: float) -> PreparedData:
+    """Tokenize ``sources`` into a dataset at ``out_dir``, split by document.
+
+    Everything is built in a temporary directory beside ``out_dir`` and renamed into place,
+    so a killed prepare leaves only a dot-named temp directory, never a dataset that looks valid.
+    """
+    _check_val_fraction(val_fraction, "val_fraction")
+    out_dir = Path(out_dir)
+    doc_ids = _document_ids(sources)
+    fingerprint = _fingerprint(sources, doc_ids)
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not mkdtemp) so the published directory gets the umask's permissions, not 0700.
+    building = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    building.mkdir()
+    try:
+        stats = _write_splits(_documents(sources, doc_ids), building, val_fraction)
+        _check_splits(stats, len(sources), val_fraction)
+        prepared = PreparedData(
+            out_dir, len(sources), fingerprint, val_fraction, stats["train"], stats["val"]
+        )
+        (building / "meta.json").write_text(json.dumps(_meta_dict(prepared), indent=2) + "\n")
+        _publish(building, out_dir)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return prepared
+
+
+def read_meta(data_dir: Path) -> dict[str, Any]:
+    """A dataset's meta.json, checked against the tokenizer it names."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: not a prepared dataset; {PREPARE_HINT}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); {PREPARE_HINT} again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object; {PREPARE_HINT} again")
+    name = meta.get("tokenizer")
+    if name != ByteTokenizer.name:
+        raise DataError(
+            f"{path}: tokenizer {name!r} is unknown; this trainer supports "
+            f"'{ByteTokenizer.name}', {PREPARE_HINT} again"
+        )
+    tokenizer = get_tokenizer(name)
+    found = (meta.get("vocab_size"), meta.get("eod"))
+    if found != (tokenizer.vocab_size, tokenizer.eod):
+        raise DataError(
+            f"{path}: vocab_size={found[0]!r}, eod={found[1]!r} do not match tokenizer "
+            f"'{tokenizer.name}' ({tokenizer.vocab_size}, {tokenizer.eod}); {PREPARE_HINT} again"
+        )
+    return meta
+
+
+def _check_dataset_files(data_dir: Path, key: str) -> None:
+    """Presence of every file a prepared dataset needs, named in terms of the setting that
+    pointed here."""
+    if not data_dir.is_dir():
+        raise DataError(f"{key}={data_dir}: directory not found; {PREPARE_HINT}")
+    for name in DATASET_FILES:
+        if not (data_dir / name).is_file():
+            raise DataError(f"{key}={data_dir}: {name} not found; {PREPARE_HINT}")
+
+
+def ensure_dataset(cfg: DataConfig) -> Path:
+    """The dataset directory to train on, preparing the embedded corpus on first use.
+
+    Call it on one process per machine before the others read: two concurrent first-time
+    prepares would both do the work and replace each other's result.
+    """
+    if cfg.path is not None:
+        data_dir = Path(cfg.path)
+        _check_dataset_files(data_dir, "data.path")
+        read_meta(data_dir)
+        return data_dir
+    sources = stdlib_sources()
+    out_dir = Path(cfg.cache_dir) / f"stdlib-bytes-v{cfg.val_fraction}"
+    if _is_current(out_dir, _fingerprint(sources, _document_ids(sources)), cfg.val_fraction):
+        return out_dir
+    megabytes = sum(path.stat().st_size for path in sources) / 1e6
+    print(
+        f"preparing embedded corpus: {len(sources)} files, {megabytes:.1f} MB -> {out_dir}",
+        file=sys.stderr,
+    )
+    prepare(sources, out_dir, cfg.val_fraction)
+    return out_dir
+
+
+def _is_current(out_dir: Path, fingerprint: str, val_fraction: float) -> bool:
+    """Whether ``out_dir`` already holds this exact corpus, so a restart skips re-preparing."""
+    try:
+        _check_dataset_files(out_dir, "data.cache_dir")
+        meta = read_meta(out_dir)
+    except DataError:
+        return False
+    return meta.get("fingerprint") == fingerprint and meta.get("val_fraction") == val_fraction
+
+
+def _read_index_header(idx_path: Path) -> tuple[type[np.integer], int]:
+    """(token dtype, sequence count) of an .idx file, after checking its size matches its
+    header: megatron only asserts on the header and never checks sizes."""
+    actual = idx_path.stat().st_size
+    with idx_path.open("rb") as stream:
+        header = stream.read(_INDEX_HEADER.size)
+    if len(header) < _INDEX_HEADER.size:
+        raise DataError(f"{idx_path}: {actual} bytes, too short for an index; {PREPARE_HINT} again")
+    magic, version, code, sequences, documents = _INDEX_HEADER.unpack(header)
+    if magic != _INDEX_MAGIC or version != 1 or code not in _INDEX_DTYPES or documents < 1:
+        raise DataError(
+            f"{idx_path}: not a megatron-core integer token index (magic={magic!r}, "
+            f"version={version}, dtype code={code}); {PREPARE_HINT} again"
+        )
+    expected = _INDEX_HEADER.size + sequences * (4 + 8) + documents * 8
+    if actual != expected:
+        raise DataError(
+            f"{idx_path}: size mismatch: {actual} bytes but its header implies {expected}; "
+            f"the file is truncated or corrupt, {PREPARE_HINT} again"
+        )
+    return _INDEX_DTYPES[code], sequences
+
+
+def _read_documents(prefix: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(all tokens concatenated, per-document lengths) of one split, with .idx and .bin
+    checked against each other before any token is trusted."""
+    IndexedDataset = _indexed_dataset_module().IndexedDataset
+
+    idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    for path in (idx_path, bin_path):
+        if not path.is_file():
+            raise DataError(f"{path} not found; {PREPARE_HINT}")
+    dtype, sequences = _read_index_header(idx_path)
+    if sequences == 0:
+        raise DataError(f"{idx_path}: the split has no documents; {PREPARE_HINT} with more text")
+    try:
+        # mmap=False: megatron's mmap reader cannot open an empty .bin, and its file reader
+        # is only safe once the size check below has passed (it silently under-reads).
+        dataset = IndexedDataset(str(prefix), mmap=False)
+    except AssertionError as exc:
+        raise DataError(f"{idx_path}: inconsistent index ({exc}); {PREPARE_HINT} again") from None
+    lengths = dataset.sequence_lengths.astype(np.int64)
+    expected = int(lengths.sum()) * np.dtype(dtype).itemsize
+    actual = bin_path.stat().st_size
+    if actual != expected:
+        raise DataError(
+            f"{bin_path}: size mismatch with {idx_path.name}: the index lists {int(lengths.sum())} "
+            f"tokens ({expected} bytes) but the file has {actual} bytes; it is truncated or from "
+            f"another prepare, {PREPARE_HINT} again"
+        )
+    tokens = np.concatenate(dataset[0 : len(dataset)])
+    sequence_ends = np.concatenate([[0], np.cumsum(lengths)])
+    return tokens, np.diff(sequence_ends[dataset.document_indices])
+
+
+def _check_against_meta(
+    meta: dict[str, Any], meta_path: Path, split: str, tokens: np.ndarray, doc_lengths: np.ndarray
+) -> None:
+    """Token ids must fit the vocabulary (an out-of-range id would crash or silently corrupt
+    the embedding lookup), and the split's size must be the one meta.json recorded (catches
+    files mixed from two prepares)."""
+    vocab_size = int(meta["vocab_size"])
+    bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+    if bad.size:
+        raise DataError(
+            f"{meta_path.parent / split}.bin: token id {int(tokens[bad[0]])} at position "
+            f"{int(bad[0])} is outside vocab_size={vocab_size} from {meta_path}; "
+            f"the data was tokenized differently, {PREPARE_HINT} again"
+        )
+    recorded = meta.get(split)
+    found = {"documents": int(doc_lengths.size), "tokens": int(tokens.size)}
+    if recorded != found:
+        raise DataError(
+            f"{meta_path}: records {split}={recorded!r} but {split}.idx holds {found}; "
+            f"the files come from different prepares, {PREPARE_HINT} again"
+        )
+
+
+def load_split(data_dir: Path, split: str) -> TokenStream:
+    """One split as a flat token stream, each document followed by EOD."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    tokens, doc_lengths = _read_documents(data_dir / split)
+    _check_against_meta(meta, data_dir / "meta.json", split, tokens, doc_lengths)
+    vocab_size, eod = int(meta["vocab_size"]), int(meta["eod"])
+    dtype = np.uint16 if vocab_size <= 2**16 else np.int64
+    stream = np.empty(tokens.size + doc_lengths.size, dtype=dtype)
+    eod_positions = np.cumsum(doc_lengths + 1) - 1
+    is_token = np.ones(stream.size, dtype=bool)
+    is_token[eod_positions] = False
+    stream[is_token] = tokens
+    stream[eod_positions] = eod
+    return TokenStream(stream, vocab_size, eod)
+
+
+def _check_at_least(name: str, value: int, minimum: int) -> None:
+    """Sampling arguments come from config; a bad one should name itself."""
+    if value < minimum:
+        raise DataError(f"{name}={value}: must be >= {minimum}")
+
+
+@dataclass(frozen=True, eq=False)
+class TokenStream:
+    """A split's tokens as one flat array, sampled in fixed-length windows."""
+
+    tokens: np.ndarray
+    vocab_size: int
+    eod: int
+
+    def __len__(self) -> int:
+        return int(self.tokens.size)
+
+    def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, next-token targets) of the (seq_len + 1)-token windows at ``starts``."""
+        windows = self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+        return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+
+    def _check_fits(self, seq_len: int) -> None:
+        """A window needs seq_len inputs plus one more target token."""
+        _check_at_least("seq_len", seq_len, 1)
+        if len(self) < seq_len + 1:
+            raise DataError(
+                f"seq_len={seq_len}: the split has only {len(self)} tokens, fewer than "
+                f"seq_len + 1; use a shorter seq_len or prepare more text"
+            )
+
+    def batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_BS, y_BS`` (int64, y is x shifted by one) at random starts.
+
+        The batch is a pure function of (seed, step): resuming at a step reproduces it exactly,
+        and data-parallel ranks can each take a slice of the same global batch.
+        """
+        _check_at_least("step", step, 0)
+        _check_at_least("seed", seed, 0)
+        _check_at_least("batch_size", batch_size, 1)
+        self._check_fits(seq_len)
+        rng = np.random.default_rng([seed, step])
+        starts = rng.integers(0, len(self) - seq_len - 1, size=batch_size, endpoint=True)
+        return self._windows(starts, seq_len)
+
+    def val_batches(
+        self, batch_size: int, seq_len: int, n_tokens: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed windows tiling the start of the stream, every target token counted once, so
+        validation losses are comparable across evaluations and runs.
+
+        Covers at least ``n_tokens`` targets, rounded up to whole batches; a split too small
+        for that yields all its complete windows, with a smaller last batch.
+        """
+        _check_at_least("batch_size", batch_size, 1)
+        _check_at_least("n_tokens", n_tokens, 1)
+        self._check_fits(seq_len)
+        wanted = math.ceil(math.ceil(n_tokens / seq_len) / batch_size) * batch_size
+        count = min(wanted, (len(self) - 1) // seq_len)
+        starts = np.arange(count, dtype=np.int64) * seq_len
+        return [
+            self._windows(starts[first : first + batch_size], seq_len)
+            for first in range(0, count, batch_size)
+        ]
+
+
+def _parse_prepare_args(argv: list[str]) -> argparse.Namespace:
+    """`moe data prepare` arguments."""
+    parser = argparse.ArgumentParser(
+        prog="moe data prepare",
+        description="Tokenize text files into a dataset for `data.path`. Directories are "
+        f"walked for {' '.join(SOURCE_SUFFIXES)} files; .jsonl lines are documents "
+        'taken from their "text" field.',
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATHS", help="files or directories")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="dataset directory")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DataConfig.val_fraction,
+        help="share of documents held out for validation, in (0, 0.5] (default %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+def prepare_main(argv: list[str]) -> int:
+    """`moe data prepare PATHS... --out DIR [--val-fraction F]`; returns the exit status."""
+    try:
+        args = _parse_prepare_args(argv)
+    except SystemExit as exc:  # argparse exits on --help and on usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        _check_val_fraction(args.val_fraction, "--val-fraction")
+        prepared = prepare(collect_sources(args.paths), args.out, args.val_fraction)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"prepared {prepared.out_dir} from {prepared.sources} source file(s)")
+    for name in SPLITS:
+        stats: SplitStats = getattr(prepared, name)
+        print(f"  {name:<5} {stats.documents:>10,} documents {stats.tokens:>14,} tokens")
+    return 0

@@ -1,0 +1,51 @@
+"""Where training metrics go: a JSONL file (the record), TensorBoard (for looking)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``run_dir/metrics.jsonl`` and mirrors the
+    scalars to TensorBoard under ``run_dir/tensorboard``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
+            elif key == "expert_load" and isinstance(value, list):
+                # Per layer, the least and most loaded experts' shares: the full vectors
+                # are in the JSONL record; TensorBoard gets the two lines that show collapse.
+                for layer, shares in enumerate(value):
+                    self.tb.add_scalar(f"expert_load/layer{layer}/min_share", min(shares), step)
+                    self.tb.add_scalar(f"expert_load/layer{layer}/max_share", max(shares), step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_after(run_dir: Path, step: int) -> None:
+    """Drop records past ``step``: a resumed run recomputes them, and keeping both would
+    leave two values for one step in the log."""
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))

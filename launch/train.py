@@ -1,0 +1,387 @@
+"""The training loop (single process).
+
+Everything a run writes lives under its run directory::
+
+    run_dir/config.yaml          the resolved config
+    run_dir/metrics.jsonl        one record per log interval ("train") and validation ("val")
+    run_dir/tensorboard/         the same scalars for TensorBoard
+    run_dir/checkpoints/         atomic checkpoints (see parallel/checkpoint.py)
+    run_dir/summary.json         final figures
+    run_dir/loss_curve.png, run_dir/expert_load.png
+
+Resuming is bit-exact: the batch of step s is a pure function of (seed, s), and a
+checkpoint holds the model, the optimizer, the RNG state and the load statistics, so
+the loss at step k+1 after resuming from step k equals the uninterrupted run's.
+
+Legend: B batch, S sequence, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from launch.config import Config, TrainConfig, to_dict
+from launch.data import TokenStream, ensure_dataset, load_split
+from launch.metrics import MetricsLog, read_metrics, truncate_after
+from launch.plots import plot_expert_load, plot_loss_curve
+from moe.accounting import param_counts, train_flops_per_token
+from moe.config import ConfigError
+from moe.model import Transformer
+from parallel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda': no CUDA device is visible; use train.device=cpu or auto")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device) -> Any:
+    """bf16 autocast on GPU by default, fp32 on CPU; ``train.dtype`` forces either."""
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps`` updates, then cosine from ``lr`` to ``min_lr_ratio·lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (and stacked expert weights), not on norm gains."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def check_layout(cfg: Config) -> None:
+    """This loop runs one process; multi-rank layouts are refused, not run wrong."""
+    if not cfg.parallel.is_single_process or cfg.parallel.engine != "megatron":
+        raise ConfigError(
+            f"parallel={cfg.parallel}: this build trains in a single process only; "
+            "set parallel.tp/pp/ep/dp/etp/vpp to 1 and parallel.engine=megatron"
+        )
+
+
+def resolve_run_dir(cfg: TrainConfig, config_name: str) -> Path:
+    """``train.run_dir``, else ``runs/<config>-<timestamp>``; to resume without a run_dir,
+    the newest ``runs/<config>-*`` that holds a checkpoint."""
+    if cfg.run_dir is not None:
+        return Path(cfg.run_dir)
+    if cfg.resume:
+        candidates = sorted(p for p in Path("runs").glob(f"{config_name}-*") if latest_checkpoint(p / "checkpoints"))
+        if not candidates:
+            raise ConfigError(
+                f"train.resume=true: no run of config '{config_name}' with a checkpoint under runs/; "
+                "name one with train.run_dir=PATH"
+            )
+        return candidates[-1]
+    return Path("runs") / f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass
+class LoadTracker:
+    """Routed assignments per (MoE layer, expert), summed over a window of steps."""
+
+    counts_LE: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n_layers: int, n_experts: int) -> LoadTracker:
+        return cls(torch.zeros(n_layers, n_experts, dtype=torch.float64))
+
+    def add(self, counts_LE: torch.Tensor) -> None:
+        self.counts_LE += counts_LE.to(self.counts_LE)
+
+    def shares_LE(self) -> np.ndarray:
+        totals_L1 = self.counts_LE.sum(dim=1, keepdim=True).clamp(min=1)
+        return (self.counts_LE / totals_L1).numpy()
+
+
+@dataclass
+class Interval:
+    """Sums over the steps since the last train record."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {key: value / max(self.steps, 1) for key, value in self.sums.items()}
+
+
+class Run:
+    """One training run: model, optimizer, data and the bookkeeping around them."""
+
+    def __init__(self, cfg: Config, config_name: str) -> None:
+        check_layout(cfg)
+        self.cfg = cfg
+        self.tcfg = cfg.train
+        self.device = resolve_device(cfg.train)
+        if cfg.launch.threads is not None:
+            torch.set_num_threads(cfg.launch.threads)
+        data_dir = ensure_dataset(cfg.data)
+        self.train_stream = load_split(data_dir, "train")
+        self.val_stream = load_split(data_dir, "val")
+        self._check_vocab(self.train_stream)
+        self.run_dir = resolve_run_dir(cfg.train, config_name)
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = Transformer(cfg.model, cfg.moe).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.train)
+        n_moe, n_exp = len(self.model.moe_layers()), cfg.moe.num_experts
+        self.tail_start = cfg.train.steps - max(1, cfg.train.steps // 10)
+        self.tail_load = LoadTracker.zeros(n_moe, n_exp)
+        self.step = 0
+        self.best_val = math.inf
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.moe)
+        micro = cfg.train.micro_batch_size or cfg.train.batch_size
+        self.val_batches = self.val_stream.val_batches(micro, cfg.model.seq_len, cfg.data.val_tokens)
+
+    def _check_vocab(self, stream: TokenStream) -> None:
+        if self.cfg.model.vocab_size < stream.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the dataset's "
+                f"vocabulary ({stream.vocab_size} ids); set model.vocab_size={stream.vocab_size}"
+            )
+
+    # -- state ---------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "tail_load": self.tail_load.counts_LE,
+            "best_val": self.best_val,
+            "config": {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]},
+        }
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        saved = state["config"]
+        current = {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]}
+        for section in ("model", "moe"):
+            for key, value in current[section].items():
+                if saved[section].get(key) != value:
+                    raise CheckpointError(
+                        f"checkpoint {str(path)!r} was saved with {section}.{key}={saved[section].get(key)!r} "
+                        f"but the config has {section}.{key}={value!r}; resume with the same model config"
+                    )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.tail_load.counts_LE = state["tail_load"]
+        self.best_val = state["best_val"]
+        self.step = state["step"]
+
+    # -- one step ------------------------------------------------------------------
+
+    def train_step(self) -> tuple[dict[str, float], torch.Tensor]:
+        """One optimizer update over ``batch_size`` sequences in ``micro_batches`` parts.
+
+        Losses are averaged over micro-batches (each micro-batch's loss is divided by
+        their number before backward), so the update equals the whole-batch one for the
+        LM loss; the routing losses are per micro-batch.
+        """
+        tcfg = self.tcfg
+        lr = lr_at(self.step, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x_BS, y_BS = self.train_stream.batch(self.step, tcfg.batch_size, self.cfg.model.seq_len, tcfg.seed)
+        n_micro = tcfg.micro_batches
+        sums = {"lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0, "dropped_fraction": 0.0}
+        counts_LE = torch.zeros(len(self.model.moe_layers()), self.cfg.moe.num_experts)
+        self.model.train()
+        for x_mBS, y_mBS in zip(x_BS.chunk(n_micro), y_BS.chunk(n_micro)):
+            with autocast_context(tcfg, self.device):
+                out = self.model(x_mBS.to(self.device), y_mBS.to(self.device))
+            (out.loss / n_micro).backward()
+            sums["lm_loss"] += out.lm_loss.item() / n_micro
+            sums["aux_loss"] += out.aux_loss.item() / n_micro
+            sums["z_loss"] += out.z_loss.item() / n_micro
+            if out.moe_stats:
+                counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
+                dropped = torch.stack([s.dropped_fraction for s in out.moe_stats]).mean()
+                sums["dropped_fraction"] += dropped.item() / n_micro
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        sums.update(grad_norm=grad_norm.item(), lr=lr)
+        return sums, counts_LE
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss (nats per token) over the fixed held-out windows."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x_BS, y_BS in self.val_batches:
+            with autocast_context(self.tcfg, self.device):
+                out = self.model(x_BS.to(self.device), y_BS.to(self.device))
+            total += out.lm_loss.item() * y_BS.numel()
+            count += y_BS.numel()
+        return total / max(count, 1)
+
+    @property
+    def val_token_count(self) -> int:
+        return sum(y.numel() for _, y in self.val_batches)
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _train_record(self, interval: Interval, load: LoadTracker) -> dict[str, Any]:
+        tokens_per_s = interval.tokens / max(interval.seconds, 1e-9)
+        record: dict[str, Any] = {"kind": "train", "step": self.step, **interval.means()}
+        record["tokens_per_s"] = tokens_per_s
+        record["flops_per_token"] = self.flops_per_token
+        if self.tcfg.peak_tflops is not None:
+            record["mfu"] = self.flops_per_token * tokens_per_s / (self.tcfg.peak_tflops * 1e12)
+        if load.counts_LE.numel():
+            record["expert_load"] = load.shares_LE().round(5).tolist()
+        return record
+
+    def _log_start(self) -> None:
+        counts = param_counts(self.cfg.model, self.cfg.moe)
+        tqdm.write(
+            f"model: {counts.total / 1e6:.2f}M params ({counts.active / 1e6:.2f}M active per token), "
+            f"{len(self.model.moe_layers())} MoE layers x {self.cfg.moe.num_experts} experts top-{self.cfg.moe.top_k}; "
+            f"{len(self.train_stream) / 1e6:.1f}M train tokens; device {self.device}; run dir {self.run_dir}"
+        )
+
+    def fit(self) -> dict[str, Any]:
+        tcfg = self.tcfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir = self.run_dir / "checkpoints"
+        if tcfg.resume:
+            found = latest_checkpoint(ckpt_dir)
+            if found is None:
+                raise CheckpointError(f"train.resume=true but {str(ckpt_dir)!r} holds no complete checkpoint")
+            self.restore(found)
+            truncate_after(self.run_dir, self.step)
+            tqdm.write(f"resumed from {found} at step {self.step}")
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        log = MetricsLog(self.run_dir)
+        self._log_start()
+        n_moe, n_exp = len(self.model.moe_layers()), self.cfg.moe.num_experts
+        interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
+        train_seconds, train_tokens = 0.0, 0
+        tokens_per_step = tcfg.batch_size * self.cfg.model.seq_len
+        start_wall = time.perf_counter()
+        bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+        postfix: dict[str, str] = {}
+        while self.step < tcfg.steps:
+            t0 = time.perf_counter()
+            values, counts_LE = self.train_step()
+            seconds = time.perf_counter() - t0
+            interval.add(values)
+            interval.tokens += tokens_per_step
+            interval.seconds += seconds
+            train_seconds += seconds
+            train_tokens += tokens_per_step
+            load.add(counts_LE)
+            if self.step > self.tail_start:
+                self.tail_load.add(counts_LE)
+            bar.update(1)
+            final = self.step == tcfg.steps
+            if self.step % tcfg.log_every == 0 or final:
+                record = self._train_record(interval, load)
+                log.write(record)
+                postfix.update(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(postfix)
+                interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
+            if self.step % tcfg.eval_every == 0 or final:
+                val_loss = self.evaluate()
+                self.best_val = min(self.best_val, val_loss)
+                log.write({"kind": "val", "step": self.step, "val_loss": val_loss, "best_val_loss": self.best_val})
+                postfix.update(val=f"{val_loss:.3f}")
+                bar.set_postfix(postfix)
+            if self.step % tcfg.ckpt_every == 0 or final:
+                save_checkpoint(ckpt_dir, self.step, self.state(), tcfg.keep_checkpoints)
+        bar.close()
+        log.close()
+        return self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens)
+
+    def _finish(self, wall: float, train_seconds: float, train_tokens: int) -> dict[str, Any]:
+        records = read_metrics(self.run_dir)
+        vals = [r["val_loss"] for r in records if r["kind"] == "val"]
+        counts = param_counts(self.cfg.model, self.cfg.moe)
+        shares_LE = self.tail_load.shares_LE()
+        n_exp = self.cfg.moe.num_experts
+        threshold = 1.0 / (4 * n_exp)
+        tokens_per_s = train_tokens / max(train_seconds, 1e-9)
+        outputs = {
+            "metrics": "metrics.jsonl",
+            "tensorboard": "tensorboard/",
+            "checkpoints": "checkpoints/",
+            "loss_curve": plot_loss_curve(records, self.run_dir / "loss_curve.png").name,
+        }
+        if shares_LE.size:
+            outputs["expert_load"] = plot_expert_load(
+                shares_LE, self.run_dir / "expert_load.png", f"expert load, steps {self.tail_start + 1}-{self.tcfg.steps}"
+            ).name
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "tokens_seen": self.step * self.tcfg.batch_size * self.cfg.model.seq_len,
+            "final_val_loss": vals[-1] if vals else None,
+            "best_val_loss": min(vals) if vals else None,
+            "val_tokens": self.val_token_count,
+            "wall_seconds": wall,
+            "tokens_per_s": tokens_per_s,
+            "flops_per_token": self.flops_per_token,
+            "mfu": (self.flops_per_token * tokens_per_s / (self.tcfg.peak_tflops * 1e12)) if self.tcfg.peak_tflops else None,
+            "params": {
+                "total": counts.total,
+                "active": counts.active,
+                "embedding": counts.embedding,
+                "non_embedding_total": counts.non_embedding_total,
+                "non_embedding_active": counts.non_embedding_active,
+            },
+            "expert_load_tail": {
+                "steps": [self.tail_start + 1, self.tcfg.steps],
+                "shares": shares_LE.round(5).tolist(),
+                "min_share": float(shares_LE.min()) if shares_LE.size else None,
+                "max_share": float(shares_LE.max()) if shares_LE.size else None,
+                "collapse_threshold": threshold,
+                "collapsed": bool(shares_LE.size and shares_LE.min() < threshold),
+            },
+            "outputs": outputs,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def train(cfg: Config, config_name: str) -> dict[str, Any]:
+    """Train as configured; return the summary (also written to ``run_dir/summary.json``)."""
+    return Run(cfg, config_name).fit()
