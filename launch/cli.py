@@ -22,10 +22,16 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, Path(args.config).stem)
     run_dir = summary["run_dir"]
+    load = summary["expert_load_tail"]
+    balance = (
+        f"; expert shares over the last 10% of steps {load['min_share']:.3f}-{load['max_share']:.3f} "
+        f"(collapse below {load['collapse_threshold']:.3f})"
+        if load["min_share"] is not None
+        else ""
+    )
     print(
         f"done: {summary['steps']} steps, final validation loss {summary['final_val_loss']:.4f} nats/token "
-        f"({summary['val_tokens']} held-out tokens), {summary['tokens_per_s']:.0f} tokens/s, "
-        f"min expert share {summary['expert_load_tail']['min_share']}"
+        f"on {summary['val_tokens']} held-out tokens, {summary['tokens_per_s']:.0f} tokens/s{balance}"
     )
     print(f"outputs in {run_dir}/: " + ", ".join(summary["outputs"].values()) + ", summary.json, config.yaml")
     return 0

@@ -33,12 +33,12 @@ def plot_loss_curve(records: list[dict[str, Any]], out: Path) -> Path:
 def plot_expert_load(share_LE: np.ndarray, out: Path, title: str) -> Path:
     """Heatmap of the share of routed assignments per (MoE layer, expert)."""
     n_layers, n_experts = share_LE.shape
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n_experts + 2), max(2.5, 0.5 * n_layers + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n_experts + 2), max(3, 0.5 * n_layers + 1.5)))
     image = ax.imshow(share_LE, aspect="auto", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(n_layers))
-    ax.set_title(title + f" (uniform = {1 / n_experts:.3f})")
+    ax.set_title(title + f" (uniform = {1 / n_experts:.3f})", fontsize=10)
     fig.colorbar(image, ax=ax, label="share of assignments")
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -268,6 +268,7 @@ class Run:
         if self.tcfg.peak_tflops is not None:
             record["mfu"] = self.flops_per_token * tokens_per_s / (self.tcfg.peak_tflops * 1e12)
         if load.counts_LE.numel():
+            record["expert_tokens"] = load.counts_LE.long().tolist()
             record["expert_load"] = load.shares_LE().round(5).tolist()
         return record
 

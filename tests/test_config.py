@@ -100,3 +100,12 @@ def test_shipped_configs_are_what_they_say() -> None:
     assert (glam.moe.top_k, glam.model.moe_every, glam.moe.num_experts) == (2, 2, 64)
     mixtral = by_name["mixtral-8x-small"]
     assert (mixtral.moe.top_k, mixtral.moe.activation, mixtral.moe.capacity_factor, mixtral.moe.num_experts) == (2, "swiglu", None, 8)
+
+
+def test_cli_reports_a_bad_config_in_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import main
+
+    assert main(["train", str(TINY), "moe.num_expert=16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown key 'moe.num_expert' (did you mean 'num_experts'?)")
+    assert len(err.splitlines()) == 1

@@ -61,6 +61,8 @@ def test_smoke_run_learns_and_writes_its_outputs(corpus: Path, tmp_path: Path) -
     assert len(saved["expert_load_tail"]["shares"]) == 2 and len(saved["expert_load_tail"]["shares"][0]) == 4
     record = read_metrics(run)[0]
     assert {"aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "dropped_fraction", "expert_load"} <= set(record)
+    # one step of 8 sequences x 32 tokens, top-2: 512 assignments per MoE layer
+    assert [sum(layer) for layer in record["expert_tokens"]] == [8 * 32 * 2] * 2
 
 
 def test_resume_gives_the_identical_next_step_loss(corpus: Path, tmp_path: Path) -> None:
