@@ -38,6 +38,8 @@ def plot_expert_load(share_LE: np.ndarray, out: Path, title: str) -> Path:
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(n_layers))
+    if n_experts <= 32:
+        ax.set_xticks(range(n_experts))
     ax.set_title(title + f" (uniform = {1 / n_experts:.3f})", fontsize=10)
     fig.colorbar(image, ax=ax, label="share of assignments")
     fig.tight_layout()
