@@ -40,6 +40,7 @@ from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 from moe.model import Transformer
 from parallel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from parallel.topology import BatchShape, Topology
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -76,13 +77,19 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def check_layout(cfg: Config) -> None:
-    """This loop runs one process; multi-rank layouts are refused, not run wrong."""
+def check_layout(cfg: Config) -> Topology:
+    """Validate the layout against the model and batch, then refuse what this loop cannot
+    run: it runs one process, so multi-rank layouts are refused, not run wrong."""
+    # No micro_batch_size: each data-parallel rank runs its share of the batch at once.
+    per_rank = max(1, cfg.train.batch_size // cfg.parallel.dp)
+    batch = BatchShape(cfg.train.batch_size, cfg.train.micro_batch_size or per_rank)
+    topology = Topology.build(cfg.parallel, cfg.model, cfg.moe, batch, world_size=cfg.parallel.world_size)
     if not cfg.parallel.is_single_process or cfg.parallel.engine != "megatron":
         raise ConfigError(
             f"parallel={cfg.parallel}: this build trains in a single process only; "
             "set parallel.tp/pp/ep/dp/etp/vpp to 1 and parallel.engine=megatron"
         )
+    return topology
 
 
 def resolve_run_dir(cfg: TrainConfig, config_name: str) -> Path:

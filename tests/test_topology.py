@@ -1,0 +1,69 @@
+"""Every topology rule, each failing with one message that prints the values and a fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe.config import ConfigError, ModelConfig, MoEConfig
+from parallel.config import ParallelConfig
+from parallel.topology import BatchShape, Topology
+
+MODEL = ModelConfig(dim=64, n_layers=4, n_heads=4, ffn_dim=128)
+MOE = MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=64)
+BATCH = BatchShape(global_batch=16, micro_batch=2)
+
+
+def _build(world: int, model: ModelConfig = MODEL, moe: MoEConfig = MOE, batch: BatchShape = BATCH, **degrees: object) -> Topology:
+    return Topology.build(ParallelConfig(**degrees), model, moe, batch, world_size=world)
+
+
+@pytest.mark.parametrize(
+    "world, degrees, message",
+    [
+        (4, {"tp": 2}, "parallel.tp=2 x parallel.pp=1 x parallel.dp=1 = 2 ranks, but the job has 4"),
+        (4, {"dp": 4, "ep": 3}, "moe.num_experts=8 is not divisible by parallel.ep=3"),
+        (2, {"dp": 2, "ep": 4}, "parallel.etp=1 x parallel.ep=4 = 4 must divide parallel.tp=1 x parallel.dp=2 = 2"),
+        (4, {"tp": 4, "dp": 1}, None),
+        (3, {"tp": 3}, "model.n_heads=4 is not divisible by parallel.tp=3"),
+        (2, {"dp": 2, "etp": 2}, None),
+        (4, {"pp": 4, "vpp": 2}, "model.n_layers=4 is not divisible by parallel.pp=4 x parallel.vpp=2 = 8"),
+        (1, {"vpp": 2}, "parallel.vpp=2 needs parallel.pp > 1"),
+        (4, {"dp": 4}, None),
+        (2, {"dp": 2, "engine": "deepspeed", "etp": 2}, "parallel.engine='deepspeed' trains ep x dp layouts only"),
+    ],
+)
+def test_layout_rules(world: int, degrees: dict, message: str | None) -> None:
+    if message is None:
+        _build(world, **degrees)
+        return
+    with pytest.raises(ConfigError) as err:
+        _build(world, **degrees)
+    assert message in str(err.value)
+
+
+def test_expert_ffn_must_split_over_etp() -> None:
+    moe = MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=64)
+    with pytest.raises(ConfigError, match="moe.expert_ffn_dim=64 is not divisible by parallel.etp=3"):
+        Topology.build(ParallelConfig(dp=3, etp=3), MODEL, moe, BatchShape(12, 2), world_size=3)
+
+
+def test_dense_model_cannot_use_expert_parallelism() -> None:
+    dense = ModelConfig(dim=64, n_layers=4, n_heads=4, ffn_dim=128, moe_every=0)
+    with pytest.raises(ConfigError, match="a dense model has no experts to split"):
+        _build(2, model=dense, dp=2, ep=2)
+
+
+def test_batch_rules() -> None:
+    with pytest.raises(ConfigError, match="train.batch_size=16 is not divisible by parallel.dp=3 x train.micro_batch_size=2 = 6"):
+        _build(3, dp=3)
+    with pytest.raises(ConfigError, match="2 micro-batches per data-parallel rank .* is fewer than parallel.pp=4"):
+        _build(4, batch=BatchShape(16, 8), pp=4)
+    with pytest.raises(ConfigError, match="6 micro-batches per data-parallel rank is not a multiple of parallel.pp=4"):
+        _build(4, model=ModelConfig(dim=64, n_layers=8, n_heads=4, ffn_dim=128), batch=BatchShape(12, 2), pp=4, vpp=2)
+
+
+def test_derived_degrees() -> None:
+    topo = _build(8, tp=2, dp=4, ep=4)
+    assert (topo.edp, topo.micro_batches, topo.world_size) == (2, 2, 8)  # edp = tp*dp/(etp*ep)
+    topo = _build(4, pp=2, dp=2, ep=2)
+    assert (topo.edp, topo.micro_batches) == (1, 4)
