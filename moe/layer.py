@@ -14,21 +14,29 @@ from torch import nn
 
 from moe.capacity import expert_capacity, keep_mask
 from moe.config import MoEConfig
-from moe.dispatcher import DispatchPlan, LocalDispatcher
+from moe.dispatcher import LocalDispatcher
 from moe.experts import GroupedExperts
 from moe.losses import load_balancing_loss, router_z_loss
 from moe.mlp import MLP
 from moe.router import TopKRouter
 
 
+class Plan(Protocol):
+    """What the layer reads of a dispatch plan: the row count of each of its experts."""
+
+    tokens_per_expert_E: torch.Tensor
+
+
 class Dispatcher(Protocol):
-    """What the layer needs of a dispatcher; ``parallel/`` provides an all-to-all twin."""
+    """What the layer needs of a dispatcher; ``parallel/`` provides an all-to-all twin.
 
-    def permute(
-        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None
-    ) -> tuple[torch.Tensor, DispatchPlan]: ...
+    ``permute`` returns the rows for the experts this layer holds, contiguous per expert,
+    and a plan; ``unpermute`` takes those rows' outputs back to token order, gated.
+    """
 
-    def unpermute(self, y_ND: torch.Tensor, plan: DispatchPlan, weights_TK: torch.Tensor) -> torch.Tensor: ...
+    def permute(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, Plan]: ...
+
+    def unpermute(self, y_ND: torch.Tensor, plan: Plan, weights_TK: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -60,12 +68,17 @@ class MoELayer(nn.Module):
         )
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
 
-    def _keep(self, routing_experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for ``num_tokens`` tokens routed together; None if dropless."""
         if self.cfg.capacity_factor is None:
             return None
-        num_tokens = routing_experts_TK.shape[0]
-        capacity = expert_capacity(num_tokens, self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
-        return keep_mask(routing_experts_TK, weights_TK, self.cfg.num_experts, capacity, self.cfg.drop_policy)
+        return expert_capacity(num_tokens, self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
+
+    def _keep(self, experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+        capacity = self.capacity(experts_TK.shape[0])
+        if capacity is None:
+            return None
+        return keep_mask(experts_TK, weights_TK, self.cfg.num_experts, capacity, self.cfg.drop_policy)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         batch, seq, dim = x_BSD.shape
