@@ -89,6 +89,7 @@ class MoEConfig:
     normalize_weights: bool = True
     jitter_eps: float = 0.0
     aux_loss_coeff: float = 0.01
+    aux_loss_scope: Literal["micro_batch", "sequence", "global_batch"] = "micro_batch"
     z_loss_coeff: float = 1e-3
     expert_ffn_dim: int = 768
     activation: Activation = "gelu"

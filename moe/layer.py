@@ -16,7 +16,8 @@ from moe.capacity import expert_capacity, keep_mask
 from moe.config import MoEConfig
 from moe.dispatcher import LocalDispatcher
 from moe.experts import GroupedExperts
-from moe.losses import load_balancing_loss, router_z_loss
+from moe.losses import load_balancing_loss, router_z_loss, sequence_load_balancing_loss
+from moe.router import Routing
 from moe.mlp import MLP
 from moe.router import TopKRouter
 
@@ -80,7 +81,24 @@ class MoELayer(nn.Module):
             return None
         return keep_mask(experts_TK, weights_TK, self.cfg.num_experts, capacity, self.cfg.drop_policy)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def _aux_loss(self, routing: Routing, batch: int, load_E: torch.Tensor | None) -> torch.Tensor:
+        """The load-balancing loss in the configured scope (see ``moe.losses``).
+
+        ``global_batch`` uses ``load_E`` (the global-batch ``f``) when the caller has it;
+        without it this forward's tokens are taken as the whole global batch.
+        """
+        coeff = self.cfg.aux_loss_coeff
+        if self.cfg.aux_loss_scope == "sequence":
+            num_experts, top_k = routing.num_experts, routing.experts_TK.shape[1]
+            return sequence_load_balancing_loss(
+                routing.probs_TE.view(batch, -1, num_experts), routing.experts_TK.view(batch, -1, top_k), coeff
+            )
+        if self.cfg.aux_loss_scope == "global_batch":
+            return load_balancing_loss(routing.probs_TE, routing.experts_TK, coeff, load_E)
+        return load_balancing_loss(routing.probs_TE, routing.experts_TK, coeff)
+
+    def forward(self, x_BSD: torch.Tensor, load_E: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """``load_E``: the global-batch assignment fraction, for ``aux_loss_scope=global_batch``."""
         batch, seq, dim = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, dim)
         routing = self.router(x_TD)
@@ -93,7 +111,7 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self.shared(x_TD)
 
         stats = MoEStats(
-            aux_loss=load_balancing_loss(routing.probs_TE, routing.experts_TK, self.cfg.aux_loss_coeff),
+            aux_loss=self._aux_loss(routing, batch, load_E),
             z_loss=router_z_loss(routing.logits_TE, self.cfg.z_loss_coeff),
             tokens_per_expert_E=torch.bincount(
                 routing.experts_TK.reshape(-1), minlength=self.cfg.num_experts

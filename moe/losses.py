@@ -1,7 +1,20 @@
 """Routing losses. Both return scalars that carry gradient to the router: the model adds
 them to the LM loss, so they reach the optimizer through autograd, not through side lists.
 
-Legend: T tokens, E experts, K experts per token.
+Legend: B sequences, S positions, T tokens, E experts, K experts per token.
+
+The load-balancing loss comes in three scopes (``moe.aux_loss_scope``), which differ in the
+set of tokens ``f`` and ``P`` are averaged over:
+
+- ``micro_batch``: this forward's tokens (Switch, GShard). Changes with the data-parallel
+  degree and with gradient accumulation, since both change which tokens share a forward.
+- ``sequence``: each sequence on its own, then the mean over sequences (DeepSeek-V3's
+  sequence-wise balance loss). Invariant to dp, ep and accumulation: no layout splits a
+  sequence.
+- ``global_batch``: ``f`` over the whole global batch, supplied by the caller (the trainer
+  gathers router counts over micro-batches and data-parallel ranks first); each forward's
+  loss is ``coeff·E·sum_i f_i^global · P_i^forward``, whose mean over equal-sized forwards
+  is the global-batch loss. Invariant to dp, ep and micro-batch size.
 """
 
 from __future__ import annotations
@@ -9,8 +22,14 @@ from __future__ import annotations
 import torch
 
 
+def assignment_fraction(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``f_i``: the share of the routed assignments that chose expert i (sums to 1)."""
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+    return counts_E.float() / max(experts_TK.numel(), 1)
+
+
 def load_balancing_loss(
-    probs_TE: torch.Tensor, experts_TK: torch.Tensor, coeff: float
+    probs_TE: torch.Tensor, experts_TK: torch.Tensor, coeff: float, load_E: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Switch/GShard load-balancing loss ``coeff * E * sum_i f_i * P_i``.
 
@@ -19,12 +38,24 @@ def load_balancing_loss(
     router probability of expert i over the T tokens. ``f`` is piecewise constant, so
     the gradient flows through ``P`` only. A perfectly uniform router gives ``coeff``;
     the minimum over routings is ``coeff`` too, reached by any balanced assignment.
+    ``load_E`` replaces ``f`` when given (the global-batch scope).
     """
     num_tokens, num_experts = probs_TE.shape
-    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
-    f_E = counts_E.to(probs_TE.dtype) / max(experts_TK.numel(), 1)
+    f_E = assignment_fraction(experts_TK, num_experts) if load_E is None else load_E
     p_E = probs_TE.mean(dim=0) if num_tokens > 0 else probs_TE.sum(dim=0)
-    return coeff * num_experts * torch.sum(f_E * p_E)
+    return coeff * num_experts * torch.sum(f_E.to(probs_TE.dtype) * p_E)
+
+
+def sequence_load_balancing_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor, coeff: float) -> torch.Tensor:
+    """The load-balancing loss of each sequence, averaged over sequences:
+    ``mean_b coeff·E·sum_i f_bi · P_bi``."""
+    batch, seq, num_experts = probs_BSE.shape
+    counts_BE = torch.zeros(batch, num_experts, device=probs_BSE.device).scatter_add_(
+        1, experts_BSK.reshape(batch, -1), torch.ones(experts_BSK.reshape(batch, -1).shape, device=probs_BSE.device)
+    )
+    f_BE = counts_BE / experts_BSK[0].numel()
+    p_BE = probs_BSE.mean(dim=1)
+    return coeff * num_experts * (f_BE.to(probs_BSE.dtype) * p_BE).sum(dim=1).mean()
 
 
 def router_z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:

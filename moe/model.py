@@ -72,12 +72,12 @@ class Block(nn.Module):
         self.ffn: MLP | MoELayer = MoELayer(cfg.dim, moe) if is_moe else MLP(cfg.dim, cfg.ffn_dim, cfg.activation)
 
     def forward(
-        self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor
+        self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor, load_E: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoEStats | None]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
-            y_BSD, stats = self.ffn(h_BSD)
+            y_BSD, stats = self.ffn(h_BSD, load_E)
             return x_BSD + y_BSD, stats
         return x_BSD + self.ffn(h_BSD), None
 
@@ -137,14 +137,19 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, ids_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, ids_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, load_LE: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """``load_LE``: per MoE layer, the global-batch assignment fraction the
+        ``global_batch`` aux-loss scope uses (see ``moe.losses``); None = this batch's own."""
         seq = ids_BS.shape[1]
         if seq > self.cfg.seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.seq_len={self.cfg.seq_len}")
         x_BSD = self.embed(ids_BS)
         stats: list[MoEStats] = []
         for block in self.blocks:
-            x_BSD, layer_stats = block(x_BSD, self.rope_cos_SF, self.rope_sin_SF)
+            load_E = None if load_LE is None or not isinstance(block.ffn, MoELayer) else load_LE[len(stats)]
+            x_BSD, layer_stats = block(x_BSD, self.rope_cos_SF, self.rope_sin_SF, load_E)
             if layer_stats is not None:
                 stats.append(layer_stats)
         logits_BSV = self.lm_head(self.norm(x_BSD))

@@ -96,3 +96,27 @@ def test_stats_count_routed_assignments() -> None:
     layer = _layer(top_k=2)
     _, stats = layer(torch.randn(2, 5, 8))
     assert stats.tokens_per_expert_E.sum().item() == 2 * 5 * 2
+
+
+def _split_mean(layer: MoELayer, x: torch.Tensor, load_E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aux loss and router grad as two half-batch forwards averaged (two DP ranks or two
+    accumulated micro-batches)."""
+    layer.zero_grad()
+    halves = [layer(half, load_E)[1].aux_loss for half in x.chunk(2)]
+    loss = (halves[0] + halves[1]) / 2
+    loss.backward()
+    return loss.detach(), layer.router.weight_ED.grad.clone()
+
+
+@pytest.mark.parametrize("scope, invariant", [("sequence", True), ("global_batch", True), ("micro_batch", False)])
+def test_aux_loss_scope_invariance_under_batch_splitting(scope: str, invariant: bool) -> None:
+    layer = _layer(top_k=2, aux_loss_scope=scope, z_loss_coeff=0.0)
+    x = torch.randn(4, 6, 8)
+    layer.zero_grad()
+    _, stats = layer(x)
+    stats.aux_loss.backward()
+    whole, whole_grad = stats.aux_loss.detach(), layer.router.weight_ED.grad.clone()
+    load_E = stats.tokens_per_expert_E.float() / stats.tokens_per_expert_E.sum()  # the global f
+    split, split_grad = _split_mean(layer, x, load_E if scope == "global_batch" else None)
+    same = torch.allclose(whole, split, atol=1e-7) and torch.allclose(whole_grad, split_grad, atol=1e-7)
+    assert same == invariant

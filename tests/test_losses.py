@@ -49,3 +49,21 @@ def test_z_loss_equals_its_formula() -> None:
     logits_TE = torch.randn(10, 5, dtype=torch.float64)
     by_hand = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits_TE.tolist()) / 10
     assert math.isclose(router_z_loss(logits_TE, 1e-3).item(), 1e-3 * by_hand, rel_tol=1e-9)
+
+
+def test_sequence_loss_is_the_mean_of_per_sequence_losses() -> None:
+    from moe.losses import sequence_load_balancing_loss
+
+    probs_BSE = torch.randn(3, 5, 4).softmax(-1)
+    experts_BSK = probs_BSE.topk(2, dim=-1).indices
+    per_seq = [load_balancing_loss(probs_BSE[b], experts_BSK[b], 0.01) for b in range(3)]
+    got = sequence_load_balancing_loss(probs_BSE, experts_BSK, 0.01)
+    assert torch.allclose(got, torch.stack(per_seq).mean())
+
+
+def test_supplied_load_replaces_the_local_fraction() -> None:
+    probs_TE = torch.randn(6, 3).softmax(-1)
+    experts_TK = torch.zeros(6, 1, dtype=torch.long)
+    load_E = torch.tensor([0.2, 0.3, 0.5])
+    expected = 0.01 * 3 * (load_E * probs_TE.mean(0)).sum()
+    assert torch.allclose(load_balancing_loss(probs_TE, experts_TK, 0.01, load_E), expected)
