@@ -121,14 +121,19 @@ def test_checkpoint_writes_are_atomic(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoints"
     save_checkpoint(ckpt, 5, {"step": 5, "w": torch.ones(2)}, keep=2)
     # A save killed half-way leaves only a temp dir: never taken as a checkpoint.
-    (ckpt / "step-00000010.tmp-999").mkdir()
-    (ckpt / "step-00000010.tmp-999" / "state.pt").write_bytes(b"partial")
+    (ckpt / "step-00000010.tmp").mkdir()
+    (ckpt / "step-00000010.tmp" / "state.pt").write_bytes(b"partial")
+    # Nor is a directory whose ranks did not all finish (no COMPLETE marker).
+    (ckpt / "step-00000008").mkdir()
+    (ckpt / "step-00000008" / "state.pt").write_bytes(b"partial")
     assert latest_checkpoint(ckpt).name == "step-00000005"
     (ckpt / "latest").unlink()
     assert latest_checkpoint(ckpt).name == "step-00000005"
     save_checkpoint(ckpt, 10, {"step": 10}, keep=2)
     save_checkpoint(ckpt, 15, {"step": 15}, keep=2)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-00000010", "step-00000015"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-00000008", "step-00000010", "step-00000015"]
+    with pytest.raises(CheckpointError, match="written by 1 ranks but this run has 2"):
+        load_checkpoint(ckpt / "step-00000015", rank=1, world_size=2)
     (ckpt / "step-00000015" / "state.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(ckpt / "step-00000015")
