@@ -2,6 +2,7 @@
 
     moe train CONFIG [section.key=value ...]     train (e.g. moe.num_experts=16 train.steps=50)
     moe data prepare PATHS... --out DIR          tokenize text/JSONL files into .bin/.idx
+    moe check-layouts CONFIG --layouts "ep=1;ep=2;dp=2"   same training under several layouts, compared
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from pathlib import Path
 
 from launch.config import load_config
 from launch.data import DataError, prepare_main
+from launch.local_launcher import LaunchError
 from moe.config import ConfigError
 from parallel.checkpoint import CheckpointError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from launch.train import train  # the heavy imports (torch, tensorboard) only when training
+    from launch.local_launcher import start  # the heavy imports (torch, tensorboard) only when training
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, Path(args.config).stem)
+    summary = start(cfg, Path(args.config).stem)
     run_dir = summary["run_dir"]
     load = summary["expert_load_tail"]
     balance = (
@@ -48,14 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("action", choices=["prepare"])
     data.add_argument("rest", nargs=argparse.REMAINDER)
     data.set_defaults(run=lambda a: prepare_main(a.rest))
+    check = sub.add_parser("check-layouts", help="train under several layouts and compare (see --help)", add_help=False)
+    check.add_argument("rest", nargs=argparse.REMAINDER)
+    check.set_defaults(run=_check_layouts)
     return parser
+
+
+def _check_layouts(args: argparse.Namespace) -> int:
+    from launch.check_layouts import main as check_main
+
+    return check_main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

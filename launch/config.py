@@ -82,12 +82,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How processes are started. ``local``: this process, on this machine."""
+    """How processes are started. ``local``: one process per rank on this machine."""
 
     launcher: Literal["local"] = "local"
     threads: int | None = None
+    timeout_minutes: int = 10
 
     def __post_init__(self) -> None:
+        require(
+            self.timeout_minutes >= 1,
+            "launch.timeout_minutes",
+            self.timeout_minutes,
+            "must be >= 1 (a collective waiting longer than this fails instead of hanging)",
+        )
         require(
             self.threads is None or self.threads >= 1,
             "launch.threads",

@@ -37,6 +37,16 @@ class MetricsLog:
         self.tb.close()
 
 
+class NullLog:
+    """The log of ranks other than 0: they compute the same reduced metrics and write none."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Drop the record."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / METRICS_FILE
     if not path.is_file():

@@ -1,4 +1,9 @@
-"""The training loop (single process).
+"""The training loop, one code path for every layout.
+
+Each rank runs ``Run``: it takes its data-parallel slice of the global batch (the batch of
+step s is a pure function of (seed, s), identical on every rank), runs its micro-batches
+through an engine (``LocalEngine`` in one process, ``MegatronEngine`` across ranks) and
+reduces metrics over the data-parallel group. Rank 0 writes the outputs.
 
 Everything a run writes lives under its run directory::
 
@@ -32,14 +37,20 @@ import torch
 import yaml
 from tqdm import tqdm
 
+import torch.distributed as dist
+
 from launch.config import Config, TrainConfig, to_dict
 from launch.data import TokenStream, ensure_dataset, load_split
-from launch.metrics import MetricsLog, read_metrics, truncate_after
+from launch.metrics import MetricsLog, NullLog, read_metrics, truncate_after
 from launch.plots import plot_expert_load, plot_loss_curve
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 from moe.model import Transformer
 from parallel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from parallel.engine import OptimSettings
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.local_engine import LocalEngine
+from parallel.reduce import mean_over, sum_over
 from parallel.topology import BatchShape, Topology
 
 
@@ -66,28 +77,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (and stacked expert weights), not on norm gains."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
 def check_layout(cfg: Config) -> Topology:
     """Validate the layout against the model and batch, then refuse what this loop cannot
-    run: it runs one process, so multi-rank layouts are refused, not run wrong."""
+    run yet (tensor and pipeline parallelism, the DeepSpeed engine), rather than run it wrong."""
     # No micro_batch_size: each data-parallel rank runs its share of the batch at once.
     per_rank = max(1, cfg.train.batch_size // cfg.parallel.dp)
     batch = BatchShape(cfg.train.batch_size, cfg.train.micro_batch_size or per_rank)
     topology = Topology.build(cfg.parallel, cfg.model, cfg.moe, batch, world_size=cfg.parallel.world_size)
-    if not cfg.parallel.is_single_process or cfg.parallel.engine != "megatron":
+    p = cfg.parallel
+    if (p.tp, p.pp, p.etp, p.vpp) != (1, 1, 1, 1) or p.engine != "megatron":
         raise ConfigError(
-            f"parallel={cfg.parallel}: this build trains in a single process only; "
-            "set parallel.tp/pp/ep/dp/etp/vpp to 1 and parallel.engine=megatron"
+            f"parallel.tp={p.tp}, pp={p.pp}, etp={p.etp}, vpp={p.vpp}, engine={p.engine!r}: this build "
+            "trains ep x dp layouts with the megatron engine; set tp, pp, etp, vpp to 1 and engine=megatron"
         )
     return topology
 
@@ -144,11 +145,37 @@ class Interval:
         return {key: value / max(self.steps, 1) for key, value in self.sums.items()}
 
 
-class Run:
-    """One training run: model, optimizer, data and the bookkeeping around them."""
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits: its rank, and megatron's groups when there are several."""
 
-    def __init__(self, cfg: Config, config_name: str) -> None:
-        check_layout(cfg)
+    rank: int = 0
+    world_size: int = 1
+    groups: Any = None  # parallel.groups.ParallelGroups when world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return None if self.groups is None else self.groups.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.groups is None else self.groups.dp_rank
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+class Run:
+    """One training run on one rank: model, engine, data and the bookkeeping around them."""
+
+    def __init__(self, cfg: Config, config_name: str, info: RankInfo = RankInfo()) -> None:
+        self.topology = check_layout(cfg)
+        self.info = info
         self.cfg = cfg
         self.tcfg = cfg.train
         self.device = resolve_device(cfg.train)
@@ -161,16 +188,36 @@ class Run:
         self.run_dir = resolve_run_dir(cfg.train, config_name)
 
         torch.manual_seed(cfg.train.seed)
-        self.model = Transformer(cfg.model, cfg.moe).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg.train)
-        n_moe, n_exp = len(self.model.moe_layers()), cfg.moe.num_experts
+        self.net = Transformer(cfg.model, cfg.moe).to(self.device)  # same init on every rank
+        if self.topology.ep > 1:
+            apply_expert_parallel(self.net, info.groups.ep)
+        self.engine = self._make_engine()
+        self.model = self.engine.module
+        self.routers = [layer.router.weight_ED for layer in self.net.moe_layers()]
+        n_moe, n_exp = len(self.net.moe_layers()), cfg.moe.num_experts
         self.tail_start = cfg.train.steps - max(1, cfg.train.steps // 10)
         self.tail_load = LoadTracker.zeros(n_moe, n_exp)
         self.step = 0
         self.best_val = math.inf
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.moe)
-        micro = cfg.train.micro_batch_size or cfg.train.batch_size
-        self.val_batches = self.val_stream.val_batches(micro, cfg.model.seq_len, cfg.data.val_tokens)
+        self.local_batch = cfg.train.batch_size // self.topology.dp
+        micro = self.local_batch // self.topology.micro_batches
+        # Each validation batch holds one micro-batch per data-parallel rank.
+        val = self.val_stream.val_batches(micro * self.topology.dp, cfg.model.seq_len, cfg.data.val_tokens)
+        self.val_batches = [(x[self._dp_rows(micro)], y[self._dp_rows(micro)]) for x, y in val if len(x) == len(val[0][0])]
+
+    def _make_engine(self) -> Any:
+        optim = OptimSettings.from_train(self.tcfg)
+        if self.info.groups is None:
+            return LocalEngine(self.net, optim)
+        from parallel.engine import MegatronEngine
+
+        return MegatronEngine(self.net, self.info.groups, optim)
+
+    def _dp_rows(self, rows_per_rank: int) -> slice:
+        """This data-parallel rank's rows of a batch with ``rows_per_rank`` rows per rank."""
+        start = self.info.dp_rank * rows_per_rank
+        return slice(start, start + rows_per_rank)
 
     def _check_vocab(self, stream: TokenStream) -> None:
         if self.cfg.model.vocab_size < stream.vocab_size:
@@ -184,8 +231,7 @@ class Run:
     def state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "engine": self.engine.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "tail_load": self.tail_load.counts_LE,
@@ -194,7 +240,7 @@ class Run:
         }
 
     def restore(self, path: Path) -> None:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, self.info.rank, self.info.world_size)
         saved = state["config"]
         current = {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]}
         for section in ("model", "moe"):
@@ -204,8 +250,7 @@ class Run:
                         f"checkpoint {str(path)!r} was saved with {section}.{key}={saved[section].get(key)!r} "
                         f"but the config has {section}.{key}={value!r}; resume with the same model config"
                     )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state["engine"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -215,55 +260,89 @@ class Run:
 
     # -- one step ------------------------------------------------------------------
 
-    def train_step(self) -> tuple[dict[str, float], torch.Tensor]:
-        """One optimizer update over ``batch_size`` sequences in ``micro_batches`` parts.
+    def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's slice of step ``self.step``'s global batch, split into micro-batches."""
+        x_BS, y_BS = self.train_stream.batch(self.step, self.tcfg.batch_size, self.cfg.model.seq_len, self.tcfg.seed)
+        rows = self._dp_rows(self.local_batch)
+        n_micro = self.topology.micro_batches
+        return list(zip(x_BS[rows].chunk(n_micro), y_BS[rows].chunk(n_micro)))
 
-        Losses are averaged over micro-batches (each micro-batch's loss is divided by
-        their number before backward), so the update equals the whole-batch one for the
-        LM loss; the routing losses are per micro-batch.
+    @torch.no_grad()
+    def _global_load(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """For ``moe.aux_loss_scope=global_batch``: every MoE layer's assignment fraction
+        over the whole global batch (all micro-batches, all data-parallel ranks), from a
+        routing pre-pass without gradients. The RNG is rewound afterwards, so the training
+        pass draws the same router jitter and routes exactly as the pre-pass did.
+
+        Not needed (None) when one forward already sees the whole global batch.
         """
-        tcfg = self.tcfg
-        lr = lr_at(self.step, tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x_BS, y_BS = self.train_stream.batch(self.step, tcfg.batch_size, self.cfg.model.seq_len, tcfg.seed)
-        n_micro = tcfg.micro_batches
-        sums = {"lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0, "dropped_fraction": 0.0}
-        counts_LE = torch.zeros(len(self.model.moe_layers()), self.cfg.moe.num_experts)
+        if self.cfg.moe.aux_loss_scope != "global_batch" or (len(micro) == 1 and self.topology.dp == 1):
+            return None
+        rng = torch.get_rng_state()
+        counts_LE = torch.zeros(len(self.routers), self.cfg.moe.num_experts)
+        for x_mBS, _ in micro:
+            with autocast_context(self.tcfg, self.device):
+                out = self.model(x_mBS.to(self.device))
+            counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
+        torch.set_rng_state(rng)
+        counts_LE = sum_over(counts_LE, self.info.dp_group)
+        return (counts_LE / counts_LE.sum(dim=1, keepdim=True)).to(self.device)
+
+    def _router_grad_norm(self) -> float:
+        """Norm of the routers' gradient for the global batch (local sums, averaged over DP),
+        before the engine reduces and clips: the quantity layouts must agree on."""
+        if not self.routers:
+            return 0.0
+        local = torch.cat([self.engine.local_grad(w).reshape(-1) for w in self.routers])
+        return float(mean_over(local, self.info.dp_group).norm())
+
+    def train_step(self) -> tuple[dict[str, float], torch.Tensor]:
+        """One optimizer update over this rank's share of the global batch.
+
+        Each micro-batch's loss is divided by the number of micro-batches before backward;
+        the engine averages over data-parallel ranks: the update is the global-batch one.
+        """
+        lr = lr_at(self.step, self.tcfg)
+        micro = self._micro_batches()
+        load_LE = self._global_load(micro)
+        n_micro = len(micro)
+        sums_4 = torch.zeros(4)  # lm, aux, z, dropped
+        counts_LE = torch.zeros(len(self.routers), self.cfg.moe.num_experts)
         self.model.train()
-        for x_mBS, y_mBS in zip(x_BS.chunk(n_micro), y_BS.chunk(n_micro)):
-            with autocast_context(tcfg, self.device):
-                out = self.model(x_mBS.to(self.device), y_mBS.to(self.device))
-            (out.loss / n_micro).backward()
-            sums["lm_loss"] += out.lm_loss.item() / n_micro
-            sums["aux_loss"] += out.aux_loss.item() / n_micro
-            sums["z_loss"] += out.z_loss.item() / n_micro
+        self.engine.zero_grad()
+        for i, (x_mBS, y_mBS) in enumerate(micro):
+            with self.engine.no_sync() if i < n_micro - 1 else nullcontext():
+                with autocast_context(self.tcfg, self.device):
+                    out = self.model(x_mBS.to(self.device), y_mBS.to(self.device), load_LE)
+                (out.loss / n_micro).backward()
+            dropped = torch.stack([s.dropped_fraction for s in out.moe_stats]).mean() if out.moe_stats else torch.zeros(())
+            sums_4 += torch.stack([out.lm_loss, out.aux_loss, out.z_loss, dropped]).detach().cpu().float() / n_micro
             if out.moe_stats:
                 counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
-                dropped = torch.stack([s.dropped_fraction for s in out.moe_stats]).mean()
-                sums["dropped_fraction"] += dropped.item() / n_micro
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        router_grad_norm = self._router_grad_norm()
+        grad_norm = self.engine.step(lr)
         self.step += 1
-        sums.update(grad_norm=grad_norm.item(), lr=lr)
-        return sums, counts_LE
+        lm, aux, z, dropped = mean_over(sums_4, self.info.dp_group).tolist()
+        values = {"lm_loss": lm, "aux_loss": aux, "z_loss": z, "dropped_fraction": dropped,
+                  "grad_norm": grad_norm, "router_grad_norm": router_grad_norm, "lr": lr}
+        return values, sum_over(counts_LE, self.info.dp_group)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean LM loss (nats per token) over the fixed held-out windows."""
+        """Mean LM loss (nats per token) over the fixed held-out windows, every
+        data-parallel rank evaluating its rows of each batch."""
         self.model.eval()
-        total, count = 0.0, 0
+        total_2 = torch.zeros(2, dtype=torch.float64)
         for x_BS, y_BS in self.val_batches:
             with autocast_context(self.tcfg, self.device):
                 out = self.model(x_BS.to(self.device), y_BS.to(self.device))
-            total += out.lm_loss.item() * y_BS.numel()
-            count += y_BS.numel()
-        return total / max(count, 1)
+            total_2 += torch.tensor([out.lm_loss.item() * y_BS.numel(), y_BS.numel()], dtype=torch.float64)
+        loss_sum, count = sum_over(total_2, self.info.dp_group).tolist()
+        return loss_sum / max(count, 1)
 
     @property
     def val_token_count(self) -> int:
-        return sum(y.numel() for _, y in self.val_batches)
+        return sum(y.numel() for _, y in self.val_batches) * self.topology.dp
 
     # -- the loop ------------------------------------------------------------------
 
@@ -283,12 +362,12 @@ class Run:
         counts = param_counts(self.cfg.model, self.cfg.moe)
         tqdm.write(
             f"model: {counts.total / 1e6:.2f}M params ({counts.active / 1e6:.2f}M active per token), "
-            f"{len(self.model.moe_layers())} MoE layers x {self.cfg.moe.num_experts} experts top-{self.cfg.moe.top_k}; "
+            f"{len(self.routers)} MoE layers x {self.cfg.moe.num_experts} experts top-{self.cfg.moe.top_k}; "
             f"{len(self.train_stream) / 1e6:.1f}M train tokens; device {self.device}; run dir {self.run_dir}"
         )
 
     def fit(self) -> dict[str, Any]:
-        tcfg = self.tcfg
+        tcfg, main = self.tcfg, self.info.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = self.run_dir / "checkpoints"
         if tcfg.resume:
@@ -296,17 +375,20 @@ class Run:
             if found is None:
                 raise CheckpointError(f"train.resume=true but {str(ckpt_dir)!r} holds no complete checkpoint")
             self.restore(found)
-            truncate_after(self.run_dir, self.step)
-            tqdm.write(f"resumed from {found} at step {self.step}")
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        log = MetricsLog(self.run_dir)
-        self._log_start()
-        n_moe, n_exp = len(self.model.moe_layers()), self.cfg.moe.num_experts
+            if main:
+                truncate_after(self.run_dir, self.step)
+                tqdm.write(f"resumed from {found} at step {self.step}")
+        if main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            self._log_start()
+        log = MetricsLog(self.run_dir) if main else NullLog()
+        n_moe, n_exp = len(self.routers), self.cfg.moe.num_experts
         interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
         train_seconds, train_tokens = 0.0, 0
         tokens_per_step = tcfg.batch_size * self.cfg.model.seq_len
         start_wall = time.perf_counter()
-        bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+        bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", mininterval=1.0,
+                   dynamic_ncols=True, disable=not main)
         postfix: dict[str, str] = {}
         while self.step < tcfg.steps:
             t0 = time.perf_counter()
@@ -335,10 +417,13 @@ class Run:
                 postfix.update(val=f"{val_loss:.3f}")
                 bar.set_postfix(postfix)
             if self.step % tcfg.ckpt_every == 0 or final:
-                save_checkpoint(ckpt_dir, self.step, self.state(), tcfg.keep_checkpoints)
+                save_checkpoint(ckpt_dir, self.step, self.state(), tcfg.keep_checkpoints,
+                                self.info.rank, self.info.world_size, self.info.barrier)
         bar.close()
         log.close()
-        return self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens)
+        summary = self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens) if main else {}
+        self.info.barrier()
+        return summary
 
     def _finish(self, wall: float, train_seconds: float, train_tokens: int) -> dict[str, Any]:
         records = read_metrics(self.run_dir)
@@ -368,6 +453,8 @@ class Run:
             "wall_seconds": wall,
             "tokens_per_s": tokens_per_s,
             "flops_per_token": self.flops_per_token,
+            "layout": {"world_size": self.info.world_size, "ep": self.topology.ep, "dp": self.topology.dp,
+                       "micro_batches": self.topology.micro_batches},
             "mfu": (self.flops_per_token * tokens_per_s / (self.tcfg.peak_tflops * 1e12)) if self.tcfg.peak_tflops else None,
             "params": {
                 "total": counts.total,
@@ -391,5 +478,23 @@ class Run:
 
 
 def train(cfg: Config, config_name: str) -> dict[str, Any]:
-    """Train as configured; return the summary (also written to ``run_dir/summary.json``)."""
+    """Train in this process (a layout of one rank); return the summary (also written to
+    ``run_dir/summary.json``)."""
     return Run(cfg, config_name).fit()
+
+
+def train_rank(cfg: Config, config_name: str) -> dict[str, Any]:
+    """One rank of a multi-rank run; torch.distributed is initialised by the launcher.
+
+    Builds megatron-core's process groups for the validated layout, trains, tears the
+    groups down. Returns the summary on rank 0 (an empty dict elsewhere).
+    """
+    from parallel.groups import destroy_groups, init_groups
+
+    topology = check_layout(cfg)
+    groups = init_groups(topology, timeout_minutes=cfg.launch.timeout_minutes)
+    try:
+        info = RankInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), groups=groups)
+        return Run(cfg, config_name, info).fit()
+    finally:
+        destroy_groups()

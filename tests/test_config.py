@@ -58,8 +58,9 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 
 def test_multi_rank_layout_is_refused_not_run_wrong() -> None:
-    with pytest.raises(ConfigError, match="single process only"):
-        check_layout(load_config(TINY, ["parallel.ep=2", "parallel.dp=2"]))
+    check_layout(load_config(TINY, ["parallel.ep=2", "parallel.dp=2"]))  # ep x dp trains
+    with pytest.raises(ConfigError, match="this build trains ep x dp layouts with the megatron engine"):
+        check_layout(load_config(TINY, ["parallel.tp=2"]))
     with pytest.raises(ConfigError, match="must divide parallel.tp=1 x parallel.dp=1"):
         check_layout(load_config(TINY, ["parallel.ep=2"]))
 

@@ -1,0 +1,243 @@
+"""Run megatron-core 0.16.1's DDP and distributed optimizer on CPU with gloo.
+
+megatron-core assumes a CUDA device in a few places on the path that
+``parallel/engine.py`` takes (``DistributedDataParallel`` -> ``get_megatron_optimizer``
+-> ``ChainedOptimizer.step``). :func:`apply_cpu_compat` replaces exactly those megatron
+functions or module-level names, each with a small named function below whose docstring
+says what it replaces and why. Nothing of torch is replaced: where a megatron module calls
+``torch.cuda.current_device()`` the replacement is that *module's own* ``torch`` name, a
+view of torch that differs only in ``cuda.current_device`` and is seen by no other module.
+
+Rules:
+
+- a no-op when ``torch.cuda.is_available()`` (megatron runs unpatched on GPUs);
+- refuses any megatron-core other than :data:`SUPPORTED_VERSION`: the patches copy or
+  bypass megatron internals of that release;
+- idempotent: the second call patches nothing and returns the same names.
+
+Each patch is exercised by ``tests/test_megatron_compat.py`` (which fails without it).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import torch
+
+SUPPORTED_VERSION = "0.16.1"
+
+_applied: list[str] = []
+
+
+def megatron_version() -> str:
+    """The installed megatron-core version (``megatron.core.package_info.__version__``)."""
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise ``RuntimeError`` unless megatron-core is the release these patches were written for."""
+    version = megatron_version() if version is None else version
+    if version != SUPPORTED_VERSION:
+        raise RuntimeError(
+            f"parallel.megatron_compat patches megatron-core {SUPPORTED_VERSION} internals, but "
+            f"megatron-core {version} is installed; install megatron-core=={SUPPORTED_VERSION} or "
+            "re-check every patch in parallel/megatron_compat.py against the new release"
+        )
+
+
+def apply_cpu_compat() -> list[str]:
+    """Patch megatron-core for CPU/gloo; return the names of the patches in effect.
+
+    Returns ``[]`` (and changes nothing) when a CUDA device is available. Raises
+    ``RuntimeError`` for a megatron-core version other than 0.16.1.
+    """
+    if torch.cuda.is_available():
+        return []
+    check_version()
+    if _applied:
+        return list(_applied)
+    for name, patch in _PATCHES.items():
+        patch()
+        _applied.append(name)
+    return list(_applied)
+
+
+def applied_patches() -> list[str]:
+    """The names of the patches applied so far in this process."""
+    return list(_applied)
+
+
+# -- a module-local view of torch ---------------------------------------------------
+
+
+class _TorchView(types.ModuleType):
+    """``torch`` as one megatron module sees it: identical except ``torch.cuda.current_device``.
+
+    Bound to a single megatron module's global name ``torch``; every other module,
+    including torch itself, keeps the real ``torch.cuda``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        cuda = types.ModuleType("torch.cuda")
+        cuda.__getattr__ = lambda name: getattr(torch.cuda, name)  # type: ignore[method-assign]
+        cuda.current_device = _cpu_current_device  # type: ignore[attr-defined]
+        self.cuda = cuda
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _cpu_current_device() -> torch.device:
+    """Stands in for ``torch.cuda.current_device()`` where megatron uses it as an allocation device."""
+    return torch.device("cpu")
+
+
+# -- the patches --------------------------------------------------------------------
+
+
+def patch_grad_buffer_device() -> None:
+    """Allocate DDP's contiguous param/grad buffers on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/distributed/param_and_grad_buffer.py``,
+    ``_ParamAndGradBuffer.__init__`` allocates ``param_data``/``grad_data`` with
+    ``device=torch.cuda.current_device()``, which raises "Torch not compiled with CUDA
+    enabled" on CPU. Replaced: that module's global name ``torch``, by a view of torch whose
+    ``cuda.current_device()`` returns the CPU device (the module's other ``torch.cuda`` uses
+    sit behind ``num_distributed_optimizer_instances > 1`` or ``nccl_ub``, unused here).
+    """
+    from megatron.core.distributed import param_and_grad_buffer
+
+    param_and_grad_buffer.torch = _TorchView()
+
+
+def patch_mixed_precision_optimizer_init() -> None:
+    """Create the distributed optimizer's bookkeeping tensors on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/optimizer/optimizer.py``,
+    ``MixedPrecisionOptimizer.__init__`` (the base of ``DistributedOptimizer``) makes
+    ``found_inf``, ``_dummy_overflow_buf`` and ``_scale_one`` with ``device='cuda'``.
+    Replaced: that ``__init__``, by a copy that makes the same tensors on the CPU.
+    """
+    from megatron.core.config_logger import has_config_logger_enabled, log_config_to_disk
+    from megatron.core.optimizer.optimizer import MegatronOptimizer, MixedPrecisionOptimizer
+
+    def __init__(self, optimizer, config, grad_scaler, init_state_fn):  # noqa: N807 - mirrors megatron's signature
+        if has_config_logger_enabled(config):
+            log_config_to_disk(config, locals(), prefix=type(self).__name__)
+        MegatronOptimizer.__init__(self, optimizer, config, init_state_fn)
+        self.grad_scaler = grad_scaler
+        if self.grad_scaler is None:
+            assert not self.config.fp16, "fp16 expects a grad scaler."
+        if self.grad_scaler:
+            self.found_inf = torch.tensor([0.0], dtype=torch.float)
+        self._dummy_overflow_buf = None if self.config.bf16 else torch.tensor([0], dtype=torch.int)
+        if self.grad_scaler is None:
+            self._scale_one = torch.tensor([1.0], dtype=torch.float)
+
+    MixedPrecisionOptimizer.__init__ = __init__
+
+
+def patch_distributed_optimizer_fp32_shards() -> None:
+    """Let the distributed optimizer shard fp32 parameters that live on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/optimizer/distrib_optimizer.py``,
+    ``DistributedOptimizer._build_model_and_main_param_groups`` recognises parameters by
+    ``param.type()`` in ``('torch.cuda.FloatTensor', 'torch.cuda.HalfTensor',
+    'torch.cuda.BFloat16Tensor')`` and raises ``TypeError`` for a CPU ``torch.FloatTensor``.
+    Replaced: that classmethod, by its fp32 branch (each rank's shard is a view of the
+    parameter, as upstream); any other dtype still raises.
+    """
+    from megatron.core import tensor_parallel
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    def _build_model_and_main_param_groups(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config):
+        model_fp32_groups: list[list[torch.nn.Parameter]] = []
+        shard_fp32_groups: list[list[torch.Tensor]] = []
+        for group_range in opt_group_ranges:
+            model_params, shard_params = [], []
+            for model_param in group_range["params"]:
+                assert model_param.requires_grad
+                if model_param.dtype != torch.float32 or model_param.is_cuda:
+                    raise TypeError(
+                        "megatron_compat: on CPU the distributed optimizer takes fp32 parameters only, "
+                        f"got {model_param.type()}"
+                    )
+                gbuf_index, dtype, bucket_index = param_gbuf_map[model_param]
+                param_range = gbuf_ranges[gbuf_index][dtype][bucket_index]["param_map"][model_param]["param"]
+                shard = model_param.view(-1)[param_range.start : param_range.end]
+                tensor_parallel.copy_tensor_model_parallel_attributes(shard, model_param)
+                if hasattr(model_param, "shared"):
+                    shard.shared = model_param.shared
+                model_params.append(model_param)
+                shard_params.append(shard)
+            model_fp32_groups.append(model_params)
+            shard_fp32_groups.append(shard_params)
+            group_range["orig_group"]["params"] = list(shard_params)
+        empty = [[] for _ in opt_group_ranges]
+        return [list(g) for g in empty], model_fp32_groups, [list(g) for g in empty], shard_fp32_groups, empty
+
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(_build_model_and_main_param_groups)
+
+
+def patch_grad_norm_and_clip() -> None:
+    """Compute the gradient norm and clip on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/optimizer/clip_grads.py``: ``get_grad_norm_fp32``
+    allocates its overflow buffer (and, without apex/TE, ``local_multi_tensor_l2_norm`` its
+    result) with ``device='cuda'``; ``clip_grad_by_total_norm_fp32`` asserts
+    ``grad.type() == 'torch.cuda.FloatTensor'``. Replaced: both names where the optimizers
+    call them, ``megatron.core.optimizer.optimizer`` (``MegatronOptimizer.get_grad_norm``,
+    ``ChainedOptimizer.step``), by CPU versions with the same reduction: the p-th powers of
+    the local norms are summed over ``grad_stats_parallel_group`` (max for inf), then
+    ``clip_coeff = max_norm / (total_norm + 1e-6)`` scales every grad when below 1.
+    """
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+    from megatron.core.utils import get_data_parallel_group_if_dtensor, to_local_if_dtensor
+
+    def get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+        if isinstance(grads_for_norm, torch.Tensor):
+            grads_for_norm = [grads_for_norm]
+        data_parallel_group = None
+        for grad in grads_for_norm:
+            data_parallel_group = get_data_parallel_group_if_dtensor(grad, data_parallel_group)
+        grads = [to_local_if_dtensor(grad) for grad in grads_for_norm]
+        norm_type = float(norm_type)
+        if norm_type == math.inf:
+            total = torch.tensor([max((float(g.abs().max()) for g in grads), default=0.0)], dtype=torch.float)
+            op = torch.distributed.ReduceOp.MAX
+        else:
+            total = torch.zeros(1, dtype=torch.float)
+            for grad in grads:
+                total += torch.linalg.vector_norm(grad, norm_type, dtype=torch.float) ** norm_type
+            op = torch.distributed.ReduceOp.SUM
+        if data_parallel_group:
+            torch.distributed.all_reduce(total, op=op, group=data_parallel_group)
+        torch.distributed.all_reduce(total, op=op, group=grad_stats_parallel_group)
+        return total.item() if norm_type == math.inf else total.item() ** (1.0 / norm_type)
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [
+            to_local_if_dtensor(getattr(p, attr)).detach() for p in parameters if getattr(p, attr, None) is not None
+        ]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    megatron_optimizer.get_grad_norm_fp32 = get_grad_norm_fp32
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+_PATCHES = {
+    "grad_buffer_device": patch_grad_buffer_device,
+    "mixed_precision_optimizer_init": patch_mixed_precision_optimizer_init,
+    "distributed_optimizer_fp32_shards": patch_distributed_optimizer_fp32_shards,
+    "grad_norm_and_clip": patch_grad_norm_and_clip,
+}
