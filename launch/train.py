@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -491,6 +492,9 @@ def train_rank(cfg: Config, config_name: str) -> dict[str, Any]:
     """
     from parallel.groups import destroy_groups, init_groups
 
+    # megatron-core warns at import that TransformerEngine/Apex are absent and it falls
+    # back to torch: expected here, and four lines per rank of noise otherwise.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     topology = check_layout(cfg)
     groups = init_groups(topology, timeout_minutes=cfg.launch.timeout_minutes)
     try:
