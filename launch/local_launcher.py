@@ -86,28 +86,55 @@ def _rank_main(cfg: Config, config_name: str, rank: int, world_size: int, port: 
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     try:
         train_rank(cfg, config_name)
+    except BaseException as err:
+        _record_failure(run_dir, rank, err)
+        raise
     finally:
         dist.destroy_process_group()
 
 
+def _failure_file(run_dir: Path, rank: int) -> Path:
+    return run_dir / "logs" / f"rank-{rank}.error.json"
+
+
+def _record_failure(run_dir: Path, rank: int, err: BaseException) -> None:
+    """When and why this rank failed: once one rank fails, its peers fail too (their
+    collectives lose a peer), and the supervisor must name the first, not the loudest."""
+    _failure_file(run_dir, rank).write_text(json.dumps({"time": time.time(), "error": f"{type(err).__name__}: {err}"}))
+
+
+def _first_failure(run_dir: Path, exit_codes: list[int | None]) -> tuple[int, str]:
+    """The rank that failed first and why: a rank killed by a signal before the
+    supervisor stopped the group (it could record nothing), else the earliest recorded
+    failure, else the first non-zero exit. ``exit_codes`` are as seen before the stop."""
+    for rank, code in enumerate(exit_codes):
+        if code is not None and code < 0:
+            return rank, f"killed by signal {-code}"
+    recorded = [(json.loads(f.read_text()), r) for r in range(len(exit_codes)) if (f := _failure_file(run_dir, r)).is_file()]
+    if recorded:
+        first, rank = min(recorded, key=lambda item: item[0]["time"])
+        return rank, first["error"].splitlines()[0][:300]
+    rank = next(r for r, code in enumerate(exit_codes) if code)
+    return rank, f"exit code {exit_codes[rank]}"
+
+
 def _supervise(procs: list[mp.process.BaseProcess], run_dir: Path) -> None:
-    while any(p.is_alive() for p in procs):
-        failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-        if failed:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-            for p in procs:
-                p.join()
-            rank, code = failed[0]
-            raise LaunchError(
-                f"rank {rank} of {len(procs)} exited with code {code}; the other ranks were stopped. "
-                f"Its log: {run_dir / 'logs' / f'rank-{rank}.log'}"
-            )
+    """Wait for every rank; on the first failure stop them all and name the culprit."""
+    while any(p.is_alive() for p in procs) and all(p.exitcode in (None, 0) for p in procs):
         time.sleep(0.2)
-    for rank, p in enumerate(procs):
-        if p.exitcode != 0:
-            raise LaunchError(f"rank {rank} exited with code {p.exitcode}; log: {run_dir / 'logs' / f'rank-{rank}.log'}")
+    if all(p.exitcode == 0 for p in procs):
+        return
+    died_on_their_own = [p.exitcode for p in procs]  # None: still running, stopped below
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join()
+    rank, why = _first_failure(run_dir, died_on_their_own)
+    raise LaunchError(
+        f"rank {rank} of {len(procs)} failed first ({why}); the other ranks were stopped. "
+        f"Its log: {run_dir / 'logs' / f'rank-{rank}.log'}"
+    )
 
 
 def launch_local(cfg: Config, config_name: str, world_size: int) -> dict[str, Any]:

@@ -137,8 +137,11 @@ class AllToAllDispatcher:
         self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None
     ) -> tuple[torch.Tensor, ExpertParallelPlan]:
         x_ND, local_plan = self.local.permute(x_TD, experts_TK, keep_TK)
-        counts_E = local_plan.tokens_per_expert_E.cpu()
-        recv_counts_PEl, headers_PH = self._exchange_counts(counts_E, self._header(experts_TK.shape[0]))
+        # Counts travel on the tokens' device (NCCL moves only CUDA tensors); the split
+        # sizes are then needed on the host, which is this dispatcher's one sync point.
+        header = self._header(experts_TK.shape[0]).to(x_TD.device)
+        recv_counts_PEl, headers_PH = self._exchange_counts(local_plan.tokens_per_expert_E, header)
+        counts_E, recv_counts_PEl, headers_PH = local_plan.tokens_per_expert_E.cpu(), recv_counts_PEl.cpu(), headers_PH.cpu()
         self._check_headers(headers_PH)
         send_splits = counts_E.view(self.ep, self.local_experts).sum(1).tolist()
         recv_splits = recv_counts_PEl.sum(1).tolist()
