@@ -24,11 +24,20 @@ class ParallelConfig:
     etp: int = 1
     vpp: int = 1
     engine: Literal["megatron", "deepspeed"] = "megatron"
+    zero_stage: int = 1
+    offload_optimizer: bool = False
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "ep", "dp", "etp", "vpp"):
             value = getattr(self, key)
             require(value >= 1, f"parallel.{key}", value, "must be >= 1")
+        require(0 <= self.zero_stage <= 3, "parallel.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3 (DeepSpeed ZeRO stage)")
+        require(
+            not self.offload_optimizer or (self.engine == "deepspeed" and self.zero_stage >= 1),
+            "parallel.offload_optimizer",
+            self.offload_optimizer,
+            "CPU optimizer offload needs parallel.engine=deepspeed and parallel.zero_stage >= 1",
+        )
 
     @property
     def world_size(self) -> int:
