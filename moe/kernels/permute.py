@@ -79,13 +79,15 @@ def _check_args(
     x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None, capacity: int | None
 ) -> None:
     if x_TD.dim() != 2 or experts_TK.dim() != 2 or experts_TK.shape[0] != x_TD.shape[0]:
-        raise ValueError(f"need x_TD (T, D) and experts_TK (T, K), got {tuple(x_TD.shape)}, {tuple(experts_TK.shape)}")
+        shapes = f"{tuple(x_TD.shape)}, {tuple(experts_TK.shape)}"
+        raise ValueError(f"need x_TD (T, D) and experts_TK (T, K), got {shapes}")
     if capacity is None and keep_TK is not None:
         raise ValueError("keep_TK must be None when capacity is None (dropless)")
     if capacity is not None and capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
     if keep_TK is not None and (keep_TK.shape != experts_TK.shape or keep_TK.dtype != torch.bool):
-        raise ValueError(f"keep_TK must be a bool tensor shaped like experts_TK, got {keep_TK.dtype} {tuple(keep_TK.shape)}")
+        got = f"{keep_TK.dtype} {tuple(keep_TK.shape)}"
+        raise ValueError(f"keep_TK must be a bool tensor shaped like experts_TK, got {got}")
 
 
 # --------------------------------------------------------------------------- reference
@@ -149,6 +151,7 @@ def _block_histogram_kernel(
     if HAS_KEEP:
         kept_A = kept_A & (tl.load(keep_ptr + a_A, mask=kept_A, other=0) != 0)
     expert_A = tl.load(experts_ptr + a_A, mask=kept_A, other=-1)
+    kept_A = kept_A & (expert_A >= 0) & (expert_A < num_experts)
     onehot_AE = ((expert_A[:, None] == e_E[None, :]) & kept_A[:, None]).to(tl.int32)
     tl.store(block_counts_ptr + pid * num_experts + e_E, tl.sum(onehot_AE, axis=0), mask=e_E < num_experts)
 
@@ -198,12 +201,14 @@ def _destination_kernel(
     source_ptr,
     num_assign,
     num_experts,
+    num_out_rows,
     HAS_KEEP: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     """``dest_a = expert_starts[e_a] + block_starts[g, e_a] + (rank of a within block g)``
-    (-1 if dropped), and the inverse map ``source_N[dest_a] = a``."""
+    (-1 if dropped), and the inverse map ``source_N[dest_a] = a``. Writes stay inside
+    ``source_N`` even if ``keep_TK`` broke the capacity contract."""
     pid = tl.program_id(0)
     a_A = pid * BLOCK_A + tl.arange(0, BLOCK_A)
     e_E = tl.arange(0, BLOCK_E)
@@ -212,13 +217,14 @@ def _destination_kernel(
     if HAS_KEEP:
         kept_A = kept_A & (tl.load(keep_ptr + a_A, mask=in_range_A, other=0) != 0)
     expert_A = tl.load(experts_ptr + a_A, mask=kept_A, other=-1)
+    kept_A = kept_A & (expert_A >= 0) & (expert_A < num_experts)
     onehot_AE = ((expert_A[:, None] == e_E[None, :]) & kept_A[:, None]).to(tl.int32)
     rank_A = tl.sum(tl.cumsum(onehot_AE, axis=0) * onehot_AE, axis=1) - 1
     block_start_A = tl.load(block_starts_ptr + pid * num_experts + expert_A, mask=kept_A, other=0)
     expert_start_A = tl.load(expert_starts_ptr + expert_A, mask=kept_A, other=0)
     dest_A = tl.where(kept_A, expert_start_A + block_start_A + rank_A, -1)
     tl.store(dest_ptr + a_A, dest_A.to(tl.int64), mask=in_range_A)
-    tl.store(source_ptr + dest_A, a_A, mask=kept_A)
+    tl.store(source_ptr + dest_A, a_A, mask=kept_A & (dest_A < num_out_rows))
 
 
 @triton.jit
@@ -227,6 +233,7 @@ def _gather_rows_kernel(
     source_ptr,
     counts_ptr,
     out_ptr,
+    num_assign,
     num_out_rows,
     dim,
     stride_xt,
@@ -237,7 +244,8 @@ def _gather_rows_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """A BLOCK_N x BLOCK_D tile of ``x_ND[n] = x_TD[source_n // K]``, zero for padding
-    rows (capacity mode: ``n - e*C >= kept_e`` with ``e = n // C``)."""
+    rows (capacity mode: ``n - e*C >= kept_e`` with ``e = n // C``). Reads are bounded
+    by A even if ``source_N`` were not written where expected."""
     n_N = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_ok_N = n_N < num_out_rows
@@ -247,11 +255,14 @@ def _gather_rows_kernel(
     else:
         expert_N = n_N // capacity
         kept_N = tl.load(counts_ptr + expert_N, mask=n_ok_N, other=0)
-        filled_N = n_ok_N & (n_N - expert_N * capacity <= kept_N)
+        filled_N = n_ok_N & (n_N - expert_N * capacity < kept_N)
     source_N = tl.load(source_ptr + n_N, mask=filled_N, other=0)
+    filled_N = filled_N & (source_N >= 0) & (source_N < num_assign)
     token_N = (source_N // TOP_K).to(tl.int64)
     rows_ND = tl.load(
-        x_ptr + token_N[:, None] * stride_xt + d_D[None, :], mask=filled_N[:, None] & d_ok_D[None, :], other=0.0
+        x_ptr + token_N[:, None] * stride_xt + d_D[None, :],
+        mask=filled_N[:, None] & d_ok_D[None, :],
+        other=0.0,
     )
     out_ND = n_N[:, None].to(tl.int64) * dim + d_D[None, :]
     tl.store(out_ptr + out_ND, rows_ND, mask=n_ok_N[:, None] & d_ok_D[None, :])
@@ -281,24 +292,41 @@ def permute_triton(
     out: PermuteOutput | None = None,
 ) -> PermuteOutput:
     """Run the four permute kernels (no autograd, no host synchronisation). ``out``
-    receives the results when given (a test hook: every element is written)."""
+    receives the results when given (a test hook: every element is written).
+
+    Inputs are taken on trust (checking them would synchronise with the host): an expert
+    id outside ``[0, E)`` counts as dropped, and a ``keep_TK`` keeping more than C for an
+    expert gives wrong rows, though no write leaves the buffers."""
     _check_args(x_TD, experts_TK, keep_TK, capacity)
-    num_tokens, top_k = experts_TK.shape
-    num_assign, dim = experts_TK.numel(), x_TD.shape[1]
-    blocks = blocks or PermuteBlocks.for_shape(num_experts, dim)
+    blocks = blocks or PermuteBlocks.for_shape(num_experts, x_TD.shape[1])
     out = out if out is not None else _empty_output(x_TD, experts_TK, num_experts, capacity)
-    device = x_TD.device
+    source_N = _destinations(experts_TK, keep_TK, num_experts, capacity, blocks, out)
+    if out.x_ND.shape[0] > 0:
+        _gather_rows(x_TD, source_N, experts_TK.shape[1], capacity, blocks, out)
+    return out
+
+
+def _destinations(
+    experts_TK: torch.Tensor,
+    keep_TK: torch.Tensor | None,
+    num_experts: int,
+    capacity: int | None,
+    blocks: PermuteBlocks,
+    out: PermuteOutput,
+) -> torch.Tensor:
+    """Histogram, scan and rank kernels: fill ``out.dest_TK`` and ``out.tokens_per_expert_E``
+    and return ``source_N`` (the assignment of each filled row)."""
+    device = experts_TK.device
+    num_assign = experts_TK.numel()
     experts_A = experts_TK.reshape(-1).contiguous()
     keep_A = None if keep_TK is None else keep_TK.reshape(-1).contiguous().view(torch.uint8)
-    x_TD = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
-
     grid_a = num_programs(num_assign, blocks.block_a)
     block_counts_GE = torch.empty(grid_a, num_experts, dtype=torch.int32, device=device)
     block_starts_GE = torch.empty_like(block_counts_GE)
     expert_starts_E = torch.empty(num_experts, dtype=torch.int32, device=device)
     source_N = torch.empty(out.x_ND.shape[0], dtype=torch.int32, device=device)
-    assign_meta = dict(HAS_KEEP=keep_A is not None, BLOCK_A=blocks.block_a, BLOCK_E=blocks.block_e)
-    _block_histogram_kernel[(grid_a,)](experts_A, keep_A, block_counts_GE, num_assign, num_experts, **assign_meta)
+    meta = {"HAS_KEEP": keep_A is not None, "BLOCK_A": blocks.block_a, "BLOCK_E": blocks.block_e}
+    _block_histogram_kernel[(grid_a,)](experts_A, keep_A, block_counts_GE, num_assign, num_experts, **meta)
     _scan_kernel[(1,)](
         block_counts_GE,
         block_starts_GE,
@@ -312,25 +340,46 @@ def permute_triton(
         BLOCK_E=blocks.block_e,
     )
     _destination_kernel[(grid_a,)](
-        experts_A, keep_A, block_starts_GE, expert_starts_E, out.dest_TK, source_N, num_assign, num_experts, **assign_meta
+        experts_A,
+        keep_A,
+        block_starts_GE,
+        expert_starts_E,
+        out.dest_TK,
+        source_N,
+        num_assign,
+        num_experts,
+        source_N.shape[0],
+        **meta,
     )
-    if out.x_ND.shape[0] > 0:
-        grid_n = (triton.cdiv(out.x_ND.shape[0], blocks.block_n), num_programs(dim, blocks.block_d))
-        _gather_rows_kernel[grid_n](
-            x_TD,
-            source_N,
-            out.tokens_per_expert_E,
-            out.x_ND,
-            out.x_ND.shape[0],
-            dim,
-            x_TD.stride(0),
-            capacity or 0,
-            TOP_K=top_k,
-            DROPLESS=capacity is None,
-            BLOCK_N=blocks.block_n,
-            BLOCK_D=blocks.block_d,
-        )
-    return out
+    return source_N
+
+
+def _gather_rows(
+    x_TD: torch.Tensor,
+    source_N: torch.Tensor,
+    top_k: int,
+    capacity: int | None,
+    blocks: PermuteBlocks,
+    out: PermuteOutput,
+) -> None:
+    """Row-gather kernel: fill ``out.x_ND`` (padding rows with zeros)."""
+    x_TD = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
+    rows, dim = out.x_ND.shape
+    _gather_rows_kernel[(triton.cdiv(rows, blocks.block_n), num_programs(dim, blocks.block_d))](
+        x_TD,
+        source_N,
+        out.tokens_per_expert_E,
+        out.x_ND,
+        out.dest_TK.numel(),
+        rows,
+        dim,
+        x_TD.stride(0),
+        capacity or 0,
+        TOP_K=top_k,
+        DROPLESS=capacity is None,
+        BLOCK_N=blocks.block_n,
+        BLOCK_D=blocks.block_d,
+    )
 
 
 # --------------------------------------------------------------------------- autograd

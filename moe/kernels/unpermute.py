@@ -16,6 +16,8 @@ gets a zero row). Backward:
 The forward is a gather (each output row read-combined by one program). The backward
 scatters each kept assignment into its own row: ``permute`` gives every kept assignment
 a distinct row, so no two programs write the same element and no atomics are needed.
+Destinations outside ``[0, N)`` count as dropped in the Triton kernels (no access ever
+leaves the buffers); the torch reference rejects those above N.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class CombineBlocks:
 
     @classmethod
     def for_shape(cls, dim: int) -> CombineBlocks:
-        """Up to 128 features per tile, 32 tokens."""
-        return cls(block_t=32, block_d=clamp_pow2(pow2_at_least(dim), 16, 128))
+        """16 tokens by up to 64 features: the backward, which unrolls K, compiles for sm_90
+        with 4 warps without register spills up to K=8."""
+        return cls(block_t=16, block_d=clamp_pow2(pow2_at_least(dim), 16, 64))
 
 
 def _check_args(y_ND: torch.Tensor, dest_TK: torch.Tensor, weights_TK: torch.Tensor | None) -> None:
@@ -78,6 +81,7 @@ def _combine_kernel(
     weights_ptr,
     out_ptr,
     num_tokens,
+    num_rows,
     dim,
     stride_yn,
     TOP_K: tl.constexpr,
@@ -95,7 +99,7 @@ def _combine_kernel(
     for k in tl.static_range(TOP_K):
         a_T = t_T.to(tl.int64) * TOP_K + k
         dest_T = tl.load(dest_ptr + a_T, mask=t_ok_T, other=-1).to(tl.int64)
-        row_ok_T = dest_T >= 0
+        row_ok_T = (dest_T >= 0) & (dest_T < num_rows)
         rows_TD = tl.load(
             y_ptr + dest_T[:, None] * stride_yn + d_D[None, :],
             mask=row_ok_T[:, None] & d_ok_D[None, :],
@@ -118,6 +122,7 @@ def _combine_backward_kernel(
     grad_y_ptr,
     grad_weights_ptr,
     num_tokens,
+    num_rows,
     dim,
     stride_yn,
     stride_gt,
@@ -145,7 +150,7 @@ def _combine_backward_kernel(
             dest_T = tl.load(dest_ptr + a_T, mask=t_ok_T, other=-1).to(tl.int64)
             w_T = tl.load(weights_ptr + a_T, mask=t_ok_T, other=0.0).to(tl.float32)
             row_TD = dest_T[:, None] * stride_yn + d_D[None, :]
-            row_ok_TD = (dest_T >= 0)[:, None] & d_ok_D[None, :]
+            row_ok_TD = ((dest_T >= 0) & (dest_T < num_rows))[:, None] & d_ok_D[None, :]
             y_TD = tl.load(y_ptr + row_TD, mask=row_ok_TD, other=0.0).to(tl.float32)
             dot_T = tl.sum(grad_TD * y_TD, axis=1)
             grad_w_TK += tl.where(k_K[None, :] == k, dot_T[:, None], 0.0)
@@ -181,6 +186,7 @@ def combine_triton(
         None if weights_TK is None else weights_TK.contiguous(),
         out,
         num_tokens,
+        y_ND.shape[0],
         dim,
         y_ND.stride(0),
         TOP_K=top_k,
@@ -218,6 +224,7 @@ def combine_backward_triton(
         grad_y_ND,
         grad_weights_TK,
         num_tokens,
+        y_ND.shape[0],
         y_ND.shape[1],
         y_ND.stride(0),
         grad_y_TD.stride(0),
