@@ -94,6 +94,7 @@ class MoEConfig:
     expert_ffn_dim: int = 768
     activation: Activation = "gelu"
     num_shared_experts: int = 0
+    kernels: Literal["auto", "fused", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         require(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")

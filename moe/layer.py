@@ -16,7 +16,8 @@ from moe.capacity import expert_capacity, keep_mask
 from moe.config import MoEConfig
 from moe.dispatcher import LocalDispatcher
 from moe.experts import GroupedExperts
-from moe.losses import load_balancing_loss, router_z_loss, sequence_load_balancing_loss
+from moe.kernels._triton import Impl
+from moe.losses import load_balancing_loss_from_stats, router_z_loss_from_stats, sequence_load_balancing_loss
 from moe.router import Routing
 from moe.mlp import MLP
 from moe.router import TopKRouter
@@ -35,7 +36,9 @@ class Dispatcher(Protocol):
     and a plan; ``unpermute`` takes those rows' outputs back to token order, gated.
     """
 
-    def permute(self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, Plan]: ...
+    def permute(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None, capacity: int | None, impl: Impl
+    ) -> tuple[torch.Tensor, Plan]: ...
 
     def unpermute(self, y_ND: torch.Tensor, plan: Plan, weights_TK: torch.Tensor) -> torch.Tensor: ...
 
@@ -75,11 +78,17 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(num_tokens, self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
 
-    def _keep(self, experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
-        capacity = self.capacity(experts_TK.shape[0])
+    def _keep(self, experts_TK: torch.Tensor, weights_TK: torch.Tensor, capacity: int | None) -> torch.Tensor | None:
         if capacity is None:
             return None
         return keep_mask(experts_TK, weights_TK, self.cfg.num_experts, capacity, self.cfg.drop_policy)
+
+    def _impl(self, x: torch.Tensor) -> Impl:
+        """``moe.kernels``: ``fused`` runs the Triton kernels wherever Triton runs (else their
+        torch references), ``torch`` never does, ``auto`` means fused on GPU, torch on CPU."""
+        if self.cfg.kernels == "fused" or (self.cfg.kernels == "auto" and x.is_cuda):
+            return "auto"
+        return "torch"
 
     def _aux_loss(self, routing: Routing, batch: int, load_E: torch.Tensor | None) -> torch.Tensor:
         """The load-balancing loss in the configured scope (see ``moe.losses``).
@@ -88,23 +97,24 @@ class MoELayer(nn.Module):
         without it this forward's tokens are taken as the whole global batch.
         """
         coeff = self.cfg.aux_loss_coeff
+        num_tokens, top_k = routing.experts_TK.shape
         if self.cfg.aux_loss_scope == "sequence":
-            num_experts, top_k = routing.num_experts, routing.experts_TK.shape[1]
             return sequence_load_balancing_loss(
-                routing.probs_TE.view(batch, -1, num_experts), routing.experts_TK.view(batch, -1, top_k), coeff
+                routing.probs_TE.view(batch, -1, routing.num_experts), routing.experts_TK.view(batch, -1, top_k), coeff
             )
-        if self.cfg.aux_loss_scope == "global_batch":
-            return load_balancing_loss(routing.probs_TE, routing.experts_TK, coeff, load_E)
-        return load_balancing_loss(routing.probs_TE, routing.experts_TK, coeff)
+        global_load_E = load_E if self.cfg.aux_loss_scope == "global_batch" else None
+        return load_balancing_loss_from_stats(routing.prob_sum_E, routing.counts_E, num_tokens, top_k, coeff, global_load_E)
 
     def forward(self, x_BSD: torch.Tensor, load_E: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         """``load_E``: the global-batch assignment fraction, for ``aux_loss_scope=global_batch``."""
         batch, seq, dim = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, dim)
-        routing = self.router(x_TD)
-        keep_TK = self._keep(routing.experts_TK, routing.weights_TK)
+        impl = self._impl(x_TD)
+        routing = self.router(x_TD, impl)
+        capacity = self.capacity(x_TD.shape[0])
+        keep_TK = self._keep(routing.experts_TK, routing.weights_TK, capacity)
 
-        x_ND, plan = self.dispatcher.permute(x_TD, routing.experts_TK, keep_TK)
+        x_ND, plan = self.dispatcher.permute(x_TD, routing.experts_TK, keep_TK, capacity, impl)
         y_ND = self.experts(x_ND, plan.tokens_per_expert_E)
         y_TD = self.dispatcher.unpermute(y_ND, plan, routing.weights_TK)
         if self.shared is not None:
@@ -112,10 +122,8 @@ class MoELayer(nn.Module):
 
         stats = MoEStats(
             aux_loss=self._aux_loss(routing, batch, load_E),
-            z_loss=router_z_loss(routing.logits_TE, self.cfg.z_loss_coeff),
-            tokens_per_expert_E=torch.bincount(
-                routing.experts_TK.reshape(-1), minlength=self.cfg.num_experts
-            ).detach(),
+            z_loss=router_z_loss_from_stats(routing.lse_sq_sum, x_TD.shape[0], self.cfg.z_loss_coeff),
+            tokens_per_expert_E=routing.counts_E.detach(),
             dropped_fraction=(
                 torch.zeros((), device=x_TD.device)
                 if keep_TK is None

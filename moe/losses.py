@@ -22,10 +22,20 @@ from __future__ import annotations
 import torch
 
 
-def assignment_fraction(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``f_i``: the share of the routed assignments that chose expert i (sums to 1)."""
-    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
-    return counts_E.float() / max(experts_TK.numel(), 1)
+def load_balancing_loss_from_stats(
+    prob_sum_E: torch.Tensor,
+    counts_E: torch.Tensor,
+    num_tokens: int,
+    top_k: int,
+    coeff: float,
+    load_E: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``load_balancing_loss`` from the gating pass's sums: ``f = counts / (T·K)`` (or
+    ``load_E``), ``P = prob_sum / T``."""
+    num_experts = prob_sum_E.shape[0]
+    f_E = counts_E.float() / max(num_tokens * top_k, 1) if load_E is None else load_E
+    p_E = prob_sum_E / max(num_tokens, 1)
+    return coeff * num_experts * torch.sum(f_E.to(p_E.dtype) * p_E)
 
 
 def load_balancing_loss(
@@ -41,9 +51,8 @@ def load_balancing_loss(
     ``load_E`` replaces ``f`` when given (the global-batch scope).
     """
     num_tokens, num_experts = probs_TE.shape
-    f_E = assignment_fraction(experts_TK, num_experts) if load_E is None else load_E
-    p_E = probs_TE.mean(dim=0) if num_tokens > 0 else probs_TE.sum(dim=0)
-    return coeff * num_experts * torch.sum(f_E.to(probs_TE.dtype) * p_E)
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+    return load_balancing_loss_from_stats(probs_TE.sum(dim=0), counts_E, num_tokens, experts_TK.shape[1], coeff, load_E)
 
 
 def sequence_load_balancing_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor, coeff: float) -> torch.Tensor:
@@ -64,6 +73,9 @@ def router_z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:
     Penalises large router logits, which keeps the fp32 softmax away from overflow and
     the routing from becoming brittle.
     """
-    if logits_TE.shape[0] == 0:
-        return logits_TE.sum() * 0.0
-    return coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return router_z_loss_from_stats(torch.logsumexp(logits_TE, dim=-1).square().sum(), logits_TE.shape[0], coeff)
+
+
+def router_z_loss_from_stats(lse_sq_sum: torch.Tensor, num_tokens: int, coeff: float) -> torch.Tensor:
+    """``router_z_loss`` from the gating pass's ``sum_t logsumexp(logits_t)^2``."""
+    return coeff * lse_sq_sum / max(num_tokens, 1)

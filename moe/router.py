@@ -14,27 +14,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.kernels._triton import Impl
+from moe.kernels.gating import topk_gating
+
 
 @dataclass(frozen=True)
 class Routing:
     """What the router decided for T tokens.
 
     ``weights_TK`` are the gates that scale each chosen expert's output (renormalised to
-    sum to 1 over K when asked); ``probs_TE`` and ``logits_TE`` feed the aux and z-losses.
+    sum to 1 over K when asked). The loss statistics come out of the same gating pass:
+    ``prob_sum_E`` (sum over tokens of the softmax), ``counts_E`` (assignments per expert)
+    and ``lse_sq_sum`` (sum over tokens of logsumexp(logits)^2).
     """
 
     logits_TE: torch.Tensor
-    probs_TE: torch.Tensor
     weights_TK: torch.Tensor
     experts_TK: torch.Tensor
+    prob_sum_E: torch.Tensor
+    counts_E: torch.Tensor
+    lse_sq_sum: torch.Tensor
 
     @property
     def num_experts(self) -> int:
-        return self.probs_TE.shape[-1]
+        return self.logits_TE.shape[-1]
+
+    @property
+    def probs_TE(self) -> torch.Tensor:
+        """The full softmax, recomputed on demand (only the per-sequence loss needs it)."""
+        return self.logits_TE.softmax(dim=-1)
 
 
 class TopKRouter(nn.Module):
-    """``probs = softmax(W_r · x)``, the K largest become the token's experts and gates.
+    """``probs = softmax(W_r · x)``, the K largest become the token's experts and gates
+    (ties to the lower expert index).
 
     With ``jitter_eps > 0`` the input is multiplied by ``U(1 - eps, 1 + eps)`` noise in
     training (Switch Transformer, Sec. 2.4), which explores routing early in training.
@@ -49,17 +62,16 @@ class TopKRouter(nn.Module):
         self.normalize = normalize
         self.jitter_eps = jitter_eps
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, impl: Impl = "torch") -> Routing:
+        """``impl`` picks the gating implementation (``moe.kernels.gating``): the fused
+        Triton kernel or its torch reference; both compute the same thing."""
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(x_TD.float())
+            return self._route(x_TD.float(), impl)
 
-    def _route(self, x_TD: torch.Tensor) -> Routing:
+    def _route(self, x_TD: torch.Tensor, impl: Impl) -> Routing:
         if self.training and self.jitter_eps > 0:
             noise_TD = torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
             x_TD = x_TD * noise_TD
         logits_TE = F.linear(x_TD, self.weight_ED.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.normalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return Routing(logits_TE, probs_TE, weights_TK, experts_TK)
+        gate = topk_gating(logits_TE, self.top_k, self.normalize, impl)
+        return Routing(logits_TE, gate.weights_TK, gate.experts_TK, gate.prob_sum_E, gate.counts_E, gate.lse_sq_sum)

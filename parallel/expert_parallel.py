@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.dispatcher import DispatchPlan, LocalDispatcher
+from moe.kernels._triton import Impl
 from moe.layer import MoELayer
 
 HEADER_FIELDS = ("num_experts", "local_experts", "capacity")
@@ -89,19 +90,18 @@ class AllToAllDispatcher:
     """Dispatch over an expert-parallel process group; ``ep_rank`` owns experts
     ``[ep_rank·El, (ep_rank+1)·El)``."""
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int, capacity_of: CapacityProbe) -> None:
+    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
         self.group = group
         self.ep = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         self.num_experts = num_experts
         self.local_experts = num_experts // self.ep
-        self.capacity_of = capacity_of
         self.local = LocalDispatcher(num_experts)
 
     # -- local ---------------------------------------------------------------------
 
-    def _header(self, num_tokens: int) -> torch.Tensor:
-        return torch.tensor([self.num_experts, self.local_experts, self.capacity_of(num_tokens)], dtype=torch.long)
+    def _header(self, capacity: int | None) -> torch.Tensor:
+        return torch.tensor([self.num_experts, self.local_experts, -1 if capacity is None else capacity], dtype=torch.long)
 
     def _check_headers(self, headers_PH: torch.Tensor) -> None:
         mine = headers_PH[self.ep_rank]
@@ -134,12 +134,19 @@ class AllToAllDispatcher:
     # -- the dispatcher interface -------------------------------------------------------
 
     def permute(
-        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, keep_TK: torch.Tensor | None
+        self,
+        x_TD: torch.Tensor,
+        experts_TK: torch.Tensor,
+        keep_TK: torch.Tensor | None,
+        capacity: int | None = None,
+        impl: Impl = "torch",
     ) -> tuple[torch.Tensor, ExpertParallelPlan]:
+        """``impl`` is not used: the local sort before the all-to-all is the torch one (its
+        row counts are needed on the host for the split sizes anyway)."""
         x_ND, local_plan = self.local.permute(x_TD, experts_TK, keep_TK)
         # Counts travel on the tokens' device (NCCL moves only CUDA tensors); the split
         # sizes are then needed on the host, which is this dispatcher's one sync point.
-        header = self._header(experts_TK.shape[0]).to(x_TD.device)
+        header = self._header(capacity).to(x_TD.device)
         recv_counts_PEl, headers_PH = self._exchange_counts(local_plan.tokens_per_expert_E, header)
         counts_E, recv_counts_PEl, headers_PH = local_plan.tokens_per_expert_E.cpu(), recv_counts_PEl.cpu(), headers_PH.cpu()
         self._check_headers(headers_PH)
@@ -160,17 +167,6 @@ class AllToAllDispatcher:
         y_source_major_RD = torch.empty_like(y_RD).index_copy(0, plan.group_order_R, y_RD)
         y_ND = _AllToAll.apply(y_source_major_RD, plan.recv_splits, plan.send_splits, self.group)
         return self.local.unpermute(y_ND, plan.local, weights_TK)
-
-
-class CapacityProbe:
-    """The capacity a layer applies to T local tokens (-1 when dropless), for the header."""
-
-    def __init__(self, layer: MoELayer) -> None:
-        self.layer = layer
-
-    def __call__(self, num_tokens: int) -> int:
-        capacity = self.layer.capacity(num_tokens)
-        return -1 if capacity is None else capacity
 
 
 def shard_experts(layer: MoELayer, ep_rank: int, ep: int) -> None:
@@ -198,4 +194,4 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
     for module in model.modules():
         if isinstance(module, MoELayer):
             shard_experts(module, ep_rank, ep)
-            module.dispatcher = AllToAllDispatcher(group, module.cfg.num_experts, CapacityProbe(module))
+            module.dispatcher = AllToAllDispatcher(group, module.cfg.num_experts)

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from multirank import RankPool
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# Without a GPU the Triton kernels run under the interpreter; triton reads this when it is
+# first imported, so it is set before any test module imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -120,3 +120,31 @@ def test_aux_loss_scope_invariance_under_batch_splitting(scope: str, invariant: 
     split, split_grad = _split_mean(layer, x, load_E if scope == "global_batch" else None)
     same = torch.allclose(whole, split, atol=1e-7) and torch.allclose(whole_grad, split_grad, atol=1e-7)
     assert same == invariant
+
+
+@pytest.mark.parametrize("capacity_factor, top_k", [(None, 2), (1.0, 2), (0.5, 1)], ids=["dropless-k2", "capacity-k2", "drops-k1"])
+def test_fused_kernels_equal_torch_path(capacity_factor: float | None, top_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole layer with moe.kernels=fused (Triton, interpreted on CPU) against torch."""
+    import moe.kernels.gating as gating
+    import moe.kernels.permute as permute
+
+    launched: list[str] = []
+    for module, name in ((gating, "gating_forward_triton"), (permute, "permute_triton")):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: (launched.append(_n), _k(*a, **kw))[1])
+    torch_layer = _layer(top_k=top_k, normalize_weights=top_k > 1, capacity_factor=capacity_factor, kernels="torch")
+    fused_layer = MoELayer(8, dataclasses.replace(torch_layer.cfg, kernels="fused"))
+    fused_layer.load_state_dict(torch_layer.state_dict())
+    x = torch.randn(2, 9, 8)
+    results = []
+    for layer in (torch_layer, fused_layer):
+        xi = x.clone().requires_grad_()
+        y, stats = layer(xi)
+        (y.square().sum() + stats.aux_loss + stats.z_loss).backward()
+        results.append((y, stats, xi.grad, layer.router.weight_ED.grad, layer.experts.w_in_EDF.grad))
+    (y_t, s_t, gx_t, gr_t, ge_t), (y_f, s_f, gx_f, gr_f, ge_f) = results
+    for got, want in ((y_f, y_t), (gx_f, gx_t), (gr_f, gr_t), (ge_f, ge_t), (s_f.aux_loss, s_t.aux_loss), (s_f.z_loss, s_t.z_loss)):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(s_f.tokens_per_expert_E, s_t.tokens_per_expert_E)
+    assert s_f.dropped_fraction.item() == s_t.dropped_fraction.item()
+    assert sorted(set(launched)) == ["gating_forward_triton", "permute_triton"]  # the fused path ran
