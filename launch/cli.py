@@ -1,8 +1,10 @@
 """The ``moe`` command line.
 
     moe train CONFIG [section.key=value ...]     train (e.g. moe.num_experts=16 train.steps=50)
+    moe train CONFIG --address auto              ... on an existing Ray cluster (launch.address)
     moe data prepare PATHS... --out DIR          tokenize text/JSONL files into .bin/.idx
     moe check-layouts CONFIG --layouts "ep=1;ep=2;dp=2"   same training under several layouts, compared
+    moe bench kernels | layer                    speed tables (printed, and JSON under runs/bench/)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from launch.config import load_config
 from launch.data import DataError, prepare_main
-from launch.local_launcher import LaunchError
+from launch.rank import LaunchError
 from moe.config import ConfigError
 from parallel.checkpoint import CheckpointError
 
@@ -21,7 +23,8 @@ from parallel.checkpoint import CheckpointError
 def _train(args: argparse.Namespace) -> int:
     from launch.local_launcher import start  # the heavy imports (torch, tensorboard) only when training
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"launch.address={args.address}"] if args.address is not None else [])]
+    cfg = load_config(args.config, overrides)
     summary = start(cfg, Path(args.config).stem)
     run_dir = summary["run_dir"]
     load = summary["expert_load_tail"]
@@ -45,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="a YAML file, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. moe.num_experts=16")
+    train.add_argument(
+        "--address", default=None,
+        help="an existing Ray cluster: auto (the one this machine belongs to, or RAY_ADDRESS), HOST:PORT or "
+        "ray://HOST:PORT; same as launch.address=... (default: a local Ray cluster started for the run)",
+    )
     train.set_defaults(run=_train)
     data = sub.add_parser("data", help="data preparation (moe data prepare PATHS... --out DIR)")
     data.add_argument("action", choices=["prepare"])
@@ -53,7 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-layouts", help="train under several layouts and compare (see --help)", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
     check.set_defaults(run=_check_layouts)
+    bench = sub.add_parser("bench", help="benchmarks: moe bench kernels | moe bench layer (see --help)", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from launch.bench import main as bench_main
+
+    return bench_main(args.rest)
 
 
 def _check_layouts(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
-"""Run megatron-core 0.16.1's DDP and distributed optimizer on CPU with gloo.
+"""Run megatron-core 0.16.1's DDP, distributed optimizer and MoE layer on CPU with gloo.
 
 megatron-core assumes a CUDA device in a few places on the path that
 ``parallel/engine.py`` takes (``DistributedDataParallel`` -> ``get_megatron_optimizer``
--> ``ChainedOptimizer.step``). :func:`apply_cpu_compat` replaces exactly those megatron
+-> ``ChainedOptimizer.step``) and on the forward of its own ``MoELayer`` (which
+``moe bench layer`` compares ours against). :func:`apply_cpu_compat` replaces exactly those megatron
 functions or module-level names, each with a small named function below whose docstring
 says what it replaces and why. Nothing of torch is replaced: where a megatron module calls
 ``torch.cuda.current_device()`` the replacement is that *module's own* ``torch`` name, a
@@ -235,9 +236,40 @@ def patch_grad_norm_and_clip() -> None:
     megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+def patch_moe_router_device() -> None:
+    """Keep megatron's MoE router weight where it is.
+
+    megatron-core 0.16.1, ``megatron/core/transformer/moe/router.py``, ``Router.gating``
+    moves a CPU router weight to ``torch.cuda.current_device()`` on every forward, which
+    raises on CPU. Replaced: that module's global name ``torch``, by the view of torch
+    whose ``cuda.current_device()`` is the CPU (the weight then "moves" to where it is).
+    """
+    from megatron.core.transformer.moe import router
+
+    router.torch = _TorchView()
+
+
+def patch_moe_utils_missing_te_gemm() -> None:
+    """Bind ``te_general_gemm`` when TransformerEngine is absent.
+
+    megatron-core 0.16.1, ``megatron/core/transformer/moe/moe_utils.py``:
+    ``RouterGatingLinearFunction.forward`` tests ``te_general_gemm is not None``, but the
+    name is bound only when TransformerEngine imports, so without TE every router forward
+    raises ``NameError``. Bound to ``None``, the value the test expects (upstream then takes
+    its plain ``torch.mm`` branch). A GPU without TransformerEngine has the same bug; this
+    module does nothing there (see the rules above), so megatron's MoELayer fails there.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 _PATCHES = {
     "grad_buffer_device": patch_grad_buffer_device,
     "mixed_precision_optimizer_init": patch_mixed_precision_optimizer_init,
     "distributed_optimizer_fp32_shards": patch_distributed_optimizer_fp32_shards,
     "grad_norm_and_clip": patch_grad_norm_and_clip,
+    "moe_router_device": patch_moe_router_device,
+    "moe_utils_missing_te_gemm": patch_moe_utils_missing_te_gemm,
 }

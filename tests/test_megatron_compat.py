@@ -38,7 +38,21 @@ def _patch_targets() -> dict[str, Any]:
         ],
         "optimizer.get_grad_norm_fp32": megatron_optimizer.get_grad_norm_fp32,
         "optimizer.clip_grad_by_total_norm_fp32": megatron_optimizer.clip_grad_by_total_norm_fp32,
+        "moe.router.torch": _moe_router().torch,
+        "moe_utils.te_general_gemm": getattr(_moe_utils(), "te_general_gemm", "unbound"),
     }
+
+
+def _moe_router() -> Any:
+    from megatron.core.transformer.moe import router
+
+    return router
+
+
+def _moe_utils() -> Any:
+    from megatron.core.transformer.moe import moe_utils
+
+    return moe_utils
 
 
 def _error(fn: Callable[[], Any]) -> str:
@@ -249,3 +263,50 @@ def test_apply_is_idempotent_and_patches_everything(ladder: dict[str, Any]) -> N
     assert first == second == list(megatron_compat._PATCHES)
     assert unchanged
     assert ladder["patched_everything"]
+
+
+# -- megatron's MoELayer forward (the layer benchmark's path) ----------------------------
+
+
+def _moe_layer_ladder(out: mp.Queue, store: str) -> None:
+    """In a fresh interpreter: megatron's MoELayer on CPU fails without each MoE patch and
+    runs forward and backward with both."""
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from launch.bench import LayerSpec, megatron_moe_layer
+
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel()
+        layer = megatron_moe_layer(LayerSpec(64, 32, 64, 4, 2, 1.25, "float32"))
+        x = torch.randn(64, 1, 32, requires_grad=True)
+        report = {"unpatched": _error(lambda: layer(x))}
+        megatron_compat.patch_moe_router_device()
+        report["router_only"] = _error(lambda: layer(x))
+        megatron_compat.patch_moe_utils_missing_te_gemm()
+        y = layer(x)[0]
+        y.sum().backward()
+        report["shape"] = tuple(y.shape)
+        report["router_grad"] = float(layer.router.weight.grad.abs().sum())
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+        out.put((True, report))
+    except BaseException:
+        out.put((False, traceback.format_exc()))
+
+
+def test_moe_layer_patches_each_needed(tmp_path: Any) -> None:
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_moe_layer_ladder, args=(out, str(tmp_path / "store")), daemon=True)
+    proc.start()
+    try:
+        ok, report = out.get(timeout=120)
+    finally:
+        proc.join(timeout=10)
+    assert ok, report
+    assert CUDA_ERROR in report["unpatched"]
+    assert "NameError: name 'te_general_gemm' is not defined" in report["router_only"]
+    assert report["shape"] == (64, 1, 32) and report["router_grad"] > 0

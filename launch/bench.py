@@ -1,0 +1,366 @@
+"""``moe bench kernels`` and ``moe bench layer``: speed tables, printed and written as JSON.
+
+    moe bench kernels [--shapes T,H,E,K;...] [--out FILE]
+    moe bench layer [--tokens 4096 --hidden 1024 --experts 8 --top-k 2 --capacity-factor 1.25] [--out FILE]
+
+Kernels: gating, permute and unpermute for each shape, timed for the fused Triton kernels,
+their torch references and megatron-core's unfused utilities (``moe_utils``), with the
+bytes each must move, the achieved GB/s and the fraction of the device's copy bandwidth
+(measured in the same run by a large device-to-device copy). Triton kernels compile for
+GPUs only; on a CPU their row says so instead of timing the interpreter.
+
+Layer: forward + backward time and peak memory of moe-train's MoE layer, megatron-core's
+``MoELayer`` and DeepSpeed's ``deepspeed.moe.layer.MoE`` with the same sizes, each in its
+own process (peak memory is per process), on the current device; ratios against
+megatron-core. A layer that cannot run here gets a row with the reason, not a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BF16 = torch.bfloat16
+DEFAULT_GPU_SHAPES = "4096,1024,8,1;16384,4096,64,2;16384,4096,256,8;65536,8192,64,2"
+DEFAULT_CPU_SHAPES = "4096,1024,8,1;4096,1024,64,2;16384,1024,8,2"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeat: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written per second)."""
+    numel = (1 << 29) if device.type == "cuda" else (1 << 26)  # 1 GiB / 128 MiB of bf16
+    src = torch.empty(numel, dtype=BF16, device=device).normal_()
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+# -- kernels ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int
+    hidden: int
+    experts: int
+    top_k: int
+
+    @classmethod
+    def parse_many(cls, text: str) -> list[Shape]:
+        shapes = []
+        for item in filter(None, (part.strip() for part in text.split(";"))):
+            values = [int(v) for v in item.split(",")]
+            if len(values) != 4 or min(values) < 1 or values[3] > values[2]:
+                raise ValueError(f"--shapes item {item!r}: expected T,H,E,K with K <= E, all >= 1")
+            shapes.append(cls(*values))
+        return shapes
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    kernel: str
+    impl: str
+    shape: Shape
+    ms: float | None
+    gb_per_s: float | None
+    copy_fraction: float | None
+    note: str = ""
+
+
+def _kernel_cases(shape: Shape, device: torch.device) -> dict[str, tuple[int, dict[str, Callable[[], Any]]]]:
+    """Per kernel: the bytes it must move, and a callable per implementation."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from moe.kernels.gating import topk_gating
+    from moe.kernels.permute import permute
+    from moe.kernels.unpermute import unpermute
+
+    t, h, e, k = shape.tokens, shape.hidden, shape.experts, shape.top_k
+    logits = torch.randn(t, e, device=device)
+    x = torch.randn(t, h, dtype=BF16, device=device)
+    gate = topk_gating(logits, k, True, impl="torch")
+    routed = permute(x, gate.experts_TK, None, e, None, impl="torch")
+    y = routed.x_ND
+    probs, routing_map = moe_utils.topk_routing_with_score_function(logits, k, score_function="softmax")
+    _, _, sorted_indices = moe_utils.permute(x, routing_map)
+    permuted = x.new_empty(t * k, h).normal_()
+
+    def megatron_gating() -> Any:
+        moe_utils.topk_routing_with_score_function(logits, k, score_function="softmax")
+        return moe_utils.compute_routing_scores_for_aux_loss(logits, k, "softmax")
+
+    row_bytes = t * k * h * x.element_size()
+    return {
+        # logits in; gates, ids and the per-expert statistics out
+        "gating": (t * e * 4 + t * k * (4 + 8), {
+            "fused": lambda: topk_gating(logits, k, True, impl="triton"),
+            "torch": lambda: topk_gating(logits, k, True, impl="torch"),
+            "megatron": megatron_gating,
+        }),
+        # every routed row read once and written once: 2·T·K·H·bytes
+        "permute": (2 * row_bytes, {
+            "fused": lambda: permute(x, gate.experts_TK, None, e, None, impl="triton"),
+            "torch": lambda: permute(x, gate.experts_TK, None, e, None, impl="torch"),
+            "megatron": lambda: moe_utils.permute(x, routing_map),
+        }),
+        # T·K rows read, T rows written
+        "unpermute": (row_bytes + t * h * x.element_size(), {
+            "fused": lambda: unpermute(y, routed.dest_TK, gate.weights_TK, impl="triton"),
+            "torch": lambda: unpermute(y, routed.dest_TK, gate.weights_TK, impl="torch"),
+            "megatron": lambda: moe_utils.unpermute(permuted, sorted_indices, x.shape, probs=probs, routing_map=routing_map),
+        }),
+    }
+
+
+def bench_kernels(shapes: list[Shape], device: torch.device) -> tuple[float, list[KernelRow]]:
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for shape in shapes:
+        for kernel, (nbytes, impls) in _kernel_cases(shape, device).items():
+            for impl, fn in impls.items():
+                if impl == "fused" and device.type != "cuda":
+                    rows.append(KernelRow(kernel, impl, shape, None, None, None, "Triton compiles for GPUs; not timed on CPU"))
+                    continue
+                with torch.no_grad():
+                    seconds = median_seconds(fn, device)
+                gbps = nbytes / seconds / 1e9
+                rows.append(KernelRow(kernel, impl, shape, seconds * 1e3, gbps, gbps / bandwidth))
+    return bandwidth, rows
+
+
+def _kernel_table(rows: list[KernelRow]) -> list[str]:
+    header = f"{'kernel':<10}{'impl':<10}{'T':>7}{'H':>6}{'E':>5}{'K':>3}{'ms':>10}{'GB/s':>9}{'of copy':>9}  note"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        s = r.shape
+        ms = f"{r.ms:10.3f}" if r.ms is not None else f"{'-':>10}"
+        gbps = f"{r.gb_per_s:9.1f}" if r.gb_per_s is not None else f"{'-':>9}"
+        frac = f"{100 * r.copy_fraction:8.1f}%" if r.copy_fraction is not None else f"{'-':>9}"
+        lines.append(f"{r.kernel:<10}{r.impl:<10}{s.tokens:>7}{s.hidden:>6}{s.experts:>5}{s.top_k:>3}{ms}{gbps}{frac}  {r.note}")
+    return lines
+
+
+# -- layer --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    top_k: int
+    capacity_factor: float
+    dtype: str
+
+
+def _init_single_rank() -> None:
+    """megatron-core's and DeepSpeed's layers need torch.distributed even on one rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        from launch.local_launcher import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=0, world_size=1, timeout=timedelta(minutes=2))
+
+
+def _ours(spec: LayerSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    from moe.config import MoEConfig
+    from moe.layer import MoELayer
+
+    cfg = MoEConfig(num_experts=spec.experts, top_k=spec.top_k, normalize_weights=spec.top_k > 1,
+                    capacity_factor=spec.capacity_factor, expert_ffn_dim=spec.ffn, activation="gelu")
+    layer = MoELayer(spec.hidden, cfg).to(device)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return lambda x: layer(x.unsqueeze(0))[0].squeeze(0)
+
+
+def megatron_moe_layer(spec: LayerSpec) -> torch.nn.Module:
+    """megatron-core's ``MoELayer`` (local spec, no grouped GEMM: that needs TransformerEngine)
+    sized as ``spec``, with its all-gather dispatcher (equivalent at EP=1, and the all-to-all
+    one wants CUDA streams). Needs torch.distributed and megatron's parallel state."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=spec.hidden, num_attention_heads=8, ffn_hidden_size=spec.ffn,
+        moe_ffn_hidden_size=spec.ffn, num_moe_experts=spec.experts, moe_router_topk=spec.top_k,
+        moe_expert_capacity_factor=spec.capacity_factor, moe_token_dispatcher_type="allgather",
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01, moe_router_pre_softmax=spec.top_k == 1,
+        add_bias_linear=False, use_cpu_initialization=True, params_dtype=torch.float32,
+    )
+    submodules = get_gpt_layer_local_spec(num_experts=spec.experts, moe_grouped_gemm=False).submodules.mlp.submodules
+    return MoELayer(config, submodules=submodules)
+
+
+def _megatron(spec: LayerSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    from megatron.core import parallel_state
+
+    from parallel.megatron_compat import apply_cpu_compat
+
+    _init_single_rank()
+    apply_cpu_compat()
+    parallel_state.initialize_model_parallel()
+    layer = megatron_moe_layer(spec).to(device)
+    return lambda x: layer(x.unsqueeze(1))[0].squeeze(1)
+
+
+def _deepspeed(spec: LayerSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    from deepspeed.moe.layer import MoE
+
+    from moe.mlp import MLP
+
+    _init_single_rank()
+    layer = MoE(spec.hidden, MLP(spec.hidden, spec.ffn, "gelu"), num_experts=spec.experts, ep_size=1, k=spec.top_k,
+                capacity_factor=spec.capacity_factor, eval_capacity_factor=spec.capacity_factor, min_capacity=1,
+                drop_tokens=True, use_rts=False)
+    layer.set_deepspeed_parallelism()
+    layer = layer.to(device)
+    return lambda x: layer(x)[0]
+
+
+LAYERS: dict[str, Callable[[LayerSpec, torch.device], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "moe-train": _ours, "megatron-core": _megatron, "deepspeed": _deepspeed,
+}
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_layer(name: str, spec: LayerSpec) -> dict[str, Any]:
+    """Forward + backward time and peak memory of one layer, in this process."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, spec.dtype)
+    torch.manual_seed(0)
+    x = torch.randn(spec.tokens, spec.hidden, device=device, requires_grad=True)
+    grad = torch.randn(spec.tokens, spec.hidden, device=device)
+    baseline = _peak_memory_bytes(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    layer = LAYERS[name](spec, device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y = layer(x)
+        y.float().backward(grad)
+
+    seconds = median_seconds(step, device, repeat=5)
+    return {"layer": name, "ms": seconds * 1e3, "peak_mb": (_peak_memory_bytes(device) - baseline) / 2**20}
+
+
+def bench_layer(spec: LayerSpec) -> list[dict[str, Any]]:
+    """Each layer in a fresh process: peak memory is per process, and megatron's and
+    DeepSpeed's global state must not leak into the others."""
+    rows = []
+    for name in LAYERS:
+        code = (
+            "import json, sys; from launch.bench import LayerSpec, measure_layer; "
+            f"print('RESULT ' + json.dumps(measure_layer({name!r}, LayerSpec(**json.loads(sys.argv[1])))))"
+        )
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(spec))], capture_output=True, text=True,
+                              env={**os.environ, "TORCHDYNAMO_DISABLE": "1"}, timeout=900)
+        result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode == 0 and result:
+            rows.append(json.loads(result[-1][len("RESULT "):]))
+        else:
+            reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            rows.append({"layer": name, "ms": None, "peak_mb": None, "note": f"did not run here: {reason}"})
+    return rows
+
+
+def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
+    reference = next((r["ms"] for r in rows if r["layer"] == "megatron-core" and r["ms"]), None)
+    lines = [f"{'layer':<15}{'fwd+bwd ms':>12}{'peak MB':>10}{'vs megatron':>13}  note", "-" * 60]
+    for r in rows:
+        ms = f"{r['ms']:12.2f}" if r["ms"] is not None else f"{'-':>12}"
+        mb = f"{r['peak_mb']:10.1f}" if r["peak_mb"] is not None else f"{'-':>10}"
+        ratio = f"{r['ms'] / reference:12.2f}x" if r["ms"] is not None and reference else f"{'-':>13}"
+        lines.append(f"{r['layer']:<15}{ms}{mb}{ratio}  {r.get('note', '')}")
+    return lines
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def _write(out: Path, payload: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"written: {out}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moe bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    kernels = sub.add_parser("kernels", help="gating/permute/unpermute: fused vs torch vs megatron-core")
+    kernels.add_argument("--shapes", default=None, help=f"T,H,E,K;... (GPU default {DEFAULT_GPU_SHAPES!r})")
+    kernels.add_argument("--out", type=Path, default=Path("runs/bench/kernels.json"))
+    layer = sub.add_parser("layer", help="moe-train vs megatron-core vs DeepSpeed MoE layer, fwd+bwd")
+    layer.add_argument("--tokens", type=int, default=4096)
+    layer.add_argument("--hidden", type=int, default=1024)
+    layer.add_argument("--ffn", type=int, default=2048)
+    layer.add_argument("--experts", type=int, default=8)
+    layer.add_argument("--top-k", type=int, default=2)
+    layer.add_argument("--capacity-factor", type=float, default=1.25)
+    layer.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    layer.add_argument("--out", type=Path, default=Path("runs/bench/layer.json"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.what == "kernels":
+        shapes = Shape.parse_many(args.shapes or (DEFAULT_GPU_SHAPES if device.type == "cuda" else DEFAULT_CPU_SHAPES))
+        bandwidth, rows = bench_kernels(shapes, device)
+        print(f"device: {device_name(device)}; measured copy bandwidth {bandwidth:.1f} GB/s")
+        print("\n".join(_kernel_table(rows)))
+        _write(args.out, {"device": device_name(device), "copy_gb_per_s": bandwidth, "rows": [asdict(r) for r in rows]})
+        return 0
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    spec = LayerSpec(args.tokens, args.hidden, args.ffn, args.experts, args.top_k, args.capacity_factor, dtype)
+    rows = bench_layer(spec)
+    print(f"device: {device_name(device)}; {spec}")
+    print("\n".join(_layer_table(rows)))
+    _write(args.out, {"device": device_name(device), "spec": asdict(spec), "rows": rows})
+    return 0
