@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -193,12 +194,10 @@ def _init_single_rank() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        from launch.local_launcher import free_port
-
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("LOCAL_RANK", "0")
+        store = Path(tempfile.mkdtemp(prefix="moe-bench-")) / "store"  # one rank: no port needed
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=0, world_size=1, timeout=timedelta(minutes=2))
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timedelta(minutes=2))
 
 
 def _ours(spec: LayerSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -248,8 +247,10 @@ def _deepspeed(spec: LayerSpec, device: torch.device) -> Callable[[torch.Tensor]
     from deepspeed.moe.layer import MoE
 
     from moe.mlp import MLP
+    from parallel.deepspeed_engine import use_torch_distributed
 
     _init_single_rank()
+    use_torch_distributed()
     layer = MoE(spec.hidden, MLP(spec.hidden, spec.ffn, "gelu"), num_experts=spec.experts, ep_size=1, k=spec.top_k,
                 capacity_factor=spec.capacity_factor, eval_capacity_factor=spec.capacity_factor, min_capacity=1,
                 drop_tokens=True, use_rts=False)

@@ -80,17 +80,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def check_layout(cfg: Config) -> Topology:
     """Validate the layout against the model and batch, then refuse what this loop cannot
-    run yet (tensor and pipeline parallelism, the DeepSpeed engine), rather than run it wrong."""
+    run (yet) rather than run it wrong: tensor and pipeline parallelism; with the DeepSpeed
+    engine a single process (it trains with the local engine, and has no process group for
+    DeepSpeed) and ZeRO stages 0 and 3 (see ``parallel.deepspeed_engine.check_zero_stage``)."""
     # No micro_batch_size: each data-parallel rank runs its share of the batch at once.
     per_rank = max(1, cfg.train.batch_size // cfg.parallel.dp)
     batch = BatchShape(cfg.train.batch_size, cfg.train.micro_batch_size or per_rank)
     topology = Topology.build(cfg.parallel, cfg.model, cfg.moe, batch, world_size=cfg.parallel.world_size)
     p = cfg.parallel
-    if (p.tp, p.pp, p.etp, p.vpp) != (1, 1, 1, 1) or p.engine != "megatron":
+    if (p.tp, p.pp, p.etp, p.vpp) != (1, 1, 1, 1):
         raise ConfigError(
             f"parallel.tp={p.tp}, pp={p.pp}, etp={p.etp}, vpp={p.vpp}, engine={p.engine!r}: this build "
-            "trains ep x dp layouts with the megatron engine; set tp, pp, etp, vpp to 1 and engine=megatron"
+            "trains ep x dp layouts with the megatron engine or the deepspeed engine; set tp, pp, etp, vpp to 1"
         )
+    if p.engine == "deepspeed":
+        if p.is_single_process:
+            raise ConfigError(
+                "parallel.engine=deepspeed with parallel.dp=1: one process trains with the local engine (torch "
+                "AdamW, no process group), and ZeRO over a world of one would partition nothing; set "
+                "parallel.dp >= 2, or parallel.engine=megatron for a single process"
+            )
+        from parallel.deepspeed_engine import check_zero_stage
+
+        check_zero_stage(p.zero_stage)
     return topology
 
 
@@ -192,9 +204,9 @@ class Run:
         self.net = Transformer(cfg.model, cfg.moe).to(self.device)  # same init on every rank
         if self.topology.ep > 1:
             apply_expert_parallel(self.net, info.groups.ep)
+        self.routers = [layer.router.weight_ED for layer in self.net.moe_layers()]
         self.engine = self._make_engine()
         self.model = self.engine.module
-        self.routers = [layer.router.weight_ED for layer in self.net.moe_layers()]
         n_moe, n_exp = len(self.net.moe_layers()), cfg.moe.num_experts
         self.tail_start = cfg.train.steps - max(1, cfg.train.steps // 10)
         self.tail_load = LoadTracker.zeros(n_moe, n_exp)
@@ -211,6 +223,12 @@ class Run:
         optim = OptimSettings.from_train(self.tcfg)
         if self.info.groups is None:
             return LocalEngine(self.net, optim)
+        if self.cfg.parallel.engine == "deepspeed":
+            from parallel.deepspeed_engine import DeepSpeedEngine
+
+            p = self.cfg.parallel
+            # The routers' gradients are watched: _router_grad_norm reads them before ZeRO-2 frees them.
+            return DeepSpeedEngine(self.net, self.info.groups, optim, p.zero_stage, p.offload_optimizer, self.routers)
         from parallel.engine import MegatronEngine
 
         return MegatronEngine(self.net, self.info.groups, optim)

@@ -32,3 +32,14 @@ def test_bench_shapes_are_validated() -> None:
     assert Shape.parse_many("4096,1024,8,2;16,8,4,4") == [Shape(4096, 1024, 8, 2), Shape(16, 8, 4, 4)]
     with pytest.raises(ValueError, match="expected T,H,E,K with K <= E"):
         Shape.parse_many("4096,1024,8,9")
+
+
+def test_bench_layer_runs_all_three_layers(tmp_path: Path) -> None:
+    out = tmp_path / "layer.json"
+    argv = ["layer", "--tokens", "128", "--hidden", "32", "--ffn", "64", "--experts", "4", "--top-k", "2", "--out", str(out)]
+    assert main(argv) == 0
+    rows = {r["layer"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"moe-train", "megatron-core", "deepspeed"}
+    for name, row in rows.items():
+        assert row["ms"] is not None and row["ms"] > 0, (name, row.get("note"))
+        assert row["peak_mb"] is not None
