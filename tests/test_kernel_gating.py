@@ -1,27 +1,14 @@
-"""Fused top-k gating kernel against a float64 torch reference, the router and the losses.
-
-On a machine without CUDA the Triton kernels run on CPU tensors under the interpreter,
-which Triton only enables if TRITON_INTERPRET=1 is set before triton is first imported:
-hence the assignment before the ``moe.kernels`` imports.
-"""
+"""Fused top-k gating kernel against a float64 torch reference, the router and the losses."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import moe.kernels.gating as gating  # noqa: E402
-from moe.kernels.gating import (  # noqa: E402
+import moe.kernels.gating as gating
+from moe.kernels.gating import (
     GatingBlocks,
     GatingOutput,
     gating_backward_triton,
@@ -29,12 +16,11 @@ from moe.kernels.gating import (  # noqa: E402
     topk_gating,
     topk_gating_reference,
 )
-from moe.losses import load_balancing_loss, router_z_loss  # noqa: E402
-from moe.router import TopKRouter  # noqa: E402
+from moe.losses import load_balancing_loss, router_z_loss
+from moe.router import TopKRouter
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INT_POISON = -7
-REL_TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+from kernel_testing import DEVICE, INT_POISON, REL_TOL, assert_compiles_for_sm90, rel_err
+from kernel_testing import gen  # noqa: F401 (a fixture: pytest finds it by name)
 
 # (tokens, experts, top_k, normalize, dtype, logits pattern)
 CASES = [
@@ -51,12 +37,6 @@ CASES = [
 CASE_IDS = [f"T{t}-E{e}-K{k}-{'norm' if n else 'raw'}-{str(d)[6:]}-{p}" for t, e, k, n, d, p in CASES]
 
 
-@pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    """A generator seeded per test (and per parameter set): fresh, reproducible inputs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
 def make_logits(
     num_tokens: int, num_experts: int, dtype: torch.dtype, pattern: str, gen: torch.Generator
 ) -> torch.Tensor:
@@ -70,13 +50,6 @@ def make_logits(
     elif pattern == "ties":
         logits_TE = torch.randint(0, 3, (num_tokens, num_experts), generator=gen).float()
     return logits_TE.to(dtype).to(DEVICE)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Normwise relative error ``max|got - want| / max|want|`` in float64."""
-    want = want.detach().double()
-    scale = want.abs().max().clamp_min(1e-30)
-    return float((got.detach().double() - want).abs().max() / scale)
 
 
 def poisoned_output(num_tokens: int, num_experts: int, top_k: int) -> GatingOutput:
@@ -255,24 +228,8 @@ def test_strided_logits_and_grads(gen: torch.Generator) -> None:
     assert rel_err(logits_in_TE.grad, logits64_TE.grad) < 2e-6
 
 
-COMPILE_SCRIPT = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import moe.kernels.gating as module
-for name, signature, constexprs in json.loads(sys.argv[1]):
-    fn = getattr(module, name)
-    types = {**signature, **{arg: "constexpr" for arg in constexprs}}
-    source = ASTSource(fn=fn, signature={arg: types[arg] for arg in fn.arg_names}, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32))
-"""
-
-
 def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
-    """The interpreter accepts code the compiler rejects: compile (no GPU needed, ptxas
-    ships with triton) the kernels at the launchers' tile sizes, in a process without
-    TRITON_INTERPRET."""
+    """Compile the kernels at the launchers' tile sizes for sm_90."""
     jobs = []
     for num_experts, top_k, normalize, dtype in ((10, 2, True, "bf16"), (256, 8, False, "fp32")):
         blocks = GatingBlocks.for_shape(num_experts)
@@ -300,9 +257,4 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
         }
         jobs.append(("_gating_forward_kernel", forward, {**tiles, "BLOCK_K": top_k}))
         jobs.append(("_gating_backward_kernel", backward, tiles))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(jobs)], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert_compiles_for_sm90("moe.kernels.gating", jobs, tmp_path)

@@ -1,29 +1,16 @@
-"""Permute kernel against the float64 torch reference and ``LocalDispatcher.permute``.
-
-On a machine without CUDA the Triton kernels run on CPU tensors under the interpreter,
-which Triton only enables if TRITON_INTERPRET=1 is set before triton is first imported:
-hence the assignment before the ``moe.kernels`` imports.
-"""
+"""Permute kernel against the float64 torch reference and ``LocalDispatcher.permute``."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from moe.capacity import expert_capacity, keep_mask  # noqa: E402
-from moe.dispatcher import LocalDispatcher  # noqa: E402
-import moe.kernels.permute as permute_module  # noqa: E402
-from moe.kernels.permute import (  # noqa: E402
+from moe.capacity import expert_capacity, keep_mask
+from moe.dispatcher import LocalDispatcher
+import moe.kernels.permute as permute_module
+from moe.kernels.permute import (
     PermuteBlocks,
     PermuteOutput,
     num_rows,
@@ -31,10 +18,10 @@ from moe.kernels.permute import (  # noqa: E402
     permute_reference,
     permute_triton,
 )
-from moe.kernels.unpermute import combine_triton  # noqa: E402
+from moe.kernels.unpermute import combine_triton
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INT_POISON = -7
+from kernel_testing import DEVICE, INT_POISON, assert_compiles_for_sm90, rel_err
+from kernel_testing import gen  # noqa: F401 (a fixture: pytest finds it by name)
 
 # (tokens, top_k, experts, dim, capacity factor or None, drop policy, dtype, routing pattern)
 CASES = [
@@ -53,12 +40,6 @@ CASE_IDS = [
     f"T{t}-K{k}-E{e}-D{d}-{'dropless' if c is None else f'cf{c}-{p}'}-{str(dt)[6:]}-{pat}"
     for t, k, e, d, c, p, dt, pat in CASES
 ]
-
-
-@pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    """A generator seeded per test (and per parameter set): fresh, reproducible inputs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def make_routing(
@@ -97,13 +78,6 @@ def poisoned_output(
         dest_TK=torch.full(experts_TK.shape, INT_POISON, dtype=torch.int64, device=DEVICE),
         tokens_per_expert_E=torch.full((num_experts,), INT_POISON, dtype=torch.int64, device=DEVICE),
     )
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Normwise relative error ``max|got - want| / max|want|`` in float64."""
-    want = want.detach().double()
-    scale = want.abs().max().clamp_min(1e-30)
-    return float((got.detach().double() - want).abs().max() / scale)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -258,24 +232,8 @@ def test_strided_tokens(gen: torch.Generator) -> None:
     assert torch.equal(got.x_ND, want.x_ND)
 
 
-COMPILE_SCRIPT = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import moe.kernels.permute as module
-for name, signature, constexprs in json.loads(sys.argv[1]):
-    fn = getattr(module, name)
-    types = {**signature, **{arg: "constexpr" for arg in constexprs}}
-    source = ASTSource(fn=fn, signature={arg: types[arg] for arg in fn.arg_names}, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32))
-"""
-
-
 def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
-    """The interpreter accepts code the compiler rejects: compile (no GPU needed, ptxas
-    ships with triton) the kernels at the launchers' tile sizes, in a process without
-    TRITON_INTERPRET."""
+    """Compile the kernels at the launchers' tile sizes for sm_90."""
     jobs = []
     for num_experts, dropless, dtype in ((10, True, "bf16"), (256, False, "fp32")):
         blocks = PermuteBlocks.for_shape(num_experts, 4096)
@@ -321,9 +279,4 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
         scan_tiles = {"DROPLESS": dropless, "BLOCK_G": blocks.block_g, "BLOCK_E": blocks.block_e}
         jobs.append(("_scan_kernel", scan, scan_tiles))
         jobs.append(("_gather_rows_kernel", gather, gather_tiles))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(jobs)], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert_compiles_for_sm90("moe.kernels.permute", jobs, tmp_path)

@@ -1,31 +1,18 @@
 """Unpermute (gather + gate-weighted combine) kernel against a float64 torch reference and
-the repo's ``LocalDispatcher``.
-
-On a machine without CUDA the Triton kernels run on CPU tensors under the interpreter,
-which Triton only enables if TRITON_INTERPRET=1 is set before triton is first imported:
-hence the assignment before the ``moe.kernels`` imports.
-"""
+the repo's ``LocalDispatcher``."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import moe.kernels.unpermute as unpermute_module  # noqa: E402
-from moe.capacity import expert_capacity, keep_mask  # noqa: E402
-from moe.dispatcher import LocalDispatcher  # noqa: E402
-from moe.kernels.permute import permute, permute_reference  # noqa: E402
-from moe.kernels.unpermute import (  # noqa: E402
+import moe.kernels.unpermute as unpermute_module
+from moe.capacity import expert_capacity, keep_mask
+from moe.dispatcher import LocalDispatcher
+from moe.kernels.permute import permute, permute_reference
+from moe.kernels.unpermute import (
     CombineBlocks,
     combine_backward_triton,
     combine_triton,
@@ -33,8 +20,8 @@ from moe.kernels.unpermute import (  # noqa: E402
     unpermute_reference,
 )
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-REL_TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+from kernel_testing import DEVICE, REL_TOL, assert_compiles_for_sm90, rel_err
+from kernel_testing import gen  # noqa: F401 (a fixture: pytest finds it by name)
 
 # (tokens, top_k, experts, dim, capacity factor or None, dtype, routing pattern)
 CASES = [
@@ -51,12 +38,6 @@ CASE_IDS = [
     f"T{t}-K{k}-E{e}-D{d}-{'dropless' if c is None else f'cf{c}'}-{str(dt)[6:]}-{p}"
     for t, k, e, d, c, dt, p in CASES
 ]
-
-
-@pytest.fixture
-def gen(request: pytest.FixtureRequest) -> torch.Generator:
-    """A generator seeded per test (and per parameter set): fresh, reproducible inputs."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def make_inputs(case: tuple, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,13 +63,6 @@ def make_inputs(case: tuple, gen: torch.Generator) -> tuple[torch.Tensor, torch.
     rows = dest_TK.numel() if capacity is None else num_experts * capacity
     y_ND = torch.randn(rows, dim, generator=gen).to(dtype).to(DEVICE)
     return y_ND, dest_TK, weights_TK
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Normwise relative error ``max|got - want| / max|want|`` in float64."""
-    want = want.detach().double()
-    scale = want.abs().max().clamp_min(1e-30)
-    return float((got.detach().double() - want).abs().max() / scale)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -199,24 +173,8 @@ def test_strided_rows_and_weights(gen: torch.Generator) -> None:
     assert rel_err(unpermute(strided_ND, dest_TK, strided_TK, impl="triton"), want_TD) < 2e-6
 
 
-COMPILE_SCRIPT = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import moe.kernels.unpermute as module
-for name, signature, constexprs in json.loads(sys.argv[1]):
-    fn = getattr(module, name)
-    types = {**signature, **{arg: "constexpr" for arg in constexprs}}
-    source = ASTSource(fn=fn, signature={arg: types[arg] for arg in fn.arg_names}, constexprs=constexprs)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32))
-"""
-
-
 def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
-    """The interpreter accepts code the compiler rejects: compile (no GPU needed, ptxas
-    ships with triton) the kernels at the launchers' tile sizes, in a process without
-    TRITON_INTERPRET."""
+    """Compile the kernels at the launchers' tile sizes for sm_90."""
     blocks = CombineBlocks.for_shape(4096)
     sizes = {"num_tokens": "i32", "num_rows": "i32", "dim": "i32", "stride_yn": "i32"}
     jobs = []
@@ -237,9 +195,4 @@ def test_kernels_compile_for_sm90(tmp_path: Path) -> None:
         }
         jobs.append(("_combine_kernel", forward, {**tiles, "HAS_WEIGHTS": has_weights, **weights}))
         jobs.append(("_combine_backward_kernel", backward, {**tiles, "BLOCK_K": top_k}))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(jobs)], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert_compiles_for_sm90("moe.kernels.unpermute", jobs, tmp_path)
