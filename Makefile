@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
+# The layout `make train` uses: 2 ranks on the local Ray cluster, experts split over them
+# (gloo on CPU). LAYOUT= trains in one process without Ray; see README: Launching.
+LAYOUT ?= parallel.dp=2 parallel.ep=2
 
 .PHONY: setup train test clean
 
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/moe train $(CONFIG)
+	$(VENV)/bin/moe train $(CONFIG) $(LAYOUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

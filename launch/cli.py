@@ -80,7 +80,12 @@ def _check_layouts(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # overrides after an option (moe train CONFIG --address auto k=v): argparse stops at the option
+        args.overrides += extra
     try:
         return args.run(args)
     except (ConfigError, DataError, CheckpointError, LaunchError) as err:

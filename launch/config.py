@@ -82,11 +82,29 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How processes are started. ``local``: one process per rank on this machine."""
+    """How ranks are started and supervised (see launch/rank.py).
 
-    launcher: Literal["local"] = "local"
+    ``ray`` (the default): one Ray actor per rank, on a Ray cluster started for the run on
+    this machine (``address`` null) or on an existing one. ``local``: one process per rank
+    on this machine, without Ray. A layout of one rank trains in the calling process
+    unless ``address`` names a cluster. The ``nccl_*`` options are exported to every rank
+    before its process group exists; null leaves the environment's value alone.
+    """
+
+    launcher: Literal["ray", "local"] = "ray"
+    address: str | None = None
     threads: int | None = None
     timeout_minutes: int = 10
+    max_restarts: int = 0
+    cpus_per_rank: float | None = None
+    gpus_per_rank: int | None = None
+    gpu_type: str | None = None
+    master_port: int | None = None
+    start_timeout_s: int = 300
+    ray_temp_dir: str | None = None
+    cuda_visible_devices: Literal["per_rank", "all"] = "per_rank"
+    nccl_socket_ifname: str | None = None
+    nccl_ib_hca: str | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -99,8 +117,65 @@ class LaunchConfig:
             self.threads is None or self.threads >= 1,
             "launch.threads",
             self.threads,
-            "must be >= 1, or null for torch's default",
+            "must be >= 1, or null: one per CPU given to each rank (torch's default in a single process)",
         )
+        require(
+            self.address is None or (self.address.strip() != "" and self.launcher == "ray"),
+            "launch.address",
+            self.address,
+            "must be a Ray cluster's address (auto, HOST:PORT, ray://HOST:PORT) with launch.launcher=ray, "
+            "or null for a local Ray cluster started for the run",
+        )
+        require(
+            self.max_restarts >= 0,
+            "launch.max_restarts",
+            self.max_restarts,
+            "must be >= 0 (group restarts from the latest checkpoint after a rank fails)",
+        )
+        require(
+            self.cpus_per_rank is None or self.cpus_per_rank > 0,
+            "launch.cpus_per_rank",
+            self.cpus_per_rank,
+            "must be > 0 (fractions allowed), or null for an even share of the cluster's CPUs (1 on GPU ranks)",
+        )
+        require(
+            self.gpus_per_rank in (None, 0, 1),
+            "launch.gpus_per_rank",
+            self.gpus_per_rank,
+            "must be 0 (CPU ranks, gloo), 1 (one GPU per rank, NCCL), or null for 1 when the cluster has GPUs",
+        )
+        require(
+            self.gpu_type is None or (self.gpu_type.strip() != "" and self.gpus_per_rank != 0),
+            "launch.gpu_type",
+            self.gpu_type,
+            "must name a Ray accelerator type (e.g. H100, A100) for GPU ranks (launch.gpus_per_rank 1 or null), or be null",
+        )
+        require(
+            self.master_port is None or 1024 <= self.master_port <= 65535,
+            "launch.master_port",
+            self.master_port,
+            "must be in [1024, 65535], or null for a free port picked by rank 0",
+        )
+        require(
+            self.start_timeout_s >= 1,
+            "launch.start_timeout_s",
+            self.start_timeout_s,
+            "must be >= 1 (seconds to wait for the cluster to place and start the ranks)",
+        )
+        require(
+            self.ray_temp_dir is None or self.ray_temp_dir.strip() != "",
+            "launch.ray_temp_dir",
+            self.ray_temp_dir,
+            "must be a directory, or null for <run_dir>/ray",
+        )
+        for key in ("nccl_socket_ifname", "nccl_ib_hca"):
+            value = getattr(self, key)
+            require(
+                value is None or value.strip() != "",
+                f"launch.{key}",
+                value,
+                "must be a non-empty NCCL setting, or null to leave the environment's value",
+            )
 
 
 @dataclass(frozen=True)

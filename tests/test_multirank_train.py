@@ -1,18 +1,21 @@
-"""Multi-rank training through the local launcher: the layout-invariance harness, resume,
-and what happens when a rank fails."""
+"""Multi-rank training through the launchers (Ray, the default, on the session's local
+cluster; and the local one): the layout-invariance harness, resume, and what happens when
+a rank fails."""
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from launch.check_layouts import Layout, compare, main as check_layouts, parse_layouts
 from launch.config import load_config
 from launch.data import prepare, stdlib_sources
-from launch.local_launcher import LaunchError, start
+from launch.local_launcher import LaunchError
 from launch.metrics import read_metrics
 from moe.config import ConfigError
 
@@ -33,7 +36,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_check_layouts_agree_across_ep_dp_and_accumulation(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_layouts_agree_across_ep_dp_and_accumulation(
+    ray_cluster: Path, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = check_layouts([
         str(TINY), *SMALL, f"data.path={corpus}",
         "--layouts", "dp=1;ep=2;dp=2,micro=2;ep=4", "--steps", "2", "--out", str(tmp_path),
@@ -80,9 +85,12 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["lm_loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
-def test_multirank_resume_is_bit_exact_and_a_failing_rank_stops_the_group(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["ray", "local"])
+def test_multirank_resume_is_bit_exact_and_a_failing_rank_stops_the_group(
+    ray_cluster: Path, corpus: Path, tmp_path: Path, launcher: str, start_within: Callable[..., dict[str, Any]]
+) -> None:
     full = tmp_path / "full"
-    summary = start(_cfg(corpus, full), "tiny")
+    summary = start_within(_cfg(corpus, full, f"launch.launcher={launcher}"))
     assert summary["layout"] == {"world_size": 2, "ep": 2, "dp": 2, "micro_batches": 1}
     assert (full / "logs" / "rank-1.log").is_file()
     assert sorted(p.name for p in (full / "checkpoints" / "step-00000002").iterdir()) == ["COMPLETE", "state-rank1.pt", "state.pt"]
@@ -91,7 +99,7 @@ def test_multirank_resume_is_bit_exact_and_a_failing_rank_stops_the_group(corpus
     shutil.copytree(full, cut)
     shutil.rmtree(cut / "checkpoints" / "step-00000004")
     (cut / "checkpoints" / "latest").unlink()
-    start(_cfg(corpus, cut, "train.resume=true"), "tiny")
+    start_within(_cfg(corpus, cut, "train.resume=true", f"launch.launcher={launcher}"))
     assert _losses(cut) == _losses(full)
 
     # Rank 1's shard is damaged: rank 1 fails on resume, rank 0 would wait for it in a
@@ -101,6 +109,6 @@ def test_multirank_resume_is_bit_exact_and_a_failing_rank_stops_the_group(corpus
     (broken / "checkpoints" / "step-00000004" / "state-rank1.pt").write_bytes(b"damaged")
     began = time.perf_counter()
     with pytest.raises(LaunchError, match=r"rank 1 of 2 failed first \(CheckpointError: .*cannot be read.*the other ranks were stopped"):
-        start(_cfg(corpus, broken, "train.resume=true", "train.steps=6"), "tiny")
+        start_within(_cfg(corpus, broken, "train.resume=true", "train.steps=6", f"launch.launcher={launcher}"))
     assert time.perf_counter() - began < 60
     assert "cannot be read" in (broken / "logs" / "rank-1.log").read_text()
