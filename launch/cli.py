@@ -5,6 +5,7 @@
     moe data prepare PATHS... --out DIR          tokenize text/JSONL files into .bin/.idx
     moe check-layouts CONFIG --layouts "ep=1;ep=2;dp=2"   same training under several layouts, compared
     moe bench kernels | layer                    speed tables (printed, and JSON under runs/bench/)
+    moe ckpt inspect DIR [--verify]              a checkpoint's layout, step, tensors and checksums
 """
 
 from __future__ import annotations
@@ -61,10 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-layouts", help="train under several layouts and compare (see --help)", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
     check.set_defaults(run=_check_layouts)
+    ckpt = sub.add_parser("ckpt", help="checkpoints: moe ckpt inspect DIR [--verify]")
+    ckpt.add_argument("action", choices=["inspect"])
+    ckpt.add_argument("path", type=Path, help="a checkpoint, a checkpoints directory or a run directory")
+    ckpt.add_argument("--verify", action="store_true", help="read every rank's file and check its checksums")
+    ckpt.set_defaults(run=_ckpt)
     bench = sub.add_parser("bench", help="benchmarks: moe bench kernels | moe bench layer (see --help)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
     return parser
+
+
+def _ckpt(args: argparse.Namespace) -> int:
+    from parallel.checkpoint import describe_checkpoint
+
+    print(describe_checkpoint(args.path, args.verify))
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ from launch.plots import plot_expert_load, plot_loss_curve
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 from moe.model import Transformer
-from parallel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from parallel.checkpoint import CheckpointError, ShardInfo, latest_checkpoint, load_checkpoint, save_checkpoint
 from parallel.engine import OptimSettings
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.local_engine import LocalEngine
@@ -258,6 +258,14 @@ class Run:
             "config": {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]},
         }
 
+    def _shard_info(self) -> ShardInfo:
+        """This rank's place, and its expert shards as state paths (``engine.model.<name>``)."""
+        groups = self.info.groups
+        experts = [f"engine.model.{n}" for n, p in self.net.named_parameters() if getattr(p, "allreduce", True) is False]
+        if groups is None:
+            return ShardInfo(expert_paths=experts)
+        return ShardInfo(groups.ep_rank, groups.ep_size, groups.dp_rank, groups.dp_size, experts)
+
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.info.rank, self.info.world_size)
         saved = state["config"]
@@ -437,7 +445,7 @@ class Run:
                 bar.set_postfix(postfix)
             if self.step % tcfg.ckpt_every == 0 or final:
                 save_checkpoint(ckpt_dir, self.step, self.state(), tcfg.keep_checkpoints,
-                                self.info.rank, self.info.world_size, self.info.barrier)
+                                self.info.rank, self.info.world_size, self.info.barrier, self._shard_info())
         bar.close()
         log.close()
         summary = self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens) if main else {}

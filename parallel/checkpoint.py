@@ -4,6 +4,7 @@ Layout of a run's checkpoints::
 
     run_dir/checkpoints/step-00000200/state.pt         # single process: model, optimizer, step, RNG
     run_dir/checkpoints/step-00000200/state-rank1.pt   # multi-rank: one file per rank
+    run_dir/checkpoints/step-00000200/manifest-rank0.json  # layout, step, every tensor's shape, dtype, CRC-32
     run_dir/checkpoints/step-00000200/COMPLETE         # written last: the ranks that wrote it
     run_dir/checkpoints/latest                         # text: "step-00000200"
 
@@ -12,12 +13,21 @@ and only then rewrites ``latest`` (itself by write-to-temp + rename). With sever
 each writes its own file into the temp directory; after a barrier rank 0 writes
 ``COMPLETE`` and renames. A process killed at any point leaves either the previous
 checkpoint or the new one complete, never a half-written directory under a final name.
+
+Integrity: each rank's manifest records a CRC-32 of every tensor it saved. Before a
+checkpoint is published every rank checks that the expert shards differ across
+expert-parallel ranks (identical shards mean experts were duplicated, not sharded: the
+silent failure peers shipped); on load each rank recomputes its tensors' checksums. Either
+failure is a ``CheckpointError`` that names the tensor and the ranks or the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +68,64 @@ def state_file(rank: int) -> str:
     return STATE_FILE if rank == 0 else f"state-rank{rank}.pt"
 
 
+def manifest_file(rank: int) -> str:
+    return f"manifest-rank{rank}.json"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where a rank's part sits in the layout, and which of its tensors are expert shards
+    (state paths, e.g. ``engine.model.blocks.0.ffn.experts.w_in_EDF``)."""
+
+    ep_rank: int = 0
+    ep: int = 1
+    dp_rank: int = 0
+    dp: int = 1
+    expert_paths: list[str] = field(default_factory=list)
+
+
+def _crc(tensor: torch.Tensor) -> int:
+    return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensor_checksums(state: Any, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """``{path: {shape, dtype, crc32}}`` for every tensor in a nest of dicts and lists."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: {"shape": list(state.shape), "dtype": str(state.dtype).removeprefix("torch."), "crc32": _crc(state)}}
+    items: Any = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in items:
+        out.update(tensor_checksums(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _write_manifest(directory: Path, step: int, rank: int, world_size: int, shard: ShardInfo, state: dict[str, Any]) -> None:
+    manifest = {"step": step, "rank": rank, "world_size": world_size, "shard": asdict(shard), "tensors": tensor_checksums(state)}
+    (directory / manifest_file(rank)).write_text(json.dumps(manifest))
+
+
+def read_manifests(path: Path) -> list[dict[str, Any]]:
+    """Every rank's manifest of a checkpoint directory, by rank."""
+    files = sorted(path.glob("manifest-rank*.json"), key=lambda f: int(f.stem.removeprefix("manifest-rank")))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def check_expert_shards(manifests: list[dict[str, Any]]) -> None:
+    """Raise if a rank holds the same expert shard as a rank of another EP position."""
+    seen: dict[tuple[str, int], tuple[int, int]] = {}
+    for manifest in manifests:
+        shard = manifest["shard"]
+        for path in shard["expert_paths"]:
+            crc = manifest["tensors"][path]["crc32"]
+            other = seen.setdefault((path, crc), (shard["ep_rank"], manifest["rank"]))
+            if other[0] != shard["ep_rank"]:
+                raise CheckpointError(
+                    f"expert shard {path!r} is identical on expert-parallel ranks {other[0]} and {shard['ep_rank']} "
+                    f"(ranks {other[1]} and {manifest['rank']}): the experts were duplicated, not sharded; "
+                    "the checkpoint was not published"
+                )
+
+
 def _no_barrier() -> None:
     """A single process has nobody to wait for."""
 
@@ -70,9 +138,11 @@ def save_checkpoint(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = _no_barrier,
+    shard: ShardInfo = ShardInfo(),
 ) -> Path:
-    """Write this rank's ``state`` into the checkpoint of ``step``; rank 0 publishes it
-    once every rank has written, and keeps the newest ``keep`` checkpoints."""
+    """Write this rank's ``state`` and manifest into the checkpoint of ``step``; once every
+    rank has written, all check the expert shards and rank 0 publishes the checkpoint and
+    keeps the newest ``keep``."""
     final = ckpt_dir / _step_name(step)
     tmp = ckpt_dir / f"{final.name}.tmp"
     if rank == 0:
@@ -84,7 +154,9 @@ def save_checkpoint(
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    _write_manifest(tmp, step, rank, world_size, shard, state)
     barrier()
+    check_expert_shards(read_manifests(tmp))  # on every rank: all fail alike, none waits
     if rank == 0:
         _write_atomic_text(tmp / COMPLETE_FILE, str(world_size))
         if final.exists():
@@ -135,9 +207,72 @@ def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> dict[str,
         )
     file = path / state_file(rank)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged file
         raise CheckpointError(
             f"checkpoint {str(file)!r} cannot be read ({type(err).__name__}: {err}); "
             "delete it to resume from the previous one"
         ) from None
+    _verify(path, rank, state)
+    return state
+
+
+def _verify(path: Path, rank: int, state: dict[str, Any]) -> None:
+    """Recompute every tensor's checksum and compare with the manifest written beside it."""
+    manifest_path = path / manifest_file(rank)
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {manifest_file(rank)}; it cannot be verified")
+    recorded = json.loads(manifest_path.read_text())["tensors"]
+    actual = tensor_checksums(state)
+    if recorded.keys() != actual.keys():
+        missing = sorted(recorded.keys() ^ actual.keys())[:3]
+        raise CheckpointError(f"checkpoint {str(path / state_file(rank))!r} does not hold the tensors its manifest lists: {missing}")
+    for name, entry in recorded.items():
+        if entry != actual[name]:
+            raise CheckpointError(
+                f"checkpoint {str(path / state_file(rank))!r}: tensor {name!r} does not match its recorded checksum "
+                f"({actual[name]} != {entry}); the file is corrupt, delete this checkpoint to resume from the previous one"
+            )
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory from itself, a ``checkpoints/`` directory or a run directory
+    (the latest complete checkpoint of the latter two)."""
+    if _is_complete(path):
+        return path
+    for candidate in (path, path / "checkpoints"):
+        found = latest_checkpoint(candidate) if candidate.is_dir() else None
+        if found is not None:
+            return found
+    raise CheckpointError(f"{str(path)!r} is not a checkpoint, a checkpoints directory or a run directory with one")
+
+
+def describe_checkpoint(path: Path, verify: bool) -> str:
+    """What ``moe ckpt inspect`` prints: layout, step, each rank's tensors and checksums;
+    with ``verify``, every rank's file is read and checked against its manifest."""
+    path = resolve_checkpoint(path)
+    manifests = read_manifests(path)
+    if not manifests:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no manifests (written before checksums were recorded?)")
+    world = manifests[0]["world_size"]
+    shard = manifests[0]["shard"]
+    lines = [
+        f"checkpoint {path}",
+        f"step {manifests[0]['step']}; saved by {world} rank(s): ep={shard['ep']}, dp={shard['dp']}",
+    ]
+    for manifest in manifests:
+        tensors = manifest["tensors"]
+        shard = manifest["shard"]
+        numel = sum(int(torch.tensor(t["shape"]).prod()) for t in tensors.values())
+        lines.append(
+            f"rank {manifest['rank']} (ep_rank {shard['ep_rank']}, dp_rank {shard['dp_rank']}): "
+            f"{len(tensors)} tensors, {numel:,} elements, {len(shard['expert_paths'])} expert shards"
+        )
+        if verify:
+            load_checkpoint(path, manifest["rank"], world)
+            lines.append("  verified: every tensor matches its checksum")
+    check_expert_shards(manifests)
+    lines.append(f"{'tensor (rank 0)':<72}{'shape':<22}{'dtype':<10}crc32")
+    for name, entry in manifests[0]["tensors"].items():
+        lines.append(f"{name:<72}{str(entry['shape']):<22}{entry['dtype']:<10}{entry['crc32']:08x}")
+    return "\n".join(lines)

@@ -17,6 +17,7 @@ from launch.config import load_config
 from launch.data import prepare, stdlib_sources
 from launch.local_launcher import LaunchError
 from launch.metrics import read_metrics
+from parallel.checkpoint import read_manifests
 from moe.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +94,13 @@ def test_multirank_resume_is_bit_exact_and_a_failing_rank_stops_the_group(
     summary = start_within(_cfg(corpus, full, f"launch.launcher={launcher}"))
     assert summary["layout"] == {"world_size": 2, "ep": 2, "dp": 2, "micro_batches": 1}
     assert (full / "logs" / "rank-1.log").is_file()
-    assert sorted(p.name for p in (full / "checkpoints" / "step-00000002").iterdir()) == ["COMPLETE", "state-rank1.pt", "state.pt"]
+    assert sorted(p.name for p in (full / "checkpoints" / "step-00000002").iterdir()) == [
+        "COMPLETE", "manifest-rank0.json", "manifest-rank1.json", "state-rank1.pt", "state.pt"]
+    manifests = read_manifests(full / "checkpoints" / "step-00000002")
+    expert_paths = manifests[0]["shard"]["expert_paths"]
+    assert len(expert_paths) == 2 * 2  # 2 MoE layers x (w_in, w_out)
+    for path in expert_paths:  # each EP rank saved its own experts
+        assert manifests[0]["tensors"][path]["crc32"] != manifests[1]["tensors"][path]["crc32"]
 
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)

@@ -44,7 +44,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["lm_loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
-def test_smoke_run_learns_and_writes_its_outputs(corpus: Path, tmp_path: Path) -> None:
+def test_smoke_run_learns_and_writes_its_outputs(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = train(_cfg(corpus, tmp_path / "run", "train.steps=30", "train.eval_every=15", "train.ckpt_every=15"), "tiny")
     losses = _losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 31))
@@ -59,6 +59,11 @@ def test_smoke_run_learns_and_writes_its_outputs(corpus: Path, tmp_path: Path) -
     saved = json.loads((run / "summary.json").read_text())
     assert saved["final_val_loss"] == summary["final_val_loss"] == vals[-1]
     assert len(saved["expert_load_tail"]["shares"]) == 2 and len(saved["expert_load_tail"]["shares"][0]) == 4
+    from launch.cli import main
+
+    assert main(["ckpt", "inspect", str(run), "--verify"]) == 0
+    shown = capsys.readouterr().out
+    assert "step 30; saved by 1 rank(s): ep=1, dp=1" in shown and "verified: every tensor matches its checksum" in shown
     record = read_metrics(run)[0]
     assert {"aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "dropped_fraction", "expert_load"} <= set(record)
     # one step of 8 sequences x 32 tokens, top-2: 512 assignments per MoE layer
@@ -151,3 +156,25 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.55)
     assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_a_silently_altered_tensor_fails_its_checksum(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints"
+    path = save_checkpoint(ckpt, 3, {"engine": {"model": {"w": torch.arange(6.0)}}, "step": 3}, keep=1)
+    state = torch.load(path / "state.pt", weights_only=True)
+    state["engine"]["model"]["w"][2] += 1e-3  # still a valid file: only the checksum can tell
+    torch.save(state, path / "state.pt")
+    with pytest.raises(CheckpointError, match="tensor 'engine.model.w' does not match its recorded checksum"):
+        load_checkpoint(path)
+
+
+def test_duplicated_expert_shards_are_refused() -> None:
+    from parallel.checkpoint import check_expert_shards
+
+    def manifest(rank: int, ep_rank: int, crc: int) -> dict:
+        shard = {"ep_rank": ep_rank, "ep": 2, "dp_rank": rank, "dp": 4, "expert_paths": ["e.w"]}
+        return {"rank": rank, "shard": shard, "tensors": {"e.w": {"shape": [2], "dtype": "float32", "crc32": crc}}}
+
+    check_expert_shards([manifest(0, 0, 11), manifest(1, 1, 22), manifest(2, 0, 11), manifest(3, 1, 22)])  # replicas agree
+    with pytest.raises(CheckpointError, match="'e.w' is identical on expert-parallel ranks 0 and 1 \\(ranks 0 and 1\\)"):
+        check_expert_shards([manifest(0, 0, 11), manifest(1, 1, 11)])
