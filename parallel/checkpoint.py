@@ -157,6 +157,7 @@ def save_checkpoint(
     _write_manifest(tmp, step, rank, world_size, shard, state)
     barrier()
     check_expert_shards(read_manifests(tmp))  # on every rank: all fail alike, none waits
+    barrier()  # nobody still reads the temp directory when rank 0 renames it
     if rank == 0:
         _write_atomic_text(tmp / COMPLETE_FILE, str(world_size))
         if final.exists():
