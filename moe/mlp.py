@@ -20,8 +20,14 @@ def gelu(h_TF: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(h_T2F: torch.Tensor) -> torch.Tensor:
-    """SwiGLU on a fused [gate | up] projection: silu(gate) * up (Shazeer 2020)."""
-    gate_TF, up_TF = h_T2F.chunk(2, dim=-1)
+    """SwiGLU on a fused projection whose columns interleave (gate, up) pairs:
+    silu(gate) * up (Shazeer 2020).
+
+    Interleaved rather than [gate | up] halves so that any contiguous slice of the
+    projection's columns (a tensor- or expert-tensor-parallel shard) holds whole pairs.
+    """
+    # [..., 2F] -> [..., F, 2] -> gate, up: [..., F]
+    gate_TF, up_TF = h_T2F.unflatten(-1, (-1, 2)).unbind(-1)
     return F.silu(gate_TF) * up_TF
 
 
@@ -35,7 +41,7 @@ def input_width(ffn_dim: int, activation: Activation) -> int:
 
 
 class MLP(nn.Module):
-    """``y = W_out · act(W_in · x)``; for SwiGLU ``W_in`` holds the gate and up halves."""
+    """``y = W_out · act(W_in · x)``; for SwiGLU ``W_in`` holds interleaved gate and up rows."""
 
     def __init__(self, dim: int, ffn_dim: int, activation: Activation) -> None:
         super().__init__()

@@ -41,24 +41,27 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention through ``scaled_dot_product_attention``."""
+    """Causal multi-head self-attention through ``scaled_dot_product_attention``.
+
+    The fused projection's rows are head-major, ``[H][q, k, v][Dh]``, so a contiguous
+    slice of rows (a tensor-parallel shard) holds whole heads; the number of heads is
+    read off the projection's output width, which is how a sharded copy runs its heads.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
-        batch, seq, dim = x_BSD.shape
-        # [B, S, 3D] -> 3 x [B, H, S, Dh]
-        q, k, v = (
-            self.qkv(x_BSD).view(batch, seq, 3, self.n_heads, dim // self.n_heads).permute(2, 0, 3, 1, 4)
-        )
+        batch, seq, _ = x_BSD.shape
+        # [B, S, H*3*Dh] -> [B, S, H, 3, Dh] -> 3 x [B, H, S, Dh]
+        q, k, v = self.qkv(x_BSD).view(batch, seq, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
         o_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        # [B, H, S, Dh] -> [B, S, D]
-        return self.out(o_BHSDh.transpose(1, 2).reshape(batch, seq, dim))
+        # [B, H, S, Dh] -> [B, S, H*Dh]
+        return self.out(o_BHSDh.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class Block(nn.Module):
@@ -86,15 +89,18 @@ class Block(nn.Module):
 class ModelOutput:
     """``loss = lm_loss + aux_loss + z_loss`` is what training minimises.
 
-    ``aux_loss`` and ``z_loss`` are summed over MoE layers (each already scaled by its
-    coefficient); ``moe_stats`` has one entry per MoE layer, in layer order.
+    ``aux_loss`` and ``z_loss`` are summed over this model's MoE layers (each already
+    scaled by its coefficient); ``moe_stats`` has one entry per MoE layer, in layer order.
+    A model without an LM head (a pipeline stage before the last) returns its hidden
+    states in ``hidden_BSD`` and no logits.
     """
 
-    logits_BSV: torch.Tensor
+    logits_BSV: torch.Tensor | None
     lm_loss: torch.Tensor | None
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     moe_stats: list[MoEStats]
+    hidden_BSD: torch.Tensor | None = None
 
     @property
     def loss(self) -> torch.Tensor:
@@ -102,17 +108,31 @@ class ModelOutput:
         return self.lm_loss + self.aux_loss + self.z_loss
 
 
+class CrossEntropy(nn.Module):
+    """Mean next-token cross-entropy in fp32; tensor parallelism swaps in a vocab-parallel one."""
+
+    def forward(self, logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
 class Transformer(nn.Module):
-    """Token embedding -> L blocks -> RMSNorm -> LM head (tied to the embedding if asked)."""
+    """Token embedding -> L blocks -> RMSNorm -> LM head (tied to the embedding if asked).
+
+    Blocks are keyed by their global index (``blocks.5.attn...``) so that parameter names
+    are the same in every layout. A pipeline stage is this model with some blocks removed
+    and ``embed`` (first stage) or ``norm``/``lm_head`` (last stage) set to None; the
+    forward skips what is absent (as torchtitan's models do).
+    """
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.moe_cfg = moe
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, moe, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, moe, cfg.is_moe_layer(i)) for i in range(cfg.n_layers)})
+        self.norm: nn.RMSNorm | None = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.loss_fn: nn.Module = CrossEntropy()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos_SF, sin_SF = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
@@ -135,32 +155,43 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, std=std)
 
     def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+        return [b.ffn for b in self.blocks.values() if isinstance(b.ffn, MoELayer)]
+
+    def moe_layer_index(self, block: str) -> int:
+        """Global index, among all MoE layers of the full model, of block ``block``'s MoE layer."""
+        return sum(self.cfg.is_moe_layer(i) for i in range(int(block)))
 
     def forward(
-        self, ids_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, load_LE: torch.Tensor | None = None
+        self,
+        ids_BS: torch.Tensor | None,
+        targets_BS: torch.Tensor | None = None,
+        load_LE: torch.Tensor | None = None,
+        hidden_BSD: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """``load_LE``: per MoE layer, the global-batch assignment fraction the
-        ``global_batch`` aux-loss scope uses (see ``moe.losses``); None = this batch's own."""
-        seq = ids_BS.shape[1]
-        if seq > self.cfg.seq_len:
-            raise ValueError(f"sequence length {seq} exceeds model.seq_len={self.cfg.seq_len}")
-        x_BSD = self.embed(ids_BS)
+        """``ids_BS`` on a model with an embedding, else ``hidden_BSD`` from the previous stage.
+
+        ``load_LE``: per MoE layer of the *full* model (global order), the global-batch
+        assignment fraction the ``global_batch`` aux-loss scope uses (see ``moe.losses``);
+        None = this batch's own.
+        """
+        if self.embed is not None:
+            if ids_BS.shape[1] > self.cfg.seq_len:
+                raise ValueError(f"sequence length {ids_BS.shape[1]} exceeds model.seq_len={self.cfg.seq_len}")
+            x_BSD = self.embed(ids_BS)
+        else:
+            x_BSD = hidden_BSD
         stats: list[MoEStats] = []
-        for block in self.blocks:
-            load_E = None if load_LE is None or not isinstance(block.ffn, MoELayer) else load_LE[len(stats)]
+        for name, block in self.blocks.items():
+            is_moe = isinstance(block.ffn, MoELayer)
+            load_E = None if load_LE is None or not is_moe else load_LE[self.moe_layer_index(name)]
             x_BSD, layer_stats = block(x_BSD, self.rope_cos_SF, self.rope_sin_SF, load_E)
             if layer_stats is not None:
                 stats.append(layer_stats)
+        zero = x_BSD.new_zeros((), dtype=torch.float32)
+        aux_loss = sum((s.aux_loss for s in stats), zero)
+        z_loss = sum((s.z_loss for s in stats), zero)
+        if self.lm_head is None:
+            return ModelOutput(None, None, aux_loss, z_loss, stats, hidden_BSD=x_BSD)
         logits_BSV = self.lm_head(self.norm(x_BSD))
-        lm_loss = None
-        if targets_BS is not None:
-            lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
-        zero = logits_BSV.new_zeros((), dtype=torch.float32)
-        return ModelOutput(
-            logits_BSV=logits_BSV,
-            lm_loss=lm_loss,
-            aux_loss=sum((s.aux_loss for s in stats), zero),
-            z_loss=sum((s.z_loss for s in stats), zero),
-            moe_stats=stats,
-        )
+        lm_loss = None if targets_BS is None else self.loss_fn(logits_BSV, targets_BS)
+        return ModelOutput(logits_BSV, lm_loss, aux_loss, z_loss, stats)

@@ -42,7 +42,7 @@ def test_flops_per_token_formula() -> None:
 
 def test_moe_every_places_moe_layers() -> None:
     model = Transformer(dataclasses.replace(SMALL, moe_every=2), SMALL_MOE)
-    assert [isinstance(b.ffn, MoELayer) for b in model.blocks] == [False, True, False, True]
+    assert [isinstance(b.ffn, MoELayer) for b in model.blocks.values()] == [False, True, False, True]
 
 
 def test_forward_shapes_and_losses() -> None:
