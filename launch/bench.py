@@ -1,7 +1,9 @@
-"""``moe bench kernels`` and ``moe bench layer``: speed tables, printed and written as JSON.
+"""``moe bench kernels``, ``moe bench layer`` and ``moe bench layouts``: speed tables,
+printed and written as JSON.
 
     moe bench kernels [--shapes T,H,E,K;...] [--out FILE]
     moe bench layer [--tokens 4096 --hidden 1024 --experts 8 --top-k 2 --capacity-factor 1.25] [--out FILE]
+    moe bench layouts CONFIG [--layouts "dp=1;dp=2;ep=2"] [--steps 10] [--warmup 2] [--out FILE] [overrides...]
 
 Kernels: gating, permute and unpermute for each shape, timed for the fused Triton kernels,
 their torch references and megatron-core's unfused utilities (``moe_utils``), with the
@@ -13,6 +15,15 @@ Layer: forward + backward time and peak memory of moe-train's MoE layer, megatro
 ``MoELayer`` and DeepSpeed's ``deepspeed.moe.layer.MoE`` with the same sizes, each in its
 own process (peak memory is per process), on the current device; ratios against
 megatron-core. A layer that cannot run here gets a row with the reason, not a number.
+
+Layouts: the training loop itself (``launch.train.Run``, started like ``moe train``, one
+fresh process per rank, a one-rank layout in a fresh process too) under each layout of
+``moe check-layouts``' syntax, ``--warmup`` + ``--steps`` steps; per layout the median
+step time over the last ``--steps`` steps (rank 0's clock: every step ends in collectives,
+so the ranks finish it together), tokens/s of the global batch at that median, and each
+rank's peak memory (``launch.memory``: peak RSS of the rank's process on a CPU, which
+includes the interpreter and libraries; ``torch.cuda.max_memory_allocated`` on a GPU),
+measured at the end of the run (validation and the final checkpoint included).
 """
 
 from __future__ import annotations
@@ -29,9 +40,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from moe.config import ConfigError
+
+if TYPE_CHECKING:
+    from launch.config import Config
 
 BF16 = torch.bfloat16
 DEFAULT_GPU_SHAPES = "4096,1024,8,1;16384,4096,64,2;16384,4096,256,8;65536,8192,64,2"
@@ -325,6 +341,80 @@ def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# -- layouts ------------------------------------------------------------------------
+
+DEFAULT_LAYOUTS = "dp=1;dp=2;ep=2;ep=2,engine=deepspeed,zero=2"
+
+
+def _train_one_process(cfg: Config, config_name: str) -> None:
+    from launch.train import train
+
+    train(cfg, config_name)
+
+
+def _run_layout(cfg: Config, config_name: str) -> dict[str, Any]:
+    """Train ``cfg``'s layout; return rank 0's summary. One rank trains in a fresh spawned
+    process (as ``start`` would in this one): its peak memory is then its own, not this
+    driver's nor an earlier layout's."""
+    import multiprocessing as mp
+
+    from launch.local_launcher import LaunchError, start
+
+    if cfg.parallel.world_size > 1 or cfg.launch.address is not None:
+        return start(cfg, config_name)
+    proc = mp.get_context("spawn").Process(target=_train_one_process, args=(cfg, config_name))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise LaunchError(f"the one-process run in {cfg.train.run_dir} failed (exit code {proc.exitcode}); its error is above")
+    return json.loads((Path(str(cfg.train.run_dir)) / "summary.json").read_text())
+
+
+def layout_row(name: str, engine: str, cfg: Config, summary: dict[str, Any], records: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    """One layout's figures from its run: the last ``steps`` train records (one per step)."""
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    step_seconds = [tokens_per_step / r["tokens_per_s"] for r in records[-steps:]]
+    median = statistics.median(step_seconds)
+    peak = summary["peak_memory"]
+    return {
+        "layout": name,
+        "engine": engine,
+        "world_size": cfg.parallel.world_size,
+        "tokens_per_step": tokens_per_step,
+        "step_seconds": step_seconds,
+        "median_step_ms": median * 1e3,
+        "tokens_per_s": tokens_per_step / median,
+        "memory_kind": peak["kind"],
+        "peak_memory_mb_per_rank": [b / 2**20 for b in peak["bytes_per_rank"]],
+        "final_lm_loss": records[-1]["lm_loss"],
+        "run_dir": summary["run_dir"],
+    }
+
+
+def bench_layouts(config: str, overrides: list[str], layouts_text: str, steps: int, warmup: int, runs: Path) -> list[dict[str, Any]]:
+    """Every layout validated first, then each trained ``warmup + steps`` steps in turn."""
+    from launch.check_layouts import layout_configs, parse_layouts, train_records
+
+    layouts, configs = layout_configs(config, overrides, parse_layouts(layouts_text), warmup + steps, runs)
+    rows = []
+    for layout, cfg in zip(layouts, configs):
+        print(f"layout {layout.name}: {cfg.parallel.world_size} rank(s), engine {layout.engine}", file=sys.stderr)
+        summary = _run_layout(cfg, Path(config).stem)
+        records = train_records(Path(summary["run_dir"]))
+        rows.append(layout_row(layout.name, layout.engine, cfg, summary, records, steps))
+    return rows
+
+
+def _layouts_table(rows: list[dict[str, Any]]) -> list[str]:
+    kind = rows[0]["memory_kind"] if rows else ""
+    header = f"{'layout':<34}{'engine':<14}{'ranks':>6}{'step ms':>10}{'tokens/s':>11}  peak memory per rank, MB ({kind})"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        memory = " ".join(f"{mb:.0f}" for mb in r["peak_memory_mb_per_rank"])
+        lines.append(f"{r['layout']:<34}{r['engine']:<14}{r['world_size']:>6}{r['median_step_ms']:>10.1f}{r['tokens_per_s']:>11.0f}  {memory}")
+    return lines
+
+
 # -- command line ---------------------------------------------------------------------
 
 
@@ -349,8 +439,18 @@ def main(argv: list[str]) -> int:
     layer.add_argument("--capacity-factor", type=float, default=1.25)
     layer.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     layer.add_argument("--out", type=Path, default=Path("runs/bench/layer.json"))
+    layouts = sub.add_parser("layouts", help="the training loop under several layouts: step time, tokens/s, peak memory")
+    layouts.add_argument("config", help="a YAML config, e.g. configs/tiny.yaml")
+    layouts.add_argument("overrides", nargs="*", help="section.key=value applied to every layout")
+    layouts.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"moe check-layouts syntax (default {DEFAULT_LAYOUTS!r})")
+    layouts.add_argument("--steps", type=int, default=10, help="timed steps per layout")
+    layouts.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    layouts.add_argument("--out", type=Path, default=Path("runs/bench/layouts.json"))
+    layouts.add_argument("--runs", type=Path, default=None, help="where the runs go (default: a temporary directory)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.what == "layouts":
+        return _layouts_main(args, device)
     if args.what == "kernels":
         shapes = Shape.parse_many(args.shapes or (DEFAULT_GPU_SHAPES if device.type == "cuda" else DEFAULT_CPU_SHAPES))
         bandwidth, rows = bench_kernels(shapes, device)
@@ -364,4 +464,17 @@ def main(argv: list[str]) -> int:
     print(f"device: {device_name(device)}; {spec}")
     print("\n".join(_layer_table(rows)))
     _write(args.out, {"device": device_name(device), "spec": asdict(spec), "rows": rows})
+    return 0
+
+
+def _layouts_main(args: argparse.Namespace, device: torch.device) -> int:
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps {args.steps} --warmup {args.warmup}: need at least 1 timed step and no negative warmup")
+    runs = args.runs or Path(tempfile.mkdtemp(prefix="bench-layouts-"))
+    rows = bench_layouts(args.config, args.overrides, args.layouts, args.steps, args.warmup, runs)
+    print(f"device: {device_name(device)}; {args.config} {' '.join(args.overrides)}; "
+          f"median of {args.steps} steps after {args.warmup} warmup")
+    print("\n".join(_layouts_table(rows)))
+    _write(args.out, {"device": device_name(device), "config": args.config, "overrides": args.overrides,
+                      "steps": args.steps, "warmup": args.warmup, "rows": rows})
     return 0

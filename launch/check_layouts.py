@@ -9,9 +9,25 @@ relative difference against the first layout. Any difference above ``--rtol`` (o
 tokens-per-expert count that differs) fails, and the command exits non-zero.
 
 A layout is ``key=value`` pairs joined by commas; keys are the ``parallel`` section's
-(tp, pp, ep, dp, etp, vpp, engine) plus ``micro`` for ``train.micro_batch_size`` (to check
-gradient accumulation). Without ``dp``, the smallest data-parallel degree that holds the
-expert-parallel groups is used (``ep=2`` alone means two ranks).
+(tp, pp, ep, dp, etp, vpp, engine, zero) plus ``micro`` for ``train.micro_batch_size`` (to
+check gradient accumulation); ``zero`` is ``parallel.zero_stage``. Defaults that make a
+layout runnable on its own:
+
+- without ``dp``, the smallest data-parallel degree that holds the expert groups
+  (``etp·ep`` must divide ``tp·dp``: ``ep=2`` alone means two ranks, ``tp=2,ep=2`` two as
+  well), and at least 2 with ``engine=deepspeed`` (ZeRO over one rank partitions nothing);
+- without ``micro`` under a pipeline (``pp > 1``) and with ``train.micro_batch_size``
+  unset, micro-batches of ``batch_size / (dp·pp)`` sequences: ``pp`` micro-batches per
+  step, the fewest a pipeline (and the interleaved schedule) accepts.
+
+The engine column names what trained each layout: ``local`` (one process, torch AdamW),
+``megatron`` (megatron-core DDP + distributed optimizer) or ``deepspeed-z<stage>``.
+
+Tolerance: fp32 throughout; layouts sum the same numbers in a different order (the
+data-parallel all-reduce, the expert all-to-all, tensor-parallel partial sums of a
+row-split matmul, pipeline stages' gradient accumulation), which moves the last bits:
+measured differences are ~1e-7 to 5e-7, so the default ``--rtol 1e-5`` leaves a 20x margin
+and still fails on any real error (a wrong scale or a missed reduction is >= 1e-3).
 """
 
 from __future__ import annotations
@@ -30,17 +46,25 @@ from launch.metrics import read_metrics
 from moe.config import ConfigError
 
 PARALLEL_KEYS = ("tp", "pp", "ep", "dp", "etp", "vpp", "engine")
+# layout key -> config key, beyond ``parallel.<key>`` for PARALLEL_KEYS
+OTHER_KEYS = {"zero": "parallel.zero_stage", "micro": "train.micro_batch_size"}
 COMPARED = ("lm_loss", "aux_loss", "z_loss", "router_grad_norm")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
+    """One layout: its name as given, its config overrides, and (once its config is
+    loaded, see :func:`layout_configs`) the engine that trains it."""
+
     name: str
     overrides: list[str]
+    engine: str = ""
 
 
 def parse_layouts(text: str) -> list[Layout]:
-    """``"ep=2;dp=2,micro=2"`` -> layouts with their config overrides."""
+    """``"ep=2;dp=2,micro=2"`` -> layouts with their config overrides (``dp`` filled in
+    when absent, see the module docstring)."""
+    keys = (*PARALLEL_KEYS, *OTHER_KEYS)
     layouts = []
     for item in (part.strip() for part in text.split(";")):
         if not item:
@@ -48,16 +72,12 @@ def parse_layouts(text: str) -> list[Layout]:
         pairs = {}
         for pair in item.split(","):
             key, sep, value = pair.strip().partition("=")
-            if not sep or key not in (*PARALLEL_KEYS, "micro"):
-                raise ConfigError(
-                    f"layout {item!r}: {pair.strip()!r} is not key=value with a key in "
-                    f"{', '.join((*PARALLEL_KEYS, 'micro'))}"
-                )
+            if not sep or key not in keys:
+                raise ConfigError(f"layout {item!r}: {pair.strip()!r} is not key=value with a key in {', '.join(keys)}")
             pairs[key] = value
         if "dp" not in pairs:
-            ep, etp, tp = (int(pairs.get(k, 1)) for k in ("ep", "etp", "tp"))
-            pairs["dp"] = str(max(1, ep * etp // math.gcd(ep * etp, tp)))
-        overrides = [f"parallel.{k}={v}" for k, v in pairs.items() if k != "micro"]
+            pairs["dp"] = str(_default_dp(item, pairs))
+        overrides = [f"{OTHER_KEYS.get(k, f'parallel.{k}')}={v}" for k, v in pairs.items() if k != "micro"]
         if "micro" in pairs:
             overrides.append(f"train.micro_batch_size={pairs['micro']}")
         layouts.append(Layout(item, overrides))
@@ -66,22 +86,64 @@ def parse_layouts(text: str) -> list[Layout]:
     return layouts
 
 
-def _configs(args: argparse.Namespace, layouts: list[Layout], out: Path) -> list[Config]:
-    """Load and validate every layout's config before anything runs."""
+def _default_dp(item: str, pairs: dict[str, str]) -> int:
+    """The smallest dp with ``etp·ep | tp·dp``; at least 2 under the DeepSpeed engine."""
+    try:
+        ep, etp, tp = (int(pairs.get(k, 1)) for k in ("ep", "etp", "tp"))
+    except ValueError:
+        raise ConfigError(f"layout {item!r}: ep, etp and tp must be integers") from None
+    if min(ep, etp, tp) < 1:
+        raise ConfigError(f"layout {item!r}: ep, etp and tp must be >= 1")
+    dp = ep * etp // math.gcd(ep * etp, tp)
+    return max(dp, 2) if pairs.get("engine") == "deepspeed" else dp
+
+
+def engine_label(cfg: Config) -> str:
+    """What trains ``cfg``'s layout: ``local`` (one process), ``megatron`` or ``deepspeed-z<stage>``."""
+    p = cfg.parallel
+    if p.is_single_process:
+        return "local"
+    if p.engine == "deepspeed":
+        return f"deepspeed-z{p.zero_stage}" + ("+offload" if p.offload_optimizer else "")
+    return p.engine
+
+
+def layout_configs(
+    config: str | Path, overrides: list[str], layouts: list[Layout], steps: int, out: Path
+) -> tuple[list[Layout], list[Config]]:
+    """Load and validate every layout's config before anything runs; each layout trains
+    ``steps`` steps into ``out/<index>-<name>``. Returns the layouts with their engine
+    named, and their configs."""
     from launch.train import check_layout
 
-    configs = []
+    named, configs = [], []
     for i, layout in enumerate(layouts):
         run_dir = out / f"{i}-{layout.name.replace(',', '_').replace('=', '')}"
-        common = [f"train.steps={args.steps}", "train.log_every=1", f"train.eval_every={args.steps}",
-                  f"train.ckpt_every={args.steps}", f"train.run_dir={run_dir}", "train.resume=false"]
-        cfg = load_config(args.config, [*args.overrides, *common, *layout.overrides])
+        common = [f"train.steps={steps}", "train.log_every=1", f"train.eval_every={steps}",
+                  f"train.ckpt_every={steps}", f"train.run_dir={run_dir}", "train.resume=false"]
+        cfg = load_config(config, [*overrides, *common, *layout.overrides])
+        cfg = pipeline_micro_batches(cfg)
         try:
             check_layout(cfg)
         except ConfigError as err:
             raise ConfigError(f"layout {layout.name!r} is refused: {err}") from None
+        named.append(dataclasses.replace(layout, engine=engine_label(cfg)))
         configs.append(cfg)
-    return configs
+    return named, configs
+
+
+def pipeline_micro_batches(cfg: Config) -> Config:
+    """Under a pipeline, ``pp`` micro-batches per step unless the micro-batch size is set."""
+    p, train = cfg.parallel, cfg.train
+    if p.pp == 1 or train.micro_batch_size is not None or train.batch_size % (p.dp * p.pp):
+        return cfg  # a batch that does not split is left to check_layout to refuse, with its message
+    micro = train.batch_size // (p.dp * p.pp)
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, micro_batch_size=micro))
+
+
+def train_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``train`` records a layout's run wrote (one per step with ``log_every=1``)."""
+    return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
 
 
 def _rel(a: float, b: float) -> float:
@@ -90,7 +152,9 @@ def _rel(a: float, b: float) -> float:
 
 def compare(results: list[list[dict[str, Any]]], layouts: list[Layout], rtol: float) -> tuple[list[str], bool]:
     """Table lines and whether every layout matches the first within ``rtol``."""
-    header = f"{'step':>4}  {'layout':<18}" + "".join(f"{k:>18}" for k in COMPARED) + f"{'max rel diff':>14}  tokens/expert (first MoE layer)  ok"
+    width = max(18, *(len(layout.name) + 2 for layout in layouts))
+    engine_width = max(14, *(len(layout.engine) + 2 for layout in layouts))
+    header = f"{'step':>4}  {'layout':<{width}}{'engine':<{engine_width}}" + "".join(f"{k:>18}" for k in COMPARED) + f"{'max rel diff':>14}  tokens/expert (first MoE layer)  ok"
     lines, all_ok = [header, "-" * len(header)], True
     for step, reference in enumerate(results[0]):
         for layout, records in zip(layouts, results):
@@ -101,7 +165,7 @@ def compare(results: list[list[dict[str, Any]]], layouts: list[Layout], rtol: fl
             all_ok &= ok
             values = "".join(f"{record[k]:>18.10g}" for k in COMPARED)
             tokens = record["expert_tokens"][0] if record["expert_tokens"] else []
-            lines.append(f"{step + 1:>4}  {layout.name:<18}{values}{diff:>14.2e}  {str(tokens):<31}  {'PASS' if ok else 'FAIL'}")
+            lines.append(f"{step + 1:>4}  {layout.name:<{width}}{layout.engine or '-':<{engine_width}}{values}{diff:>14.2e}  {str(tokens):<31}  {'PASS' if ok else 'FAIL'}")
     return lines, all_ok
 
 
@@ -113,21 +177,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every layout")
     parser.add_argument("--layouts", required=True, help='e.g. "ep=1;ep=2;dp=2;dp=2,ep=2"')
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rtol", type=float, default=1e-5, help="largest relative difference allowed (fp32)")
+    parser.add_argument("--rtol", type=float, default=1e-5,
+                        help="largest relative difference allowed (fp32: layouts differ by ~1e-7 to 5e-7)")
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary directory)")
     args = parser.parse_args(argv)
     layouts = parse_layouts(args.layouts)
     out = args.out or Path(tempfile.mkdtemp(prefix="check-layouts-"))
-    configs = _configs(args, layouts, out)
+    layouts, configs = layout_configs(args.config, args.overrides, layouts, args.steps, out)
     results = []
     for layout, cfg in zip(layouts, configs):
-        print(f"running layout {layout.name} ({' '.join(layout.overrides)})", file=sys.stderr)
+        print(f"running layout {layout.name} on {cfg.parallel.world_size} rank(s), engine {layout.engine} "
+              f"({' '.join(layout.overrides)})", file=sys.stderr)
         start(cfg, Path(args.config).stem)
-        records = [r for r in read_metrics(Path(str(cfg.train.run_dir))) if r["kind"] == "train"]
-        results.append(records)
+        results.append(train_records(Path(str(cfg.train.run_dir))))
     lines, ok = compare(results, layouts, args.rtol)
     print("\n".join(lines))
     verdict = "all layouts agree" if ok else "layouts DISAGREE"
     print(f"{verdict} (rtol {args.rtol:g}); runs in {out}")
-    (out / "check-layouts.json").write_text(json.dumps({"layouts": [l.name for l in layouts], "ok": ok, "records": results}))
+    (out / "check-layouts.json").write_text(json.dumps({"layouts": [l.name for l in layouts], "engines": [l.engine for l in layouts], "ok": ok, "records": results}))
     return 0 if ok else 1

@@ -5,7 +5,12 @@
     moe data prepare PATHS... --out DIR          tokenize text/JSONL files into .bin/.idx
     moe check-layouts CONFIG --layouts "ep=1;ep=2;dp=2"   same training under several layouts, compared
     moe bench kernels | layer                    speed tables (printed, and JSON under runs/bench/)
+    moe bench layouts CONFIG --layouts "dp=1;ep=2"   step time, tokens/s, peak memory per rank per layout
     moe ckpt inspect DIR [--verify]              a checkpoint's layout, step, tensors and checksums
+    moe simulate CONFIG [k=v ...] --cluster HW   emulate a layout here, predict memory/comm/time on HW
+    moe simulate calibrate                       measure this machine (configs/hardware/this-machine.yaml)
+    moe sweep CONFIG [--address A]               a grid of training runs as Ray Tune trials (configs/sweeps/)
+    moe sweep report DIR                         a sweep's table, scaling-law fit and plots
 """
 
 from __future__ import annotations
@@ -67,16 +72,30 @@ def _parser() -> argparse.ArgumentParser:
     ckpt.add_argument("path", type=Path, help="a checkpoint, a checkpoints directory or a run directory")
     ckpt.add_argument("--verify", action="store_true", help="read every rank's file and check its checksums")
     ckpt.set_defaults(run=_ckpt)
-    bench = sub.add_parser("bench", help="benchmarks: moe bench kernels | moe bench layer (see --help)", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks: moe bench kernels | layer | layouts (see --help)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
+    sweep = sub.add_parser("sweep", help="sweeps: moe sweep CONFIG | moe sweep report DIR (see --help)", add_help=False)
+    sweep.add_argument("rest", nargs=argparse.REMAINDER)
+    sweep.set_defaults(run=_sweep)
+    simulate = sub.add_parser("simulate", help="emulate and predict a layout (see --help)", add_help=False)
+    simulate.add_argument("rest", nargs=argparse.REMAINDER)
+    simulate.set_defaults(run=_simulate)
     return parser
 
 
-def _ckpt(args: argparse.Namespace) -> int:
-    from parallel.checkpoint import describe_checkpoint
+def _simulate(args: argparse.Namespace) -> int:
+    from launch.simulate import main as simulate_main
 
-    print(describe_checkpoint(args.path, args.verify))
+    return simulate_main(args.rest)
+
+
+def _ckpt(args: argparse.Namespace) -> int:
+    from parallel.checkpoint import describe_checkpoint, resolve_checkpoint
+    from parallel.dist_checkpoint import describe_dist_checkpoint, is_dist_checkpoint
+
+    describe = describe_dist_checkpoint if is_dist_checkpoint(resolve_checkpoint(args.path)) else describe_checkpoint
+    print(describe(args.path, args.verify))
     return 0
 
 
@@ -86,15 +105,27 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from launch.sweep import main as sweep_main
+
+    return sweep_main(args.rest)
+
+
 def _check_layouts(args: argparse.Namespace) -> int:
     from launch.check_layouts import main as check_main
 
     return check_main(args.rest)
 
 
+# Subcommands whose arguments all go to their own parser (its --help included).
+PASS_THROUGH = ("check-layouts", "bench", "sweep", "simulate")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and args.command in PASS_THROUGH:  # `moe bench --help`: REMAINDER does not take a leading option
+        args.rest, extra = [*extra, *args.rest], []
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # overrides after an option (moe train CONFIG --address auto k=v): argparse stops at the option

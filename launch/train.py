@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from launch.config import Config, TrainConfig, to_dict
 from launch.data import TokenStream, ensure_dataset, load_split
+from launch.memory import memory_kind, peak_memory_per_rank
 from launch.metrics import MetricsLog, NullLog, read_metrics, truncate_after
 from launch.plots import plot_expert_load, plot_loss_curve
 from moe.accounting import param_counts, train_flops_per_token
@@ -50,6 +51,7 @@ from moe.model import Transformer
 from parallel.checkpoint import CheckpointError, ShardInfo, latest_checkpoint, load_checkpoint, save_checkpoint
 from parallel.engine import OptimSettings
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.local_engine import LocalEngine
 from parallel.reduce import mean_over, sum_over
 from parallel.topology import BatchShape, Topology
@@ -80,19 +82,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def check_layout(cfg: Config) -> Topology:
     """Validate the layout against the model and batch, then refuse what this loop cannot
-    run (yet) rather than run it wrong: tensor and pipeline parallelism; with the DeepSpeed
-    engine a single process (it trains with the local engine, and has no process group for
-    DeepSpeed) and ZeRO stages 0 and 3 (see ``parallel.deepspeed_engine.check_zero_stage``)."""
+    run (yet) rather than run it wrong: with the DeepSpeed engine a single process (it trains
+    with the local engine, and has no process group for DeepSpeed) and ZeRO stages 0 and 3
+    (see ``parallel.deepspeed_engine.check_zero_stage``)."""
     # No micro_batch_size: each data-parallel rank runs its share of the batch at once.
     per_rank = max(1, cfg.train.batch_size // cfg.parallel.dp)
     batch = BatchShape(cfg.train.batch_size, cfg.train.micro_batch_size or per_rank)
     topology = Topology.build(cfg.parallel, cfg.model, cfg.moe, batch, world_size=cfg.parallel.world_size)
     p = cfg.parallel
-    if (p.tp, p.pp, p.etp, p.vpp) != (1, 1, 1, 1):
-        raise ConfigError(
-            f"parallel.tp={p.tp}, pp={p.pp}, etp={p.etp}, vpp={p.vpp}, engine={p.engine!r}: this build "
-            "trains ep x dp layouts with the megatron engine or the deepspeed engine; set tp, pp, etp, vpp to 1"
-        )
     if p.engine == "deepspeed":
         if p.is_single_process:
             raise ConfigError(
@@ -175,6 +172,10 @@ class RankInfo:
         return None if self.groups is None else self.groups.dp
 
     @property
+    def tp_group(self) -> dist.ProcessGroup | None:
+        return None if self.groups is None else self.groups.tp
+
+    @property
     def dp_rank(self) -> int:
         return 0 if self.groups is None else self.groups.dp_rank
 
@@ -204,10 +205,19 @@ class Run:
         self.net = Transformer(cfg.model, cfg.moe).to(self.device)  # same init on every rank
         if self.topology.ep > 1:
             apply_expert_parallel(self.net, info.groups.ep)
-        self.routers = [layer.router.weight_ED for layer in self.net.moe_layers()]
+        # Tensor parallelism after expert parallelism: EP replaces the expert parameters, and
+        # TP sets the marks (allreduce, tensor_model_parallel, partition_dim, sequence_parallel)
+        # that the engine and the checkpoint read on the final parameter objects.
+        if self.topology.tp > 1 or self.topology.etp > 1:
+            apply_tensor_parallel(self.net, info.groups, cfg.parallel.sequence_parallel)
+        self.n_moe_layers = len(self.net.moe_layers())
+        self.chunks = self._stage_chunks()  # prunes self.net to this rank's stages when pp > 1
+        # Learned routers' weights (hash routers have none): their gradient norm is logged.
+        self.routers = [w for chunk in self.chunks for layer in chunk.moe_layers() for w in layer.router.parameters()]
         self.engine = self._make_engine()
         self.model = self.engine.module
-        n_moe, n_exp = len(self.net.moe_layers()), cfg.moe.num_experts
+        self.pipeline = self._make_pipeline()
+        n_moe, n_exp = self.n_moe_layers, cfg.moe.num_experts
         self.tail_start = cfg.train.steps - max(1, cfg.train.steps // 10)
         self.tail_load = LoadTracker.zeros(n_moe, n_exp)
         self.step = 0
@@ -231,7 +241,29 @@ class Run:
             return DeepSpeedEngine(self.net, self.info.groups, optim, p.zero_stage, p.offload_optimizer, self.routers)
         from parallel.engine import MegatronEngine
 
+        if self.topology.pp > 1:
+            from parallel.pipeline import pipeline_config
+
+            config = pipeline_config(self.cfg.model, self.topology.pp, self.topology.vpp, self.topology.tp)
+            return MegatronEngine(self.chunks, self.info.groups, optim, config)
         return MegatronEngine(self.net, self.info.groups, optim)
+
+    def _stage_chunks(self) -> list[Transformer]:
+        """This rank's pipeline chunks (``parallel.pipeline.split_stages``); at pp=1 the model."""
+        if self.topology.pp == 1:
+            return [self.net]
+        from parallel.pipeline import split_stages
+
+        return split_stages(self.net, self.info.groups.pp.rank(), self.topology.pp, self.topology.vpp)
+
+    def _make_pipeline(self) -> Any:
+        """megatron's schedule over the engine's DDP chunks (``parallel.pipeline``); None at pp=1."""
+        if self.topology.pp == 1:
+            return None
+        from parallel.pipeline import PipelineRunner
+
+        return PipelineRunner(self.engine.modules, self.chunks, self.n_moe_layers, self.cfg.moe.num_experts,
+                              self.topology.tp, self.cfg.parallel.sequence_parallel)
 
     def _dp_rows(self, rows_per_rank: int) -> slice:
         """This data-parallel rank's rows of a batch with ``rows_per_rank`` rows per rank."""
@@ -266,7 +298,47 @@ class Run:
             return ShardInfo(expert_paths=experts)
         return ShardInfo(groups.ep_rank, groups.ep_size, groups.dp_rank, groups.dp_size, experts)
 
+    @property
+    def _dist_checkpoints(self) -> bool:
+        """Whether this run saves sharded, reshardable checkpoints (``parallel/dist_checkpoint.py``):
+        every megatron-engine run across ranks. DeepSpeed runs keep per-rank files (ZeRO's
+        shards are DeepSpeed's own and do not reshard); one process keeps ``state.pt``."""
+        return self.info.groups is not None and self.cfg.parallel.engine == "megatron"
+
+    def _save(self, ckpt_dir: Path) -> None:
+        if not self._dist_checkpoints:
+            save_checkpoint(ckpt_dir, self.step, self.state(), self.tcfg.keep_checkpoints,
+                            self.info.rank, self.info.world_size, self.info.barrier, self._shard_info())
+            return
+        from parallel.dist_checkpoint import save_dist_checkpoint
+
+        extras = {"step": self.step, "tail_load": self.tail_load.counts_LE, "best_val": self.best_val,
+                  "config": {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]}}
+        save_dist_checkpoint(ckpt_dir, self.step, self.engine, self.net, self.info.groups, extras,
+                             self.tcfg.keep_checkpoints)
+
+    def _restore_dist(self, path: Path) -> None:
+        """Load a sharded checkpoint under this run's layout, whatever layout saved it."""
+        from parallel.dist_checkpoint import load_dist_checkpoint
+
+        if not self._dist_checkpoints:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is a sharded (megatron dist_checkpointing) checkpoint; it loads "
+                f"into megatron-engine runs across ranks, not this one (parallel.engine={self.cfg.parallel.engine!r}, "
+                f"{self.info.world_size} rank(s)); resume with parallel.engine=megatron and a layout of 2 or more ranks"
+            )
+        current = {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]}
+        extras = load_dist_checkpoint(path, self.engine, self.net, self.info.groups, current)
+        self.tail_load.counts_LE = extras["tail_load"]
+        self.best_val = extras["best_val"]
+        self.step = extras["step"]
+
     def restore(self, path: Path) -> None:
+        from parallel.dist_checkpoint import is_dist_checkpoint
+
+        if is_dist_checkpoint(path):
+            self._restore_dist(path)
+            return
         state = load_checkpoint(path, self.info.rank, self.info.world_size)
         saved = state["config"]
         current = {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]}
@@ -306,22 +378,37 @@ class Run:
         if self.cfg.moe.aux_loss_scope != "global_batch" or (len(micro) == 1 and self.topology.dp == 1):
             return None
         rng = torch.get_rng_state()
-        counts_LE = torch.zeros(len(self.routers), self.cfg.moe.num_experts)
-        for x_mBS, _ in micro:
+        counts_LE = torch.zeros(self.n_moe_layers, self.cfg.moe.num_experts)
+        if self.pipeline is not None:  # a forward-only schedule; each stage counts its own layers
             with autocast_context(self.tcfg, self.device):
-                out = self.model(x_mBS.to(self.device))
-            counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
+                stats = self.pipeline.run(self._on_device(micro), None, forward_only=True)
+            counts_LE = sum_over(stats.counts_LE, self.info.groups.pp)
+        else:
+            for x_mBS, _ in micro:
+                with autocast_context(self.tcfg, self.device):
+                    out = self.model(x_mBS.to(self.device))
+                counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
         torch.set_rng_state(rng)
         counts_LE = sum_over(counts_LE, self.info.dp_group)
         return (counts_LE / counts_LE.sum(dim=1, keepdim=True)).to(self.device)
 
     def _router_grad_norm(self) -> float:
         """Norm of the routers' gradient for the global batch (local sums, averaged over DP),
-        before the engine reduces and clips: the quantity layouts must agree on."""
+        before the engine reduces and clips: the quantity layouts must agree on. Under tensor
+        parallelism each TP rank routed its own sequences: local sums are summed over tp first.
+        Under pipeline parallelism each stage holds its own layers' routers: squares are summed
+        over stages."""
+        if self.pipeline is not None:
+            sq = torch.zeros((), dtype=torch.float64)
+            if self.routers:  # the ranks of a stage (its tp and dp groups) hold the same layers
+                local = torch.cat([self.engine.local_grad(w).reshape(-1) for w in self.routers])
+                sq = mean_over(sum_over(local, self.info.tp_group), self.info.dp_group).double().square().sum()
+            return float(sum_over(sq, self.info.groups.pp).sqrt())
         if not self.routers:
             return 0.0
         local = torch.cat([self.engine.local_grad(w).reshape(-1) for w in self.routers])
-        return float(mean_over(local, self.info.dp_group).norm())
+        # Under tensor parallelism each TP rank routed its own sequences: sum over tp first.
+        return float(mean_over(sum_over(local, self.info.tp_group), self.info.dp_group).norm())
 
     def train_step(self) -> tuple[dict[str, float], torch.Tensor]:
         """One optimizer update over this rank's share of the global batch.
@@ -334,18 +421,21 @@ class Run:
         load_LE = self._global_load(micro)
         n_micro = len(micro)
         sums_4 = torch.zeros(4)  # lm, aux, z, dropped
-        counts_LE = torch.zeros(len(self.routers), self.cfg.moe.num_experts)
+        counts_LE = torch.zeros(self.n_moe_layers, self.cfg.moe.num_experts)
         self.model.train()
         self.engine.zero_grad()
-        for i, (x_mBS, y_mBS) in enumerate(micro):
-            with self.engine.no_sync() if i < n_micro - 1 else nullcontext():
-                with autocast_context(self.tcfg, self.device):
-                    out = self.model(x_mBS.to(self.device), y_mBS.to(self.device), load_LE)
-                (out.loss / n_micro).backward()
-            dropped = torch.stack([s.dropped_fraction for s in out.moe_stats]).mean() if out.moe_stats else torch.zeros(())
-            sums_4 += torch.stack([out.lm_loss, out.aux_loss, out.z_loss, dropped]).detach().cpu().float() / n_micro
-            if out.moe_stats:
-                counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
+        if self.pipeline is not None:
+            sums_4, counts_LE = self._pipeline_step(micro, load_LE)
+        else:
+            for i, (x_mBS, y_mBS) in enumerate(micro):
+                with self.engine.no_sync() if i < n_micro - 1 else nullcontext():
+                    with autocast_context(self.tcfg, self.device):
+                        out = self.model(x_mBS.to(self.device), y_mBS.to(self.device), load_LE)
+                    (out.loss / n_micro).backward()
+                dropped = torch.stack([s.dropped_fraction for s in out.moe_stats]).mean() if out.moe_stats else torch.zeros(())
+                sums_4 += torch.stack([out.lm_loss, out.aux_loss, out.z_loss, dropped]).detach().cpu().float() / n_micro
+                if out.moe_stats:
+                    counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
         router_grad_norm = self._router_grad_norm()
         grad_norm = self.engine.step(lr)
         self.step += 1
@@ -354,10 +444,53 @@ class Run:
                   "grad_norm": grad_norm, "router_grad_norm": router_grad_norm, "lr": lr}
         return values, sum_over(counts_LE, self.info.dp_group)
 
+    def _on_device(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x.to(self.device), y.to(self.device)) for x, y in micro]
+
+    def _pipeline_step(
+        self, micro: list[tuple[torch.Tensor, torch.Tensor]], load_LE: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of every micro-batch through megatron's pipeline schedule.
+
+        Returns this data-parallel rank's ``(lm, aux, z, dropped)`` micro-batch means and
+        per-expert counts, assembled over the pipeline stages (each holds its own layers:
+        aux/z and counts are sums over stages; dropped is averaged over all MoE layers).
+        """
+        for module in self.engine.modules:
+            module.train()
+        with autocast_context(self.tcfg, self.device):
+            stats = self.pipeline.run(self._on_device(micro), load_LE, forward_only=False)
+        sums_4 = sum_over(stats.sums_4, self.info.groups.pp) / len(micro)
+        sums_4[3] /= max(self.n_moe_layers, 1)
+        return sums_4, sum_over(stats.counts_LE, self.info.groups.pp)
+
+    def _pipeline_evaluate(self) -> float:
+        """``evaluate`` through a forward-only schedule, one validation batch per micro-batch.
+
+        The interleaved schedule needs a multiple of ``pp`` micro-batches: the list is padded
+        with repeats of the first batch, whose losses are not counted. Only the last stage
+        has losses; sums run over the pipeline, then the data-parallel group.
+        """
+        for module in self.engine.modules:
+            module.eval()
+        batches = self._on_device(self.val_batches)
+        pp = self.topology.pp
+        pad = (-len(batches)) % pp if self.topology.vpp > 1 else 0
+        total_2 = torch.zeros(2, dtype=torch.float64)
+        if batches:
+            with autocast_context(self.tcfg, self.device):
+                stats = self.pipeline.run(batches + batches[:1] * pad, None, forward_only=True)
+            for loss, (_, y_BS) in zip(stats.lm_losses, batches):  # empty before the last stage
+                total_2 += torch.tensor([loss * y_BS.numel(), y_BS.numel()], dtype=torch.float64)
+        loss_sum, count = sum_over(sum_over(total_2, self.info.groups.pp), self.info.dp_group).tolist()
+        return loss_sum / max(count, 1)
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean LM loss (nats per token) over the fixed held-out windows, every
         data-parallel rank evaluating its rows of each batch."""
+        if self.pipeline is not None:
+            return self._pipeline_evaluate()
         self.model.eval()
         total_2 = torch.zeros(2, dtype=torch.float64)
         for x_BS, y_BS in self.val_batches:
@@ -389,7 +522,7 @@ class Run:
         counts = param_counts(self.cfg.model, self.cfg.moe)
         tqdm.write(
             f"model: {counts.total / 1e6:.2f}M params ({counts.active / 1e6:.2f}M active per token), "
-            f"{len(self.routers)} MoE layers x {self.cfg.moe.num_experts} experts top-{self.cfg.moe.top_k}; "
+            f"{self.n_moe_layers} MoE layers x {self.cfg.moe.num_experts} experts top-{self.cfg.moe.top_k}; "
             f"{len(self.train_stream) / 1e6:.1f}M train tokens; device {self.device}; run dir {self.run_dir}"
         )
 
@@ -409,7 +542,7 @@ class Run:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             self._log_start()
         log = MetricsLog(self.run_dir) if main else NullLog()
-        n_moe, n_exp = len(self.routers), self.cfg.moe.num_experts
+        n_moe, n_exp = self.n_moe_layers, self.cfg.moe.num_experts
         interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
         train_seconds, train_tokens = 0.0, 0
         tokens_per_step = tcfg.batch_size * self.cfg.model.seq_len
@@ -444,15 +577,15 @@ class Run:
                 postfix.update(val=f"{val_loss:.3f}")
                 bar.set_postfix(postfix)
             if self.step % tcfg.ckpt_every == 0 or final:
-                save_checkpoint(ckpt_dir, self.step, self.state(), tcfg.keep_checkpoints,
-                                self.info.rank, self.info.world_size, self.info.barrier, self._shard_info())
+                self._save(ckpt_dir)
         bar.close()
         log.close()
-        summary = self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens) if main else {}
+        peak_memory = peak_memory_per_rank(self.device, self.info.world_size)  # a collective: every rank
+        summary = self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens, peak_memory) if main else {}
         self.info.barrier()
         return summary
 
-    def _finish(self, wall: float, train_seconds: float, train_tokens: int) -> dict[str, Any]:
+    def _finish(self, wall: float, train_seconds: float, train_tokens: int, peak_memory: list[int]) -> dict[str, Any]:
         records = read_metrics(self.run_dir)
         vals = [r["val_loss"] for r in records if r["kind"] == "val"]
         counts = param_counts(self.cfg.model, self.cfg.moe)
@@ -483,6 +616,7 @@ class Run:
             "layout": {"world_size": self.info.world_size, "ep": self.topology.ep, "dp": self.topology.dp,
                        "micro_batches": self.topology.micro_batches},
             "mfu": (self.flops_per_token * tokens_per_s / (self.tcfg.peak_tflops * 1e12)) if self.tcfg.peak_tflops else None,
+            "peak_memory": {"kind": memory_kind(self.device), "bytes_per_rank": peak_memory},
             "params": {
                 "total": counts.total,
                 "active": counts.active,
@@ -521,6 +655,11 @@ def train_rank(cfg: Config, config_name: str) -> dict[str, Any]:
     # megatron-core warns at import that TransformerEngine/Apex are absent and it falls
     # back to torch: expected here, and four lines per rank of noise otherwise.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    # Its tensor-parallel layers call collectives torch 2.13 deprecates (the calls are
+    # correct), and recommend a CUDA setting, which means nothing on the CPU.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message="When using .* set the environment variable CUDA_DEVICE_MAX_CONNECTIONS")
     topology = check_layout(cfg)
     groups = init_groups(topology, timeout_minutes=cfg.launch.timeout_minutes)
     try:

@@ -35,9 +35,10 @@ def _mlp_params(dim: int, ffn_dim: int, activation: str) -> int:
 
 
 def _moe_layer_params(dim: int, moe: MoEConfig, experts: int) -> int:
-    """Router + ``experts`` routed experts + the shared experts."""
+    """Router (``E·D``; none for hash routing) + ``experts`` routed experts + the shared experts."""
     shared = _mlp_params(dim, moe.expert_ffn_dim * moe.num_shared_experts, moe.activation) if moe.num_shared_experts else 0
-    return moe.num_experts * dim + experts * _mlp_params(dim, moe.expert_ffn_dim, moe.activation) + shared
+    router = moe.num_experts * dim if moe.router == "topk" else 0
+    return router + experts * _mlp_params(dim, moe.expert_ffn_dim, moe.activation) + shared
 
 
 def num_moe_layers(cfg: ModelConfig) -> int:

@@ -83,7 +83,7 @@ class MoEConfig:
 
     num_experts: int = 8
     top_k: int = 2
-    router: Literal["topk"] = "topk"
+    router: Literal["topk", "hash"] = "topk"
     capacity_factor: float | None = None
     drop_policy: Literal["position", "probability"] = "position"
     normalize_weights: bool = True
@@ -103,6 +103,12 @@ class MoEConfig:
             "moe.top_k",
             self.top_k,
             f"must be in [1, moe.num_experts={self.num_experts}]",
+        )
+        require(
+            self.router != "hash" or self.top_k == 1,
+            "moe.top_k",
+            self.top_k,
+            "moe.router=hash sends each token to the one expert its id hashes to; set moe.top_k=1",
         )
         require(
             self.capacity_factor is None or self.capacity_factor > 0,

@@ -1,7 +1,11 @@
 """The MoE layer: router -> capacity -> dispatcher -> experts -> combine (+ shared experts).
 
 Legend: B batch, S sequence, T = B·S tokens, D model dim, E experts, K experts per token,
-N expert-sorted rows.
+N expert-sorted rows, V vocabulary.
+
+The router is learned (``moe.router: topk``, from the hidden states) or a fixed hash of
+the token ids (``moe.router: hash``, from ``ids_BS``, which the model hands to every MoE
+layer; no aux or z-loss, as there is no gate to train).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from moe.dispatcher import LocalDispatcher
 from moe.experts import GroupedExperts
 from moe.kernels._triton import Impl
 from moe.losses import load_balancing_loss_from_stats, router_z_loss_from_stats, sequence_load_balancing_loss
+from moe.hash_router import HashRouter
 from moe.router import Routing
 from moe.mlp import MLP
 from moe.router import TopKRouter
@@ -60,10 +65,17 @@ class MoEStats:
 class MoELayer(nn.Module):
     """``y = sum_k gate_k · expert_k(x) + shared(x)`` over each token's kept top-k experts."""
 
-    def __init__(self, dim: int, cfg: MoEConfig) -> None:
+    def __init__(self, dim: int, cfg: MoEConfig, vocab_size: int | None = None) -> None:
+        """``vocab_size``: the token ids' range, needed by the hash router only."""
         super().__init__()
         self.cfg = cfg
-        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.normalize_weights, cfg.jitter_eps)
+        self.router: TopKRouter | HashRouter
+        if cfg.router == "hash":
+            if vocab_size is None:
+                raise ValueError("moe.router='hash' maps token ids to experts: MoELayer needs vocab_size")
+            self.router = HashRouter(vocab_size, cfg.num_experts)
+        else:
+            self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.normalize_weights, cfg.jitter_eps)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_ffn_dim, cfg.activation)
         self.shared = (
             MLP(dim, cfg.expert_ffn_dim * cfg.num_shared_experts, cfg.activation)
@@ -105,12 +117,31 @@ class MoELayer(nn.Module):
         global_load_E = load_E if self.cfg.aux_loss_scope == "global_batch" else None
         return load_balancing_loss_from_stats(routing.prob_sum_E, routing.counts_E, num_tokens, top_k, coeff, global_load_E)
 
-    def forward(self, x_BSD: torch.Tensor, load_E: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
-        """``load_E``: the global-batch assignment fraction, for ``aux_loss_scope=global_batch``."""
+    def _route(self, x_TD: torch.Tensor, ids_BS: torch.Tensor | None, impl: Impl) -> Routing:
+        if isinstance(self.router, TopKRouter):
+            return self.router(x_TD, impl)
+        if ids_BS is None:
+            raise ValueError("moe.router='hash' routes by token id: call the MoE layer with ids_BS")
+        return self.router(ids_BS.reshape(-1))
+
+    def _routing_losses(self, routing: Routing, batch: int, load_E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux loss, z-loss); both zero for the hash router, which has nothing to train."""
+        if isinstance(self.router, HashRouter):
+            zero = routing.weights_TK.new_zeros(())
+            return zero, zero
+        num_tokens = routing.experts_TK.shape[0]
+        z_loss = router_z_loss_from_stats(routing.lse_sq_sum, num_tokens, self.cfg.z_loss_coeff)
+        return self._aux_loss(routing, batch, load_E), z_loss
+
+    def forward(
+        self, x_BSD: torch.Tensor, load_E: torch.Tensor | None = None, ids_BS: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEStats]:
+        """``load_E``: the global-batch assignment fraction, for ``aux_loss_scope=global_batch``;
+        ``ids_BS``: the token ids of ``x_BSD``'s positions (the hash router's input)."""
         batch, seq, dim = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, dim)
         impl = self._impl(x_TD)
-        routing = self.router(x_TD, impl)
+        routing = self._route(x_TD, ids_BS, impl)
         capacity = self.capacity(x_TD.shape[0])
         keep_TK = self._keep(routing.experts_TK, routing.weights_TK, capacity)
 
@@ -120,9 +151,10 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
 
+        aux_loss, z_loss = self._routing_losses(routing, batch, load_E)
         stats = MoEStats(
-            aux_loss=self._aux_loss(routing, batch, load_E),
-            z_loss=router_z_loss_from_stats(routing.lse_sq_sum, x_TD.shape[0], self.cfg.z_loss_coeff),
+            aux_loss=aux_loss,
+            z_loss=z_loss,
             tokens_per_expert_E=routing.counts_E.detach(),
             dropped_fraction=(
                 torch.zeros((), device=x_TD.device)

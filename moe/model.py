@@ -55,9 +55,12 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x_BSD.shape
+        qkv_BS3D = self.qkv(x_BSD)
+        # B and S are read off the projection's output, which may hold more rows than its
+        # input (a sequence-parallel projection gathers the batch first).
+        batch, seq, _ = qkv_BS3D.shape
         # [B, S, H*3*Dh] -> [B, S, H, 3, Dh] -> 3 x [B, H, S, Dh]
-        q, k, v = self.qkv(x_BSD).view(batch, seq, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv_BS3D.view(batch, seq, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
         o_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         # [B, H, S, Dh] -> [B, S, H*Dh]
@@ -72,15 +75,23 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn: MLP | MoELayer = MoELayer(cfg.dim, moe) if is_moe else MLP(cfg.dim, cfg.ffn_dim, cfg.activation)
+        self.ffn: MLP | MoELayer = (
+            MoELayer(cfg.dim, moe, cfg.vocab_size) if is_moe else MLP(cfg.dim, cfg.ffn_dim, cfg.activation)
+        )
 
     def forward(
-        self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor, load_E: torch.Tensor | None = None
+        self,
+        x_BSD: torch.Tensor,
+        cos_SF: torch.Tensor,
+        sin_SF: torch.Tensor,
+        load_E: torch.Tensor | None = None,
+        ids_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
+        """``ids_BS``: the token ids, for an MoE layer whose router reads them (hash routing)."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
-            y_BSD, stats = self.ffn(h_BSD, load_E)
+            y_BSD, stats = self.ffn(h_BSD, load_E, ids_BS)
             return x_BSD + y_BSD, stats
         return x_BSD + self.ffn(h_BSD), None
 
@@ -184,7 +195,7 @@ class Transformer(nn.Module):
         for name, block in self.blocks.items():
             is_moe = isinstance(block.ffn, MoELayer)
             load_E = None if load_LE is None or not is_moe else load_LE[self.moe_layer_index(name)]
-            x_BSD, layer_stats = block(x_BSD, self.rope_cos_SF, self.rope_sin_SF, load_E)
+            x_BSD, layer_stats = block(x_BSD, self.rope_cos_SF, self.rope_sin_SF, load_E, ids_BS)
             if layer_stats is not None:
                 stats.append(layer_stats)
         zero = x_BSD.new_zeros((), dtype=torch.float32)

@@ -130,6 +130,41 @@ def _no_barrier() -> None:
     """A single process has nobody to wait for."""
 
 
+def write_atomically(
+    ckpt_dir: Path,
+    step: int,
+    keep: int,
+    rank: int,
+    barrier: Callable[[], None],
+    write: Callable[[Path], None],
+    complete: str,
+) -> Path:
+    """The atomic-directory protocol every checkpoint format shares: rank 0 makes
+    ``step-XXXXXXXX.tmp``; every rank runs ``write(tmp)`` (its files and checks; it may
+    use collectives); then rank 0 writes ``COMPLETE`` (text ``complete``), renames the
+    directory into place, rewrites ``latest`` and keeps the newest ``keep``. A process
+    killed at any point leaves the previous checkpoint the latest complete one."""
+    final = ckpt_dir / _step_name(step)
+    tmp = ckpt_dir / f"{final.name}.tmp"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    write(tmp)
+    barrier()  # nobody still reads or writes the temp directory when rank 0 renames it
+    if rank == 0:
+        _write_atomic_text(tmp / COMPLETE_FILE, complete)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        _write_atomic_text(ckpt_dir / LATEST_FILE, final.name)
+        _prune(ckpt_dir, keep)
+    barrier()
+    return final
+
+
 def save_checkpoint(
     ckpt_dir: Path,
     step: int,
@@ -143,31 +178,17 @@ def save_checkpoint(
     """Write this rank's ``state`` and manifest into the checkpoint of ``step``; once every
     rank has written, all check the expert shards and rank 0 publishes the checkpoint and
     keeps the newest ``keep``."""
-    final = ckpt_dir / _step_name(step)
-    tmp = ckpt_dir / f"{final.name}.tmp"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    with open(tmp / state_file(rank), "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _write_manifest(tmp, step, rank, world_size, shard, state)
-    barrier()
-    check_expert_shards(read_manifests(tmp))  # on every rank: all fail alike, none waits
-    barrier()  # nobody still reads the temp directory when rank 0 renames it
-    if rank == 0:
-        _write_atomic_text(tmp / COMPLETE_FILE, str(world_size))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        _write_atomic_text(ckpt_dir / LATEST_FILE, final.name)
-        _prune(ckpt_dir, keep)
-    barrier()
-    return final
+
+    def write(tmp: Path) -> None:
+        with open(tmp / state_file(rank), "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _write_manifest(tmp, step, rank, world_size, shard, state)
+        barrier()
+        check_expert_shards(read_manifests(tmp))  # on every rank: all fail alike, none waits
+
+    return write_atomically(ckpt_dir, step, keep, rank, barrier, write, str(world_size))
 
 
 def _is_complete(path: Path) -> bool:

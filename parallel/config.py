@@ -23,6 +23,7 @@ class ParallelConfig:
     dp: int = 1
     etp: int = 1
     vpp: int = 1
+    sequence_parallel: bool = False
     engine: Literal["megatron", "deepspeed"] = "megatron"
     zero_stage: int = 1
     offload_optimizer: bool = False

@@ -56,6 +56,17 @@ Not supported, refused by :func:`check_zero_stage` with a message: ZeRO stage 0 
 runs it only through ``engine.backward(loss)``; the loop calls torch's backward) and stage 3
 (DeepSpeed 0.19.8 accepts MoE under ZeRO-3 only for its own AutoEP layers, and ZeRO-3 frees
 every parameter outside forward, while the loop and the checkpoints read full parameters).
+Re-checked on deepspeed 0.19.8 (2026-11-22): with experts sharded (ep > 1)
+``runtime/engine.py:2218`` (``_validate_zero3_moe_compatibility``) raises "MoE not supported
+with Stage 3". With ep = 1, ZeRO-3 after torch's backward fails in the step
+(``runtime/zero/stage3.py:2579``, ``KeyError: 0``: no gradient was reduced into the
+partitions); the router returns a ``Routing`` dataclass, whose tensors ZeRO-3's module hooks
+do not see, so the router weight is not re-gathered for backward ("size of tensor a (0) must
+match ... (32)" in its AccumulateGrad) unless registered with
+``deepspeed.zero.register_external_parameter``; and with both worked around
+(``engine.backward`` and the registration), losses and grad norms drifted 1e-4 from the
+one-process run within 3 steps (ZeRO-1/2: 1e-7). ZeRO-0 through ``engine.backward`` trains
+but reports no global gradient norm (``get_global_grad_norm()`` is None), which the loop logs.
 
 DeepSpeed's communication layer wraps the torch.distributed process group the launcher
 created; its CPU shared-memory all-reduce op (inference only, a ~25 s JIT build) is skipped.

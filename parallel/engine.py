@@ -25,6 +25,14 @@ on the whole global batch):
   gives the gradient of the global-batch mean loss. A parameter marked ``allreduce =
   False`` but *replicated* (not sharded over ``ep``) is therefore only right when
   ``ep == 1`` (then ``edp == dp``); with ``ep > 1`` it would get ``edp/dp`` of its gradient.
+  Under tensor parallelism (``parallel/tensor_parallel.py``) the TP ranks of a replica route
+  disjoint sequences, so every token of the step is routed from exactly one of the
+  ``tp·dp = etp·ep·edp`` ranks and reaches each expert (each ``etp`` slice of it) once:
+  the ``1/dp`` scaling still gives the global-batch mean's gradient.
+- **Tensor-parallel replicas** (routers, shared experts, sequence-parallel norm gains:
+  ``param.sequence_parallel = True``) hold partial gradients over their TP rank's tokens;
+  ``finalize_model_grads`` sums them over ``groups.tp`` first (the DDP config carries
+  ``sequence_parallel=True`` whenever ``tp > 1``).
 - **Optimizer state is sharded** (megatron's distributed optimizer): each rank's AdamW
   holds ``exp_avg``/``exp_avg_sq`` for a ``1/dp`` slice of the dense buffer and a ``1/edp``
   slice of the expert buffer; after its update each rank all-gathers the parameters, so
@@ -44,6 +52,14 @@ on the whole global batch):
   :meth:`no_sync` marks the non-final micro-batches (it matters once gradient reduction
   overlaps backward; today it changes nothing).
 
+**Pipeline chunks**: given a list of modules (this rank's pipeline chunks,
+``parallel/pipeline.py``), each chunk gets its own DDP (``engine.modules``), one megatron
+optimizer spans them all and ``finalize_model_grads`` reduces them together. A chunk's
+``tied_weight()`` (a copy of a tied embedding/LM-head matrix on the first or last stage)
+has its local gradient summed over the embedding group (first and last pipeline rank of a
+data-parallel position) before the data-parallel reduction, and the copies are made equal
+(broadcast from the first stage) at construction.
+
 Call :meth:`zero_grad` before each step's first backward.
 """
 
@@ -51,11 +67,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from parallel.groups import ParallelGroups
 from parallel.megatron_compat import apply_cpu_compat
@@ -94,16 +111,26 @@ class MegatronEngine:
 
     ``engine.module`` is the DDP-wrapped model (call it like the model); the original is
     ``engine.module.module``. Parameters become views into megatron's contiguous buffers.
+    Given a list of pipeline chunks, ``engine.modules`` holds one DDP per chunk
+    (``engine.module`` is the first). ``config``: the megatron ``TransformerConfig`` the DDP
+    chunks carry (the pipeline schedules read theirs from it); default: placeholders.
     """
 
-    def __init__(self, model: torch.nn.Module, groups: ParallelGroups, optim: OptimSettings) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module | list[torch.nn.Module],
+        groups: ParallelGroups,
+        optim: OptimSettings,
+        config: Any | None = None,
+    ) -> None:
         apply_cpu_compat()
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
         from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
-        if any(p.dtype != torch.float32 for p in model.parameters()):
+        models = model if isinstance(model, list) else [model]
+        if any(p.dtype != torch.float32 for m in models for p in m.parameters()):
             raise ValueError("MegatronEngine: parameters must be fp32 (mixed precision runs under autocast)")
         self.groups = groups
         self.optim = optim
@@ -115,9 +142,15 @@ class MegatronEngine:
             overlap_param_gather=False,
             average_in_collective=False,
         )
-        self.module = DistributedDataParallel(_transformer_config(), ddp_config, model, pg_collection=self._pg)
+        config = _transformer_config(groups.topology.tp) if config is None else config
+        self.modules = [DistributedDataParallel(config, ddp_config, m, pg_collection=self._pg) for m in models]
+        self.module = self.modules[0]
         # Replicas must start equal: dense params from dp rank 0, expert params from edp rank 0.
-        self.module.broadcast_params()
+        for module in self.modules:
+            module.broadcast_params()
+        self._tied = [w for m in models if (w := _tied_weight(m)) is not None]
+        for weight in self._tied:  # the last stage's copy of a tied matrix starts as the first's
+            dist.broadcast(weight.data, src=dist.get_process_group_ranks(groups.embd)[0], group=groups.embd)
         self._opt_config = OptimizerConfig(
             optimizer="adam",
             lr=optim.lr,
@@ -134,7 +167,7 @@ class MegatronEngine:
         no_decay = {ParamKey(predicate=ParamPredicate(name="ndim_below_2", fn=_no_decay)): ParamGroupOverride(wd_mult=0.0)}
         self.optimizer = get_megatron_optimizer(
             self._opt_config,
-            [self.module],
+            self.modules,
             config_overrides=no_decay,
             use_gloo_process_groups=False,
             pg_collection=self._pg,
@@ -145,7 +178,8 @@ class MegatronEngine:
 
     def zero_grad(self) -> None:
         """Zero megatron's gradient buffers and the optimizer's shard gradients."""
-        self.module.zero_grad_buffer()
+        for module in self.modules:
+            module.zero_grad_buffer()
         with warnings.catch_warnings():
             # megatron reads .grad of its shard views (non-leaf tensors) while zeroing them.
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
@@ -154,7 +188,9 @@ class MegatronEngine:
     @contextmanager
     def no_sync(self) -> Iterator[None]:
         """Wrap the backward of every micro-batch but the last (megatron DDP's ``no_sync``)."""
-        with self.module.no_sync():
+        with ExitStack() as stack:
+            for module in self.modules:
+                stack.enter_context(module.no_sync())
             yield
 
     def local_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
@@ -175,7 +211,9 @@ class MegatronEngine:
             # torch 2.13 deprecates the collectives megatron-core 0.16.1 calls (reduce_scatter_tensor,
             # all_gather_into_tensor); the calls are correct, the warning is noise for our users.
             warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-            finalize_model_grads([self.module], pg_collection=self._pg)
+            for weight in self._tied:  # local sums first: the dp reduction below is linear
+                dist.all_reduce(weight.main_grad, group=self.groups.embd)
+            finalize_model_grads(self.modules, pg_collection=self._pg)
             self._set_hyperparameters(lr)
             ok, grad_norm, _ = self.optimizer.step()
         if not ok:  # only a loss scaler (fp16) can skip a step; we run fp32 master weights
@@ -199,14 +237,15 @@ class MegatronEngine:
     def state_dict(self) -> dict[str, Any]:
         """This rank's model and optimizer state, as a plain dict of tensors.
 
-        ``model``: the full (replicated) model's ``state_dict``; ``optimizer``: for each of
+        ``model``: the full (replicated) model's ``state_dict`` (with pipeline chunks, the union
+        of this rank's chunks' entries, under the full model's names); ``optimizer``: for each of
         megatron's chained optimizers (dense, then experts if any) the inner AdamW's
         ``state_dict`` over this rank's shards; ``layout``: what the shards depend on.
         Like torch's ``state_dict`` it references live tensors: save or copy it before
         training on. It loads only into an engine of the same layout and model.
         """
         return {
-            "model": self.module.module.state_dict(),
+            "model": {k: v for m in self.modules for k, v in m.module.state_dict().items()},
             "optimizer": [opt.optimizer.state_dict() for opt in self.optimizer.chained_optimizers],
             "layout": self._layout(),
         }
@@ -219,7 +258,9 @@ class MegatronEngine:
                 f"{state['layout']} but this engine has {self._layout()}; shards load only into "
                 "the same data/expert-parallel layout and model"
             )
-        self.module.module.load_state_dict(state["model"])
+        for module in self.modules:
+            own = module.module.state_dict().keys()
+            module.module.load_state_dict({k: v for k, v in state["model"].items() if k in own})
         for opt, opt_state in zip(self.optimizer.chained_optimizers, state["optimizer"], strict=True):
             opt.optimizer.load_state_dict(opt_state)
 
@@ -228,18 +269,29 @@ class MegatronEngine:
             "dp": (self.groups.dp_rank, self.groups.dp_size),
             "edp": (self.groups.edp_rank, self.groups.edp_size),
             "ep": (self.groups.ep_rank, self.groups.ep_size),
+            "pp": (self.groups.pp.rank(), self.groups.pp.size()),
             "shards": [[tuple(p.shape) for p in g["params"]] for g in self.optimizer.param_groups],
         }
 
 
-def _transformer_config() -> Any:
+def _tied_weight(module: torch.nn.Module) -> torch.nn.Parameter | None:
+    """A pipeline chunk's copy of a tied embedding/LM-head matrix (None for anything else)."""
+    getter = getattr(module, "tied_weight", None)
+    return None if getter is None else getter()
+
+
+def _transformer_config(tp: int) -> Any:
     """The ``TransformerConfig`` megatron's DDP and ``finalize_model_grads`` want.
 
     They read only ``calculate_per_token_loss`` (False: gradients are divided by ``dp``),
     ``cuda_graph_impl``, ``timers``, ``sequence_parallel``, ``qk_layernorm``,
-    ``moe_router_enable_expert_bias`` and ``mtp_num_layers`` (all at their defaults, off);
-    the required ``num_layers``/``hidden_size``/``num_attention_heads`` are placeholders
-    that no code on this path reads.
+    ``moe_router_enable_expert_bias`` and ``mtp_num_layers`` (all at their defaults, off,
+    except ``sequence_parallel``). ``sequence_parallel`` is on whenever ``tp > 1``: then
+    ``finalize_model_grads`` sums over the TP group the gradients of parameters marked
+    ``param.sequence_parallel`` (``parallel/tensor_parallel.py``: routers, shared experts,
+    and norm gains under sequence parallelism, which see only their rank's tokens). The
+    required ``num_layers``/``hidden_size``/``num_attention_heads`` are placeholders that no
+    code on this path reads (sized so that megatron's own divisibility checks by ``tp`` pass).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -247,8 +299,10 @@ def _transformer_config() -> Any:
         warnings.filterwarnings("ignore", message="full scope is deprecated")
         return TransformerConfig(
             num_layers=1,
-            hidden_size=8,
-            num_attention_heads=1,
+            hidden_size=8 * tp,
+            num_attention_heads=tp,
+            tensor_model_parallel_size=tp,
+            sequence_parallel=tp > 1,
             use_cpu_initialization=True,
             params_dtype=torch.float32,
         )

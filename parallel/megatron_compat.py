@@ -2,8 +2,9 @@
 
 megatron-core assumes a CUDA device in a few places on the path that
 ``parallel/engine.py`` takes (``DistributedDataParallel`` -> ``get_megatron_optimizer``
--> ``ChainedOptimizer.step``) and on the forward of its own ``MoELayer`` (which
-``moe bench layer`` compares ours against). :func:`apply_cpu_compat` replaces exactly those megatron
+-> ``ChainedOptimizer.step``), on the forward of its own ``MoELayer`` (which
+``moe bench layer`` compares ours against) and in the sequence-parallel collectives of its
+tensor-parallel layers (``parallel/tensor_parallel.py``). :func:`apply_cpu_compat` replaces exactly those megatron
 functions or module-level names, each with a small named function below whose docstring
 says what it replaces and why. Nothing of torch is replaced: where a megatron module calls
 ``torch.cuda.current_device()`` the replacement is that *module's own* ``torch`` name, a
@@ -16,7 +17,8 @@ Rules:
   bypass megatron internals of that release;
 - idempotent: the second call patches nothing and returns the same names.
 
-Each patch is exercised by ``tests/test_megatron_compat.py`` (which fails without it).
+Each patch is exercised by ``tests/test_megatron_compat.py`` (which fails without it; the
+sequence-parallel ones, which need two ranks, by ``tests/test_tensor_parallel.py``).
 """
 
 from __future__ import annotations
@@ -265,6 +267,105 @@ def patch_moe_utils_missing_te_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+def patch_tensor_parallel_mappings_device() -> None:
+    """Allocate the tensor-parallel gathers' outputs on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/tensor_parallel/mappings.py``:
+    ``_gather_along_first_dim``, ``_gather_along_last_dim``, ``_reduce_scatter_along_first_dim``
+    (the sequence-parallel scatter/gather/reduce-scatter regions) allocate their outputs with
+    ``device=torch.cuda.current_device()``. Replaced: that module's global name ``torch``,
+    by the view of torch whose ``cuda.current_device()`` is the CPU.
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    mappings.torch = _TorchView()
+
+
+def patch_tensor_parallel_linear_device() -> None:
+    """Allocate the sequence-parallel linear's input-gradient buffer on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/tensor_parallel/layers.py``,
+    ``LinearWithGradAccumulationAndAsyncCommunication.backward`` makes the reduce-scatter
+    output for a sequence-parallel input gradient with ``device=torch.cuda.current_device()``.
+    Replaced: that module's global name ``torch``, by the view of torch (its other
+    ``current_device()`` uses allocate parameters when ``use_cpu_initialization=False``,
+    which this project never sets).
+    """
+    from megatron.core.tensor_parallel import layers
+
+    layers.torch = _TorchView()
+
+
+def patch_global_memory_buffer_device() -> None:
+    """Allocate megatron's global memory buffer on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/utils.py``, ``GlobalMemoryBuffer.get_tensor``
+    (where the sequence-parallel linear all-gathers its input) allocates with
+    ``device=torch.cuda.current_device()``. Replaced: that module's global name ``torch``,
+    by the view of torch.
+    """
+    from megatron.core import utils
+
+    utils.torch = _TorchView()
+
+
+class _CudaZerosTorchView(_TorchView):
+    """The view of torch whose ``zeros(..., device="cuda")`` allocates on the CPU."""
+
+    def zeros(self, *size: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros(*size, device="cpu" if str(device) == "cuda" else device, **kwargs)
+
+
+def patch_pipeline_schedules_token_count() -> None:
+    """Count the pipeline schedules' tokens on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/pipeline_parallel/schedules.py``: the 1F1B and
+    interleaved schedules (``forward_backward_pipelining_without_interleaving`` /
+    ``_with_interleaving``) start with ``total_num_tokens = torch.zeros([], dtype=torch.int,
+    device="cuda")``. Replaced: that module's global name ``torch``, by a view of torch
+    whose ``zeros`` maps ``device="cuda"`` to the CPU (and whose ``cuda.current_device()``
+    is the CPU).
+    """
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CudaZerosTorchView()
+
+
+def patch_pipeline_p2p_device() -> None:
+    """Allocate the pipeline's receive buffers on the CPU.
+
+    megatron-core 0.16.1, ``megatron/core/pipeline_parallel/p2p_communication.py``,
+    ``P2PCommunicator._communicate`` makes the buffers that receive the previous stage's
+    activation / the next stage's gradient with ``device=torch.cuda.current_device()``.
+    Replaced: that module's global name ``torch``, by the view of torch whose
+    ``cuda.current_device()`` is the CPU. (Its ``torch.cuda.synchronize()`` calls sit behind
+    ``batch_p2p_comm`` and ``variable_seq_lengths``, which ``parallel/pipeline.py`` leaves off.)
+    """
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    p2p_communication.torch = _TorchView()
+
+
+def patch_checkpoint_save_device() -> None:
+    """Let ``dist_checkpointing``'s torch_dist save run on CPU.
+
+    megatron-core 0.16.1, ``megatron/core/dist_checkpointing/strategies/``:
+    ``filesystem_async.py``, ``FileSystemWriterAsync.preload_tensors`` copies the tensors to
+    write to the host with ``non_blocking=True`` (hard-wired) and then calls
+    ``torch.cuda.synchronize()`` (CPU copies are synchronous: nothing to wait for);
+    ``state_dict_saver.py``, ``save_state_dict_async_finalize`` all-reduces its failure flag
+    on ``torch.cuda.current_device()``. Both raise on CPU. Replaced: each module's global
+    name ``torch``, by a view of torch whose ``cuda.current_device()`` is the CPU (and, for
+    the writer, whose ``cuda.synchronize()`` does nothing).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
+
+    view = _TorchView()
+    view.cuda.synchronize = lambda device=None: None  # type: ignore[attr-defined]
+    filesystem_async.torch = view
+    state_dict_saver.torch = _TorchView()
+
+
 _PATCHES = {
     "grad_buffer_device": patch_grad_buffer_device,
     "mixed_precision_optimizer_init": patch_mixed_precision_optimizer_init,
@@ -272,4 +373,10 @@ _PATCHES = {
     "grad_norm_and_clip": patch_grad_norm_and_clip,
     "moe_router_device": patch_moe_router_device,
     "moe_utils_missing_te_gemm": patch_moe_utils_missing_te_gemm,
+    "pipeline_schedules_token_count": patch_pipeline_schedules_token_count,
+    "pipeline_p2p_device": patch_pipeline_p2p_device,
+    "tensor_parallel_mappings_device": patch_tensor_parallel_mappings_device,
+    "tensor_parallel_linear_device": patch_tensor_parallel_linear_device,
+    "global_memory_buffer_device": patch_global_memory_buffer_device,
+    "checkpoint_save_device": patch_checkpoint_save_device,
 }

@@ -55,6 +55,7 @@ class Topology:
         _check_tensor_parallel(parallel, model, moe)
         _check_pipeline(parallel, model)
         micro_batches = _check_batch(parallel, batch)
+        _check_sequence_split(parallel, model, batch)
         _check_engine(parallel)
         return cls(
             tp=parallel.tp,
@@ -142,6 +143,21 @@ def _check_batch(p: ParallelConfig, batch: BatchShape) -> int:
             "which the interleaved schedule (parallel.vpp > 1) requires; adjust train.micro_batch_size"
         )
     return micro_batches
+
+
+def _check_sequence_split(p: ParallelConfig, model: ModelConfig, batch: BatchShape) -> None:
+    """Under tensor parallelism the TP ranks route disjoint sequences through MoE layers
+    (and, with sequence parallelism, hold disjoint sequences between TP regions): the
+    micro-batch must split into whole sequences per TP rank."""
+    if p.tp == 1 or (model.moe_every == 0 and not p.sequence_parallel):
+        return
+    if batch.micro_batch % p.tp:
+        why = "parallel.sequence_parallel=true" if p.sequence_parallel else "MoE layers (model.moe_every > 0)"
+        _fail(
+            f"a micro-batch of {batch.micro_batch} sequences (train.micro_batch_size, by default train.batch_size / "
+            f"parallel.dp) is not divisible by parallel.tp={p.tp}; with {why} each TP rank takes whole sequences of "
+            "the micro-batch: make the micro-batch a multiple of parallel.tp"
+        )
 
 
 def _check_engine(p: ParallelConfig) -> None:

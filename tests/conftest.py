@@ -90,3 +90,13 @@ def start_within() -> Callable[..., dict[str, Any]]:
     """``start_within(cfg, seconds=240)``: ``launch.local_launcher.start`` in a thread with a
     deadline, so that a hung group of ranks fails its test instead of the whole suite."""
     return _start_within
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20-file slice of the embedded corpus, prepared once per session."""
+    from launch.data import prepare, stdlib_sources
+
+    out = tmp_path_factory.mktemp("corpus") / "stdlib-small"
+    prepare(stdlib_sources()[:20], out, val_fraction=0.2)
+    return out

@@ -69,8 +69,10 @@ class RankPool:
         port = _free_port()
         self._results: mp.Queue = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        # Not daemonic: megatron's dist_checkpointing save starts writer processes, which a
+        # daemonic process may not; close() (the fixture's teardown) stops the ranks.
         self._procs = [
-            ctx.Process(target=_worker, args=(r, self.world_size, port, self._tasks[r], self._results), daemon=True)
+            ctx.Process(target=_worker, args=(r, self.world_size, port, self._tasks[r], self._results), daemon=False)
             for r in range(self.world_size)
         ]
         for proc in self._procs:
@@ -100,8 +102,18 @@ class RankPool:
         return [results[r] for r in range(self.world_size)]
 
     def close(self) -> None:
+        """Kill the ranks and what they started (dist_checkpointing's writer manager would
+        outlive a killed rank)."""
+        import psutil
+
         for proc in self._procs:
             if proc.is_alive():
+                try:
+                    children = psutil.Process(proc.pid).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    children = []
                 proc.kill()
+                for child in children:
+                    child.kill()
             proc.join(timeout=10)
         self._procs = []

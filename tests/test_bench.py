@@ -43,3 +43,37 @@ def test_bench_layer_runs_all_three_layers(tmp_path: Path) -> None:
     for name, row in rows.items():
         assert row["ms"] is not None and row["ms"] > 0, (name, row.get("note"))
         assert row["peak_mb"] is not None
+
+
+def test_bench_layouts_measures_every_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.data import prepare, stdlib_sources
+
+    corpus = tmp_path / "corpus"
+    prepare(stdlib_sources()[:10], corpus, val_fraction=0.2)
+    out = tmp_path / "layouts.json"
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    overrides = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=16", "model.ffn_dim=64",
+                 "moe.num_experts=4", "moe.expert_ffn_dim=32", "train.batch_size=8", "data.val_tokens=256",
+                 f"data.path={corpus}", "launch.launcher=local", "launch.threads=1"]
+    argv = ["layouts", str(tiny), *overrides, "--layouts", "dp=1;ep=2", "--steps", "2", "--warmup", "1",
+            "--out", str(out), "--runs", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["layout"], r["engine"], r["world_size"]) for r in rows] == [("dp=1", "local", 1), ("ep=2", "megatron", 2)]
+    for row in rows:
+        assert len(row["step_seconds"]) == 2 and all(s > 0 for s in row["step_seconds"])
+        assert row["median_step_ms"] > 0 and row["tokens_per_s"] == pytest.approx(8 * 16 / (row["median_step_ms"] / 1e3))
+        memory = row["peak_memory_mb_per_rank"]
+        # one figure per rank, each a whole process's peak (torch alone needs > 100 MB)
+        assert len(memory) == row["world_size"] and all(mb > 100 for mb in memory)
+        assert row["memory_kind"] == ("cuda_max_allocated" if torch.cuda.is_available() else "peak_rss")
+    assert "peak memory per rank" in capsys.readouterr().out
+
+
+def test_bench_layouts_refuses_a_bad_layout_before_running(tmp_path: Path) -> None:
+    from moe.config import ConfigError
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match="layout 'engine=deepspeed,zero=0' is refused"):
+        main(["layouts", str(tiny), "--layouts", "dp=1;engine=deepspeed,zero=0", "--runs", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

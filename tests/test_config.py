@@ -59,8 +59,8 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 def test_multi_rank_layout_is_refused_not_run_wrong() -> None:
     check_layout(load_config(TINY, ["parallel.ep=2", "parallel.dp=2"]))  # ep x dp trains
-    with pytest.raises(ConfigError, match="this build trains ep x dp layouts with the megatron engine"):
-        check_layout(load_config(TINY, ["parallel.tp=2"]))
+    check_layout(load_config(TINY, ["parallel.tp=2", "parallel.etp=2"]))  # tp x etp trains
+    check_layout(load_config(TINY, ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=4"]))  # tp x pp trains
     with pytest.raises(ConfigError, match="must divide parallel.tp=1 x parallel.dp=1"):
         check_layout(load_config(TINY, ["parallel.ep=2"]))
 
@@ -112,3 +112,13 @@ def test_cli_reports_a_bad_config_in_one_line_and_exits_2(capsys: pytest.Capture
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown key 'moe.num_expert' (did you mean 'num_experts'?)")
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["check-layouts", "bench", "sweep", "simulate"])
+def test_cli_help_of_a_pass_through_command_is_its_own(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: moe {command} ")

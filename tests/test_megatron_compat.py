@@ -40,7 +40,29 @@ def _patch_targets() -> dict[str, Any]:
         "optimizer.clip_grad_by_total_norm_fp32": megatron_optimizer.clip_grad_by_total_norm_fp32,
         "moe.router.torch": _moe_router().torch,
         "moe_utils.te_general_gemm": getattr(_moe_utils(), "te_general_gemm", "unbound"),
+        "tensor_parallel.mappings.torch": _tp_modules()[0].torch,
+        "tensor_parallel.layers.torch": _tp_modules()[1].torch,
+        "utils.torch": _tp_modules()[2].torch,
+        "dist_checkpointing.filesystem_async.torch": _ckpt_modules()[0].torch,
+        "dist_checkpointing.state_dict_saver.torch": _ckpt_modules()[1].torch,
     }
+
+
+def _ckpt_modules() -> tuple[Any, Any]:
+    """The modules the checkpoint-save patch rebinds ``torch`` in (exercised by
+    tests/test_dist_checkpoint.py)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
+
+    return filesystem_async, state_dict_saver
+
+
+def _tp_modules() -> tuple[Any, Any, Any]:
+    """The modules the sequence-parallel patches rebind ``torch`` in (tested in
+    tests/test_tensor_parallel.py, which needs two ranks to reach them)."""
+    from megatron.core import utils
+    from megatron.core.tensor_parallel import layers, mappings
+
+    return mappings, layers, utils
 
 
 def _moe_router() -> Any:

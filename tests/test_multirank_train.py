@@ -17,7 +17,7 @@ from launch.config import load_config
 from launch.data import prepare, stdlib_sources
 from launch.local_launcher import LaunchError
 from launch.metrics import read_metrics
-from parallel.checkpoint import read_manifests
+from parallel.dist_checkpoint import read_manifest
 from moe.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +72,8 @@ def test_layout_strings() -> None:
 
 
 def test_unsupported_layouts_are_refused_before_anything_runs(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="layout 'tp=2' is refused: .*this build trains ep x dp layouts"):
-        check_layouts([str(TINY), *SMALL, "--layouts", "dp=1;tp=2", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="layout 'engine=deepspeed,zero=3' is refused: .*MoE not supported with Stage 3"):
+        check_layouts([str(TINY), *SMALL, "--layouts", "dp=1;engine=deepspeed,zero=3", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
 
 
@@ -94,13 +94,14 @@ def test_multirank_resume_is_bit_exact_and_a_failing_rank_stops_the_group(
     summary = start_within(_cfg(corpus, full, f"launch.launcher={launcher}"))
     assert summary["layout"] == {"world_size": 2, "ep": 2, "dp": 2, "micro_batches": 1}
     assert (full / "logs" / "rank-1.log").is_file()
-    assert sorted(p.name for p in (full / "checkpoints" / "step-00000002").iterdir()) == [
-        "COMPLETE", "manifest-rank0.json", "manifest-rank1.json", "state-rank1.pt", "state.pt"]
-    manifests = read_manifests(full / "checkpoints" / "step-00000002")
-    expert_paths = manifests[0]["shard"]["expert_paths"]
-    assert len(expert_paths) == 2 * 2  # 2 MoE layers x (w_in, w_out)
-    for path in expert_paths:  # each EP rank saved its own experts
-        assert manifests[0]["tensors"][path]["crc32"] != manifests[1]["tensors"][path]["crc32"]
+    saved = full / "checkpoints" / "step-00000002"  # sharded: megatron dist_checkpointing
+    assert {"COMPLETE", "manifest.json", "common.pt", "metadata.json"} <= {p.name for p in saved.iterdir()}
+    tensors = read_manifest(saved)["tensors"]
+    experts = [k for k in tensors if ".experts." in k and not k.startswith("optimizer.")]
+    assert len(experts) == 2 * 2  # 2 MoE layers x (w_in, w_out)
+    for key in experts:  # each EP rank saved its own experts
+        first, second = tensors[key]["shards"]
+        assert first["offset"] != second["offset"] and first["crc32"] != second["crc32"]
 
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
@@ -109,13 +110,13 @@ def test_multirank_resume_is_bit_exact_and_a_failing_rank_stops_the_group(
     start_within(_cfg(corpus, cut, "train.resume=true", f"launch.launcher={launcher}"))
     assert _losses(cut) == _losses(full)
 
-    # Rank 1's shard is damaged: rank 1 fails on resume, rank 0 would wait for it in a
-    # collective; the launcher stops the group and names the rank.
+    # A shard file is damaged: the ranks find it by its CRC-32 and fail together; the
+    # launcher stops the group and names the rank that failed first.
     broken = tmp_path / "broken"
     shutil.copytree(full, broken)
-    (broken / "checkpoints" / "step-00000004" / "state-rank1.pt").write_bytes(b"damaged")
+    sorted((broken / "checkpoints" / "step-00000004").glob("*.distcp"))[-1].write_bytes(b"damaged")
     began = time.perf_counter()
-    with pytest.raises(LaunchError, match=r"rank 1 of 2 failed first \(CheckpointError: .*cannot be read.*the other ranks were stopped"):
+    with pytest.raises(LaunchError, match=r"rank \d of 2 failed first \(CheckpointError: .*does not match its recorded CRC-32.*the other ranks were stopped"):
         start_within(_cfg(corpus, broken, "train.resume=true", "train.steps=6", f"launch.launcher={launcher}"))
     assert time.perf_counter() - began < 60
-    assert "cannot be read" in (broken / "logs" / "rank-1.log").read_text()
+    assert "does not match its recorded CRC-32" in (broken / "logs" / "rank-1.log").read_text()

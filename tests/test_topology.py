@@ -23,7 +23,7 @@ def _build(world: int, model: ModelConfig = MODEL, moe: MoEConfig = MOE, batch: 
         (4, {"tp": 2}, "parallel.tp=2 x parallel.pp=1 x parallel.dp=1 = 2 ranks, but the job has 4"),
         (4, {"dp": 4, "ep": 3}, "moe.num_experts=8 is not divisible by parallel.ep=3"),
         (2, {"dp": 2, "ep": 4}, "parallel.etp=1 x parallel.ep=4 = 4 must divide parallel.tp=1 x parallel.dp=2 = 2"),
-        (4, {"tp": 4, "dp": 1}, None),
+        (4, {"tp": 2, "dp": 2}, None),
         (3, {"tp": 3}, "model.n_heads=4 is not divisible by parallel.tp=3"),
         (2, {"dp": 2, "etp": 2}, None),
         (4, {"pp": 4, "vpp": 2}, "model.n_layers=4 is not divisible by parallel.pp=4 x parallel.vpp=2 = 8"),
@@ -45,6 +45,17 @@ def test_expert_ffn_must_split_over_etp() -> None:
     moe = MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=64)
     with pytest.raises(ConfigError, match="moe.expert_ffn_dim=64 is not divisible by parallel.etp=3"):
         Topology.build(ParallelConfig(dp=3, etp=3), MODEL, moe, BatchShape(12, 2), world_size=3)
+
+
+def test_tensor_parallel_needs_whole_sequences_per_rank() -> None:
+    with pytest.raises(ConfigError, match=r"a micro-batch of 2 sequences .* is not divisible by parallel.tp=4; with MoE layers"):
+        _build(4, tp=4)
+    _build(4, batch=BatchShape(16, 4), tp=4)
+    dense = ModelConfig(dim=64, n_layers=4, n_heads=4, ffn_dim=128, moe_every=0)
+    odd = BatchShape(global_batch=6, micro_batch=3)
+    _build(2, model=dense, batch=odd, tp=2)  # replicated tokens: any micro-batch
+    with pytest.raises(ConfigError, match=r"a micro-batch of 3 sequences .* parallel.tp=2; with parallel.sequence_parallel=true"):
+        _build(2, model=dense, batch=odd, tp=2, sequence_parallel=True)
 
 
 def test_dense_model_cannot_use_expert_parallelism() -> None:

@@ -1,0 +1,116 @@
+"""The layout-invariance harness over every kind of layout (world size <= 4).
+
+Each layout trains the same tiny model, seed and global batch for 3 steps through the
+harness's own code path (``launch.check_layouts``: its config overrides and defaults,
+``launch.train.train_rank`` on every rank, the run's ``metrics.jsonl``, ``compare``), and
+is compared with the single-process run on the LM loss, aux loss, z-loss, the routers'
+gradient norm and the routed tokens per expert of every MoE layer, at the harness's
+default tolerance. The ranks are the session's persistent gloo pools (``rank_pool``):
+starting a group of processes per layout, as ``moe check-layouts`` does, would pay the
+interpreter, torch and megatron-core imports and the rendezvous again for every layout.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from launch.check_layouts import Layout, compare, layout_configs, parse_layouts, pipeline_micro_batches, train_records
+from launch.config import Config, load_config
+from launch.data import prepare, stdlib_sources
+from launch.train import train, train_rank
+from moe.config import ConfigError
+from multirank import RankPool
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+STEPS = 3
+RTOL = 1e-5  # moe check-layouts' default
+# 4 layers (pp=2 x vpp=2 chunks), 4 experts top-2, global-batch aux loss (the scope that
+# does not depend on how the batch is split over ranks and micro-batches). lr 1e-3: Adam's
+# m/sqrt(v) turns last-bit differences of tiny expert gradients into whole steps, more so
+# at a larger lr (see tests/test_deepspeed_engine.py).
+SMALL = [
+    "model.dim=32", "model.n_layers=4", "model.n_heads=2", "model.seq_len=16", "model.ffn_dim=64",
+    "model.vocab_size=257", "moe.num_experts=4", "moe.top_k=2", "moe.normalize_weights=true",
+    "moe.expert_ffn_dim=32", "moe.aux_loss_scope=global_batch", "train.batch_size=8", "train.warmup_steps=2",
+    "train.lr=1e-3", "train.grad_clip=0.5", "data.val_tokens=256", "launch.threads=1", "launch.timeout_minutes=2",
+]
+REFERENCE = "dp=1"
+# Every kind of layout: data, expert, tensor, pipeline (plain and interleaved), expert-tensor
+# parallelism, their combinations, gradient accumulation, and DeepSpeed ZeRO-1/2.
+LAYOUTS = [
+    "dp=2", "ep=2", "dp=2,micro=2", "ep=4", "tp=2", "pp=2", "tp=2,ep=2", "pp=2,ep=2", "pp=2,vpp=2", "etp=2",
+    "tp=2,etp=2,ep=2", "tp=2,pp=2",
+    "ep=2,engine=deepspeed,zero=1", "dp=2,engine=deepspeed,zero=2", "dp=2,ep=2,engine=deepspeed,zero=2,micro=2",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "stdlib-small"
+    prepare(stdlib_sources()[:20], out, val_fraction=0.2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("layouts")
+
+
+def _config(layout: str, corpus: Path, runs: Path) -> tuple[Layout, Config]:
+    out = runs / layout.replace(",", "_").replace("=", "")
+    layouts, configs = layout_configs(TINY, [*SMALL, f"data.path={corpus}"], parse_layouts(layout), STEPS, out)
+    return layouts[0], configs[0]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Path, runs: Path) -> tuple[Layout, list[dict]]:
+    layout, cfg = _config(REFERENCE, corpus, runs)
+    train(cfg, "tiny")
+    return layout, train_records(Path(str(cfg.train.run_dir)))
+
+
+def train_layout(rank: int, world_size: int, cfg: Config) -> None:
+    """One rank of a layout, as a launcher's rank runs it (``train_rank``)."""
+    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed insists on it; the launchers export it
+    train_rank(cfg, "tiny")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_matches_one_process(
+    layout: str, corpus: Path, runs: Path, reference: tuple[Layout, list[dict]], rank_pool: Callable[[int], RankPool]
+) -> None:
+    named, cfg = _config(layout, corpus, runs)
+    rank_pool(cfg.parallel.world_size).run(train_layout, cfg, timeout=240)
+    records = train_records(Path(str(cfg.train.run_dir)))
+    assert len(records) == STEPS
+    assert all(len(r["expert_tokens"]) == 4 for r in records)  # every MoE layer compared
+    lines, ok = compare([reference[1], records], [reference[0], named], RTOL)
+    print("\n".join(lines))
+    assert ok, "\n".join(lines)
+
+
+def test_layout_defaults_and_engines(corpus: Path, runs: Path) -> None:
+    dp = {lay.name: next(o for o in lay.overrides if o.startswith("parallel.dp=")) for lay in parse_layouts(
+        "ep=2;tp=2,ep=2;etp=2;pp=2,ep=2;tp=2;engine=deepspeed;ep=4,engine=deepspeed;dp=3")}
+    assert dp == {"ep=2": "parallel.dp=2", "tp=2,ep=2": "parallel.dp=1", "etp=2": "parallel.dp=2",
+                  "pp=2,ep=2": "parallel.dp=2", "tp=2": "parallel.dp=1", "engine=deepspeed": "parallel.dp=2",
+                  "ep=4,engine=deepspeed": "parallel.dp=4", "dp=3": "parallel.dp=3"}
+    assert parse_layouts("dp=2,zero=2,micro=2")[0].overrides == [
+        "parallel.dp=2", "parallel.zero_stage=2", "train.micro_batch_size=2"]
+    labels = [_config(name, corpus, runs)[0].engine for name in ("dp=1", "ep=2", "dp=2,engine=deepspeed,zero=2")]
+    assert labels == ["local", "megatron", "deepspeed-z2"]
+    with pytest.raises(ConfigError, match="layout 'ep=x': ep, etp and tp must be integers"):
+        parse_layouts("ep=x")
+    with pytest.raises(ConfigError, match="layout 'engine=deepspeed,zero=3' is refused: .*MoE not supported with Stage 3"):
+        _config("engine=deepspeed,zero=3", corpus, runs)
+
+
+def test_pipeline_layouts_default_to_pp_micro_batches() -> None:
+    for layout, micro in (("pp=2", 4), ("pp=2,ep=2", 2), ("pp=2,vpp=2", 4), ("pp=2,micro=2", 2), ("dp=2", None)):
+        cfg = load_config(TINY, [*SMALL, *parse_layouts(layout)[0].overrides])
+        assert pipeline_micro_batches(cfg).train.micro_batch_size == micro, layout
