@@ -1,0 +1,372 @@
+"""A sweep's results: the table (``results.md``/``results.jsonl``, rewritten as trials
+finish), and the report of ``moe sweep report DIR``: ``report.md``, ``fit.json`` and plots.
+
+Rows come from the trial directories on disk (``trials/<key>/trial.json``, ``config.yaml``,
+``summary.json``), so a report can be made from any finished subset of a sweep.
+
+Grouping: a trial's *base size* is its overrides without the expert count, the router,
+the seed, the steps and the expert width (which ``hold`` may adjust per E). Its ``N`` for
+the fit is the non-embedding active parameter count of the base size's dense trial
+(E = 1, learned router) when there is one, else the group's median. Only learned-router
+trials enter the fit; hash-routed ones are compared with them at equal (base, E).
+
+Legend: rows are dicts, one per finished trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from launch.scaling_fit import COEFFS, ExpertLaw, fit_power_law, fit_with_uncertainty
+
+NOT_SIZE = {"moe.num_experts", "moe.router", "train.seed", "train.steps", "moe.expert_ffn_dim"}
+
+
+def _row(trial_dir: Path) -> dict[str, Any] | None:
+    summary_path = trial_dir / "summary.json"
+    if not summary_path.is_file() or not (trial_dir / "trial.json").is_file():
+        return None
+    trial = json.loads((trial_dir / "trial.json").read_text())
+    summary = json.loads(summary_path.read_text())
+    cfg = yaml.safe_load((trial_dir / "config.yaml").read_text())
+    params, load = summary["params"], summary["expert_load_tail"]
+    return {
+        "key": trial["key"],
+        "overrides": trial["overrides"],
+        "experts": cfg["moe"]["num_experts"],
+        "router": cfg["moe"]["router"],
+        "top_k": cfg["moe"]["top_k"],
+        "expert_ffn_dim": cfg["moe"]["expert_ffn_dim"],
+        "seed": cfg["train"]["seed"],
+        "params_total": params["total"],
+        "params_active": params["active"],
+        "params_embedding": params["embedding"],
+        "params_non_embedding_total": params["non_embedding_total"],
+        "params_non_embedding_active": params["non_embedding_active"],
+        "flops_per_token": summary["flops_per_token"],
+        "tokens_seen": summary["tokens_seen"],
+        "final_val_loss": summary["final_val_loss"],
+        "best_val_loss": summary["best_val_loss"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "wall_seconds": summary["wall_seconds"],
+        "load_min_share": load["min_share"],
+        "load_max_share": load["max_share"],
+        "load_shares": load["shares"],
+    }
+
+
+def collect(out_dir: Path) -> list[dict[str, Any]]:
+    """Finished trials, each with its base-size label (``base``) and ``N``."""
+    rows = [r for d in sorted((Path(out_dir) / "trials").glob("*")) if (r := _row(d)) is not None]
+    size_keys = sorted({k for r in rows for k in r["overrides"] if k not in NOT_SIZE})
+    varying = [k for k in size_keys if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1]
+    for r in rows:
+        r["base"] = ", ".join(f"{k}={r['overrides'].get(k)}" for k in varying) or "base"
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r["base"]].append(r)
+    for members in groups.values():
+        dense = [r["params_non_embedding_active"] for r in members if r["experts"] == 1 and r["router"] == "topk"]
+        n = dense[0] if dense else float(np.median([r["params_non_embedding_active"] for r in members]))
+        for r in members:
+            r["N"] = n
+    rows.sort(key=lambda r: (r["N"], r["router"], r["experts"], r["seed"]))
+    return rows
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def write_results_table(out_dir: Path) -> int:
+    """``results.md`` and ``results.jsonl`` from the finished trials; their number."""
+    rows = collect(out_dir)
+    lines = [
+        "| trial | base size | router | E | seed | params total (non-emb) | active (non-emb) | embedding "
+        "| FLOPs/token | tokens | final val loss | best val loss | tokens/s | expert share min-max |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        share = f"{_fmt(r['load_min_share'], 3)}-{_fmt(r['load_max_share'], 3)}"
+        lines.append(
+            f"| {r['key']} | {r['base']} | {r['router']} | {r['experts']} | {r['seed']} | "
+            f"{_si(r['params_non_embedding_total'])} | {_si(r['params_non_embedding_active'])} | "
+            f"{_si(r['params_embedding'])} | {_si(r['flops_per_token'])} | {_si(r['tokens_seen'])} | "
+            f"{_fmt(r['final_val_loss'])} | {_fmt(r['best_val_loss'])} | {r['tokens_per_s']:.0f} | {share} |"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text("# Sweep results (finished trials)\n\n" + "\n".join(lines) + "\n")
+    with (out_dir / "results.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "load_shares"}) + "\n")
+    return len(rows)
+
+
+# -- analysis ---------------------------------------------------------------------------
+
+
+def _means(rows: list[dict[str, Any]], loss_key: str) -> dict[tuple[float, str, int], tuple[float, int]]:
+    """(N, router, E) -> (mean loss over seeds, number of seeds)."""
+    acc: dict[tuple[float, str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        acc[(r["N"], r["router"], r["experts"])].append(r[loss_key])
+    return {k: (float(np.mean(v)), len(v)) for k, v in acc.items()}
+
+
+def seed_noise(rows: list[dict[str, Any]], loss_key: str) -> dict[str, Any]:
+    """Pooled standard deviation of the loss across seeds at points with >= 2 seeds."""
+    acc: dict[tuple[float, str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        acc[(r["N"], r["router"], r["experts"])].append(r[loss_key])
+    points = {k: v for k, v in acc.items() if len(v) >= 2}
+    if not points:
+        return {"sigma": None, "points": []}
+    dof = sum(len(v) - 1 for v in points.values())
+    pooled = math.sqrt(sum(np.var(v, ddof=1) * (len(v) - 1) for v in points.values()) / dof)
+    return {
+        "sigma": pooled,
+        "points": [{"N": k[0], "router": k[1], "experts": k[2], "losses": v} for k, v in points.items()],
+    }
+
+
+def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: float | None) -> dict[str, Any]:
+    """The acceptance questions: does the loss fall with E at every base size (each step
+    by more than 2 sigma of seed noise), is b < 0, does learned routing beat hash at E >= 8."""
+    means = _means(rows, loss_key)
+    monotone: dict[str, Any] = {}
+    for n in sorted({k[0] for k in means}):
+        es = sorted(e for (nn, router, e) in means if nn == n and router == "topk")
+        drops = [means[(n, "topk", a)][0] - means[(n, "topk", c)][0] for a, c in zip(es, es[1:])]
+        monotone[str(n)] = {
+            "experts": es,
+            "losses": [means[(n, "topk", e)][0] for e in es],
+            "drops": drops,
+            "monotone": all(d > 0 for d in drops),
+            "beyond_noise": None if sigma is None else all(d > 2 * sigma for d in drops),
+        }
+    versus = []
+    for (n, router, e), (loss, _) in sorted(means.items()):
+        if router == "hash" and (n, "topk", e) in means:
+            versus.append({"N": n, "experts": e, "learned": means[(n, "topk", e)][0], "hash": loss})
+    big = [v for v in versus if v["experts"] >= 8]
+    return {
+        "monotone_in_E": monotone,
+        "all_monotone": all(m["monotone"] for m in monotone.values()) if monotone else None,
+        "all_beyond_noise": (all(m["beyond_noise"] for m in monotone.values()) if monotone and sigma else None),
+        "b_negative": None if b is None else b < 0,
+        "learned_vs_hash": versus,
+        "learned_beats_hash_at_E_ge_8": all(v["learned"] < v["hash"] for v in big) if big else None,
+    }
+
+
+def analyse(rows: list[dict[str, Any]], loss_key: str, delta: float, bootstrap: int) -> dict[str, Any]:
+    """Fit Eq. 1 and the per-size power laws to the learned-router trials; the checks."""
+    learned = [r for r in rows if r["router"] == "topk"]
+    result: dict[str, Any] = {"loss": loss_key, "huber_delta": delta, "trials": len(rows), "fit": None}
+    enough = len(learned) >= 6 and len({r["N"] for r in learned}) >= 2 and len({r["experts"] for r in learned}) >= 3
+    if enough:
+        n_, e_, l_ = (np.array([r[k] for r in learned], dtype=float) for k in ("N", "experts", loss_key))
+        rep = fit_with_uncertainty(n_, e_, l_, delta=delta, bootstrap=bootstrap)
+        result["fit"] = {
+            "law": "log10 L = a log10 N + b log10 Ehat + c log10 N log10 Ehat + d (Clark et al. 2022, Eq. 1)",
+            "coefficients": rep.law.as_dict(),
+            "ci95_low": rep.ci_low,
+            "ci95_high": rep.ci_high,
+            "bootstrap_samples": rep.bootstrap_samples,
+            "rmse_log10_in_sample": rep.rmse_log10_in_sample,
+            "rmse_log10_leave_one_out": rep.rmse_log10_loo,
+            "max_rel_error_leave_one_out": rep.max_rel_error_loo,
+            "n_bar": {r["key"]: {"observed": nb, "fitted": nf} for r, nb, nf in zip(learned, rep.n_bar, rep.n_bar_fitted)},
+        }
+        # N̄ of every trial (hash-routed ones too) from its observed loss under the fitted law.
+        for r in rows:
+            r["n_bar"] = float(rep.law.n_bar(np.array([r[loss_key]]))[0])
+    power = {}
+    for n in sorted({r["N"] for r in learned}):
+        members = [r for r in learned if r["N"] == n]
+        if len({r["experts"] for r in members}) >= 2:
+            law = fit_power_law(np.array([r["experts"] for r in members]), np.array([r[loss_key] for r in members]))
+            power[str(n)] = {"alpha": law.alpha, "beta": law.beta, "beta_se": law.beta_se}
+    result["power_law_in_E"] = power
+    noise = seed_noise(rows, loss_key)
+    result["seed_noise"] = noise
+    b = result["fit"]["coefficients"]["b"] if result["fit"] else None
+    result["checks"] = checks(rows, loss_key, noise["sigma"], b)
+    return result
+
+
+# -- plots ------------------------------------------------------------------------------
+
+
+def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss_key = analysis["loss"]
+    means = _means(rows, loss_key)
+    sizes = sorted({k[0] for k in means})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    law = ExpertLaw(**analysis["fit"]["coefficients"]) if analysis["fit"] else None
+    for i, n in enumerate(sizes):
+        color = colors[i % len(colors)]
+        for router, style in (("topk", "o-"), ("hash", "s:")):
+            es = sorted(e for (nn, rr, e) in means if nn == n and rr == router)
+            if es:
+                label = f"N={_si(n)} {'learned' if router == 'topk' else 'hash'}"
+                ax.plot(es, [means[(n, router, e)][0] for e in es], style, color=color, label=label,
+                        mfc="none" if router == "hash" else color)
+        if law is not None:
+            grid = np.geomspace(1, max(e for (_, _, e) in means), 100)
+            ax.plot(grid, law.loss(np.full_like(grid, n), grid), "--", color=color, lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("experts E")
+    ax.set_ylabel(f"validation loss ({loss_key}, nats/token)")
+    ax.set_title("loss vs experts (dashed: Clark et al. Eq. 1 fit)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_vs_experts.png", dpi=110)
+    plt.close(fig)
+    names.append("loss_vs_experts.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    learned = [r for r in rows if r["router"] == "topk"]
+    for i, e in enumerate(sorted({r["experts"] for r in learned})):
+        pts = sorted((r["params_non_embedding_active"], means[(r["N"], "topk", e)][0]) for r in learned if r["experts"] == e)
+        pts = sorted(dict(pts).items())
+        ax.plot([p for p, _ in pts], [m for _, m in pts], "o-", color=colors[i % len(colors)], label=f"E={e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("active non-embedding parameters")
+    ax.set_ylabel(f"validation loss ({loss_key})")
+    ax.set_title("loss vs active parameters, one line per E (learned routing)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_vs_active_params.png", dpi=110)
+    plt.close(fig)
+    names.append("loss_vs_active_params.png")
+
+    if learned:
+        top = max(learned, key=lambda r: (r["experts"], r["N"]))
+        shares_LE = np.array(top["load_shares"])
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for layer, shares_E in enumerate(shares_LE):
+            ax.plot(np.arange(len(shares_E)), shares_E, "o-", ms=3, label=f"MoE layer {layer}")
+        ax.axhline(1.0 / top["experts"], color="gray", ls="--", lw=1, label="uniform 1/E")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("share of routed assignments")
+        ax.set_title(f"expert load, E={top['experts']}, N={_si(top['N'])} (last 10% of steps)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "expert_load.png", dpi=110)
+        plt.close(fig)
+        names.append("expert_load.png")
+    return names
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def _fit_settings(out_dir: Path) -> tuple[str, float, int]:
+    """The fit options recorded by ``moe sweep`` in ``sweep.json`` (defaults otherwise)."""
+    from launch.sweep import FitConfig
+
+    path = out_dir / "sweep.json"
+    fit = FitConfig(**json.loads(path.read_text())["fit"]) if path.is_file() else FitConfig()
+    return fit.loss, fit.huber_delta, fit.bootstrap
+
+
+def write_report(out_dir: Path) -> Path:
+    """``report.md``, ``fit.json`` and the plots in ``out_dir``; the report's path."""
+    out_dir = Path(out_dir)
+    write_results_table(out_dir)
+    rows = collect(out_dir)
+    if not rows:
+        raise FileNotFoundError(f"{out_dir}: no finished trials (trials/*/summary.json)")
+    loss_key, delta, bootstrap = _fit_settings(out_dir)
+    analysis = analyse(rows, loss_key, delta, bootstrap)
+    (out_dir / "fit.json").write_text(json.dumps(analysis, indent=2))
+    plots = _plots(rows, analysis, out_dir)
+    (out_dir / "report.md").write_text(_markdown(rows, analysis, plots))
+    return out_dir / "report.md"
+
+
+def _markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], plots: list[str]) -> str:
+    loss_key = analysis["loss"]
+    out = [f"# Scaling with the number of experts\n\n{len(rows)} finished trials; loss = `{loss_key}` "
+           "(nats/token on the held-out split). N = non-embedding active parameters of the base size's dense "
+           "(E=1) model; N̄ = dense size with the same loss under the fitted law.\n"]
+    out.append("| base size | router | E | seed | N | active params (non-emb / +emb) | total params (non-emb) "
+               "| FLOPs/token | tokens | loss | N̄ |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        out.append(
+            f"| {r['base']} | {r['router']} | {r['experts']} | {r['seed']} | {_si(r['N'])} | "
+            f"{_si(r['params_non_embedding_active'])} / {_si(r['params_active'])} | "
+            f"{_si(r['params_non_embedding_total'])} | {_si(r['flops_per_token'])} | {_si(r['tokens_seen'])} | "
+            f"{_fmt(r[loss_key])} | {_si(r['n_bar']) if 'n_bar' in r else '-'} |"
+        )
+    fit = analysis["fit"]
+    out.append("\n## Fit: Clark et al. 2022, Eq. 1\n")
+    if fit is None:
+        out.append("Not enough learned-router trials (needs >= 6, over >= 2 base sizes and >= 3 expert counts).\n")
+    else:
+        out.append("`log10 L = a·log10 N + b·log10 Ê + c·log10 N·log10 Ê + d`, "
+                   "`1/Ê = 1/(E − 1 + (1/E_start − 1/E_max)^−1) + 1/E_max`; Huber loss "
+                   f"(delta {analysis['huber_delta']:g}) on log10 L, BFGS from a grid of starts; 95% intervals from "
+                   f"{fit['bootstrap_samples']} bootstrap refits.\n")
+        out.append("| coefficient | value | 95% CI |\n|---|---:|---|")
+        for k in COEFFS:
+            out.append(f"| {k} | {fit['coefficients'][k]:.4g} | [{fit['ci95_low'][k]:.4g}, {fit['ci95_high'][k]:.4g}] |")
+        out.append(f"\nRMS error of log10 L: {fit['rmse_log10_in_sample']:.2e} in sample, "
+                   f"{fit['rmse_log10_leave_one_out']:.2e} leave-one-out (largest leave-one-out relative error "
+                   f"of L: {100 * fit['max_rel_error_leave_one_out']:.2f}%).\n")
+    if analysis["power_law_in_E"]:
+        out.append("## Power law in E per base size\n\n`log10 L = alpha + beta·log10 E` (learned routing)\n")
+        out.append("| N | beta | s.e. |\n|---:|---:|---:|")
+        for n, p in analysis["power_law_in_E"].items():
+            out.append(f"| {_si(float(n))} | {p['beta']:.4f} | {_fmt(p['beta_se'])} |")
+    noise, chk = analysis["seed_noise"], analysis["checks"]
+    out.append("\n## Checks\n")
+    if noise["sigma"] is None:
+        out.append("- seed noise: no point has two seeds")
+    else:
+        pts = "; ".join(f"N={_si(p['N'])} E={p['experts']} {p['router']}: "
+                        + ", ".join(f"{v:.4f}" for v in p["losses"]) for p in noise["points"])
+        out.append(f"- seed noise (pooled std of the loss across seeds): {noise['sigma']:.4f} ({pts})")
+    for n, m in chk["monotone_in_E"].items():
+        drops = ", ".join(f"{d:+.4f}" for d in m["drops"])
+        out.append(f"- N={_si(float(n))}: loss over E={m['experts']} falls at each step: {m['monotone']}; "
+                   f"each drop > 2 sigma: {m['beyond_noise']} (drops {drops})")
+    out.append(f"- fit has b < 0: {chk['b_negative']}")
+    for v in chk["learned_vs_hash"]:
+        out.append(f"- N={_si(v['N'])} E={v['experts']}: learned {v['learned']:.4f} vs hash {v['hash']:.4f}")
+    out.append(f"- learned beats hash at every E >= 8: {chk['learned_beats_hash_at_E_ge_8']}")
+    walls = sorted(r["wall_seconds"] for r in rows)
+    speeds = sorted(r["tokens_per_s"] for r in rows)
+    out.append(f"\n## Timing\n\nPer trial, training loop only (summary.json `wall_seconds`, without process start, "
+               f"imports and data loading): min {walls[0]:.0f} s, median {walls[len(walls) // 2]:.0f} s, max "
+               f"{walls[-1]:.0f} s, sum {sum(walls) / 60:.1f} min; {speeds[0]:.0f}-{speeds[-1]:.0f} tokens/s.")
+    out.append("\n## Plots\n")
+    out += [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"

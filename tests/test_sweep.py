@@ -1,0 +1,222 @@
+"""Sweeps (launch/sweep.py, launch/sweep_report.py): config checks, planning, a tiny sweep
+end to end through Ray Tune, resuming, and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from launch.scaling_fit import ExpertLaw
+from launch.sweep import load_sweep, plan, run_sweep
+from launch.sweep_report import write_report
+from moe.accounting import param_counts, train_flops_per_token
+from moe.config import ConfigError
+
+TINY_FIXED = {
+    "model.n_layers": 1, "model.n_heads": 2, "model.dim": 32, "moe.expert_ffn_dim": 64, "model.seq_len": 32,
+    "train.batch_size": 4, "train.warmup_steps": 2, "train.eval_every": 1000, "train.ckpt_every": 4,
+    "train.log_every": 4, "data.val_tokens": 1024, "launch.threads": 1,
+}
+
+
+def _sweep_file(tmp_path: Path, **raw: Any) -> Path:
+    body = {"base": "configs/tiny.yaml", "out_dir": str(tmp_path / "out"), "fixed": TINY_FIXED,
+            "grid": {"moe.num_experts": [1, 4]}, **raw}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+# -- bad sweep configs fail before any trial starts ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"grid": {"moe.num_expert": [1, 2]}}, r"grid.moe.num_expert: unknown parameter 'moe.num_expert' "
+                                               r"\(did you mean 'moe.num_experts'\?\)"),
+        ({"grid": {"mode.dim": [32]}}, r"unknown parameter 'mode.dim' \(did you mean 'model.dim'\?\)"),
+        ({"grid": {}}, r"grid: empty grid"),
+        ({"grid": {"moe.num_experts": []}}, r"grid.moe.num_experts=\[\]: expected a non-empty list"),
+        ({"grid": {"size": [32, 64]}}, r"grid.size\[0\]=32: axis 'size' is not a dotted config key"),
+        ({"extra_grids": [{"moe.top_kk": [1]}]}, r"extra_grids\[0\].moe.top_kk: unknown parameter"),
+        ({"grids": {}}, r"unknown key 'grids' in sweep config .* \(did you mean 'grid'\?\)"),
+        ({"hold": "params"}, r"hold='params': expected one of 'tokens', 'active_params', 'flops_per_token'"),
+        ({"max_concurrent": 0}, r"max_concurrent=0: must be >= 1"),
+        ({"runner": "ray"}, r"unknown key 'runner' in sweep config"),  # Ray Tune is the only runner
+    ],
+)
+def test_bad_sweep_configs_are_rejected_with_one_message(tmp_path: Path, raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_sweep_file(tmp_path, **raw))
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"moe.num_experts": [4], "moe.top_k": [1, 8]}, r'trial \{"moe.num_experts": 4, "moe.top_k": 8\}: '
+                                                       r"moe.top_k=8: must be in \[1, moe.num_experts=4\]"),
+        ({"model.n_heads": [2, 5]}, r'trial \{"model.n_heads": 5\}: model.n_heads=5: must divide model.dim=32'),
+        ({"moe.router": ["hash", "learned"]}, r"moe.router='learned': expected one of 'topk', 'hash'"),
+    ],
+)
+def test_a_grid_value_the_base_config_rejects_fails_before_any_trial(tmp_path: Path, grid: dict, message: str) -> None:
+    sweep = load_sweep(_sweep_file(tmp_path, grid=grid))
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(sweep)
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+# -- planning ----------------------------------------------------------------------------
+
+
+def test_trials_are_the_union_of_grids_keyed_stably(tmp_path: Path) -> None:
+    path = _sweep_file(
+        tmp_path,
+        grid={"size": [{"model.dim": 32}, {"model.dim": 64}], "moe.num_experts": [1, 4]},
+        extra_grids=[{"size": [{"model.dim": 32}], "moe.num_experts": [4]}, {"moe.num_experts": [8], "train.seed": [7]}],
+    )
+    trials = plan(load_sweep(path))
+    assert len(trials) == 5  # 4 + (a duplicate) + 1
+    assert [t.key for t in trials] == [t.key for t in plan(load_sweep(path))]
+    assert len({t.key for t in trials}) == 5
+    assert all(Path(t.cfg.train.run_dir).is_absolute() and Path(t.cfg.data.cache_dir).is_absolute() for t in trials)
+    assert trials[-1].cfg.train.seed == 7 and trials[-1].cfg.moe.num_experts == 8
+
+
+def test_token_budget_sets_the_steps(tmp_path: Path) -> None:
+    trials = plan(load_sweep(_sweep_file(tmp_path, tokens=4 * 32 * 25)))
+    assert {t.cfg.train.steps for t in trials} == {25}
+
+
+@pytest.mark.parametrize("hold", ["active_params", "flops_per_token"])
+def test_hold_matches_each_trial_to_its_dense_baseline(tmp_path: Path, hold: str) -> None:
+    grid = {"moe.num_experts": [1, 2, 8, 32], "moe.router": ["topk", "hash"]}
+    trials = plan(load_sweep(_sweep_file(tmp_path, hold=hold, grid=grid)))
+    dense = next(t.cfg for t in trials if t.cfg.moe.num_experts == 1 and t.cfg.moe.router == "topk")
+
+    def metric(cfg: Any) -> float:
+        if hold == "active_params":
+            return param_counts(cfg.model, cfg.moe).non_embedding_active
+        return train_flops_per_token(cfg.model, cfg.moe)
+
+    # Rounding the width to an integer leaves at most half a width unit per MoE layer.
+    unit = metric(dense) - metric(type(dense)(**{**dense.__dict__, "moe": type(dense.moe)(
+        **{**dense.moe.__dict__, "expert_ffn_dim": dense.moe.expert_ffn_dim - 1})}))
+    widths = {}
+    for t in trials:
+        assert abs(metric(t.cfg) - metric(dense)) <= unit / 2
+        widths[(t.cfg.moe.router, t.cfg.moe.num_experts)] = t.cfg.moe.expert_ffn_dim
+    assert widths[("topk", 32)] < widths[("topk", 8)] < widths[("topk", 1)] == 64  # pays for the router
+    assert widths[("hash", 32)] in (64, 65)  # no router to pay for
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime for p in (out / "trials").glob("*/summary.json")}
+
+
+def test_tiny_sweep_through_ray_tune_then_resume(
+    tmp_path: Path, ray_cluster: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """3 trials as Ray Tune trials (two at a time, one per core), the table (rewritten as
+    each finishes) and report; a second run skips the finished trials and resumes an
+    interrupted one from its checkpoint."""
+    path = _sweep_file(tmp_path, tokens=4 * 32 * 8, grid={"moe.num_experts": [1, 4]},
+                       extra_grids=[{"moe.num_experts": [4], "moe.router": ["hash"]}])
+    sweep = load_sweep(path)
+    assert run_sweep(sweep) == []
+    out = tmp_path / "out"
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["router"], r["experts"]) for r in results) == [("hash", 4), ("topk", 1), ("topk", 4)]
+    for r in results:
+        assert r["tokens_seen"] == 4 * 32 * 8 and r["final_val_loss"] > 0 and r["tokens_per_s"] > 0
+        assert r["params_non_embedding_active"] > 0 and r["flops_per_token"] > 0
+    printed = capsys.readouterr().out
+    assert printed.count("[sweep] done:") == 3
+    assert all(f"({n}/3 finished)" in printed for n in (1, 2, 3))  # the table grew trial by trial
+    assert len(list((out / "tune").glob("tune-*"))) == 1
+
+    # Interrupt one trial after its step-4 checkpoint: drop what came after.
+    victim = next(p for p in (out / "trials").iterdir() if json.loads((p / "trial.json").read_text())["axes"] == {
+        "moe.num_experts": 1})
+    (victim / "summary.json").unlink()
+    for ckpt in (victim / "checkpoints").glob("step-*8*"):
+        os.rename(ckpt, tmp_path / ckpt.name)  # only the step-4 checkpoint is left
+    before = _mtimes(out)
+    assert run_sweep(load_sweep(path)) == []
+    printed = capsys.readouterr().out
+    assert "3 trials, 2 already finished, 1 to run" in printed
+    after = _mtimes(out)
+    assert {k: v for k, v in after.items() if k != victim.name} == before  # never re-run
+    log = (victim / "metrics.jsonl").read_text()
+    assert json.loads((victim / "summary.json").read_text())["steps"] == 8
+    assert '"step": 8' in log and '"step": 4' in log
+
+    report = write_report(out)
+    assert report.is_file() and (out / "fit.json").is_file() and (out / "loss_vs_experts.png").is_file()
+
+
+# -- the report ---------------------------------------------------------------------------
+
+
+def _fake_trial(out: Path, key: str, dim: int, n: int, experts: int, router: str, seed: int, loss: float) -> None:
+    trial_dir = out / "trials" / key
+    trial_dir.mkdir(parents=True)
+    overrides = {"model.dim": dim, "moe.num_experts": experts, "moe.router": router, "train.seed": seed}
+    (trial_dir / "trial.json").write_text(json.dumps({"key": key, "axes": overrides, "overrides": overrides}))
+    (trial_dir / "config.yaml").write_text(yaml.safe_dump(
+        {"moe": {"num_experts": experts, "router": router, "top_k": 1, "expert_ffn_dim": 4 * dim},
+         "train": {"seed": seed}}))
+    shares = (np.ones((2, experts)) / experts).tolist()
+    (trial_dir / "summary.json").write_text(json.dumps({
+        "steps": 10, "tokens_seen": 1000, "final_val_loss": loss, "best_val_loss": loss, "tokens_per_s": 1.0,
+        "wall_seconds": 1.0, "flops_per_token": 6.0 * n,
+        "params": {"total": n * experts, "active": n + 100, "embedding": 100, "non_embedding_total": n * experts,
+                   "non_embedding_active": n},
+        "expert_load_tail": {"min_share": 1 / experts, "max_share": 1 / experts, "shares": shares},
+    }))
+
+
+def test_report_fits_the_law_and_answers_the_acceptance_questions(tmp_path: Path) -> None:
+    law = ExpertLaw(a=-0.05, b=-0.03, c=0.002, d=0.6, e_start=1.8, e_max=100.0)
+    rng = np.random.default_rng(0)
+    out = tmp_path / "out"
+    for dim, n in ((32, 2e4), (48, 5e4), (64, 1e5)):
+        for e in (1, 2, 4, 8, 16, 32):
+            _fake_trial(out, f"t{dim}-{e}", dim, int(n), e, "topk", 1, float(law.loss(n, e) * 10 ** rng.normal(0, 3e-4)))
+            if e >= 8:
+                _fake_trial(out, f"h{dim}-{e}", dim, int(n), e, "hash", 1, float(law.loss(n, e / 2)))
+    for seed in (2, 3):
+        _fake_trial(out, f"s{seed}", 32, 20000, 8, "topk", seed, float(law.loss(2e4, 8) * 10 ** rng.normal(0, 3e-4)))
+    report = write_report(out).read_text()
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["fit"]["coefficients"]["b"] < 0 and fit["checks"]["b_negative"]
+    assert fit["checks"]["all_monotone"] and fit["checks"]["learned_beats_hash_at_E_ge_8"]
+    assert fit["seed_noise"]["sigma"] is not None and len(fit["seed_noise"]["points"]) == 1
+    assert set(fit["power_law_in_E"]) == {"20000", "50000", "100000"}
+    assert all(p["beta"] < 0 for p in fit["power_law_in_E"].values())
+    assert "| coefficient | value | 95% CI |" in report and "learned beats hash at every E >= 8: True" in report
+    for png in ("loss_vs_experts.png", "loss_vs_active_params.png", "expert_load.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+SWEEPS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs", "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweep_configs_plan_and_comment_every_key(path: Path) -> None:
+    trials = plan(load_sweep(path))
+    assert len(trials) >= 18
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "-")) and ":" in stripped:
+            assert "#" in stripped, f"{path.name}: key without a comment: {line!r}"
