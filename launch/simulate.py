@@ -1,0 +1,316 @@
+"""``moe simulate``: emulate a layout on this machine and predict it on a cluster.
+
+    moe simulate CONFIG [section.key=value ...] --cluster configs/hardware/h100-ib.yaml
+                 [--steps N] [--no-emulate] [--routing DIR] [--out DIR]
+    moe simulate calibrate [--out configs/hardware/this-machine.yaml]
+
+Emulation runs the layout's W ranks as W processes on this machine's CPU with gloo, each
+running the real training step (``launch.train.Run.train_step``), so its numerics are
+those of a real multi-rank CPU run by construction. Each rank counts the bytes of every
+collective (``parallel.simulator.comm_counter``), records its routing
+(``parallel.simulator.routing``), its model-state bytes and its peak live tensor bytes
+(``parallel.simulator.measure``) and its step times. The predictor then gives, for the
+cluster file: per rank memory, communication and step time (``parallel.simulator.predict``),
+and the comparison of its bytes and memory with what the emulation measured.
+
+Nothing is scaled silently: the config's values are used as given; overrides the user
+passes (``model.n_layers=2``) are listed in the report as what was scaled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launch.config import Config, load_config
+from moe.config import ConfigError
+
+
+def emulate_rank(cfg: Config, steps: int, out_dir: Path, memory_step: int = 1) -> dict[str, Any]:
+    """One rank of an emulated run; torch.distributed is initialised by the caller (gloo).
+
+    Runs ``steps`` real training steps; step ``memory_step`` runs under the allocator
+    profiler, the first step (lazy optimizer state, first-call costs) is a warm-up, the
+    others are timed. Writes
+    ``routing-rank-K.jsonl`` to ``out_dir``; returns what this rank measured.
+    """
+    from launch.train import Run, RankInfo, check_layout
+    from parallel.groups import destroy_groups, init_groups
+    from parallel.simulator.comm_counter import CommCounter
+    from parallel.simulator.measure import engine_state_bytes, peak_increase_bytes
+    from parallel.simulator.routing import RoutingRecorder
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    topology = check_layout(cfg)
+    groups = init_groups(topology, cfg.launch.timeout_minutes) if world > 1 else None
+    try:
+        run = Run(cfg, "simulate", RankInfo(rank, world, groups))
+        names = {} if groups is None else {"dp": groups.dp, "ep": groups.ep, "edp": groups.edp, "tp": groups.tp,
+                                            "pp": groups.pp, "embd": groups.embd,
+                                            "world": dist.group.WORLD}
+        counter = CommCounter(names)
+        recorder = RoutingRecorder(run.net, rank)
+        times, cpu_times, records, peak, states_before = [], [], [], 0, {}
+        for step in range(steps):
+            recorder.step = step
+            if world > 1:
+                dist.barrier()
+            with counter.active():
+                if step == memory_step:
+                    states_before = engine_state_bytes(run.engine)
+                    box: dict[str, Any] = {}
+                    peak = peak_increase_bytes(lambda: box.update(values=run.train_step()[0]))
+                    values = box["values"]
+                else:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    values, _ = run.train_step()
+                    if step > 0:
+                        times.append(time.perf_counter() - t0)
+                        cpu_times.append(time.process_time() - c0)
+            records.append(values)
+        recorder.remove()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        recorder.write(out_dir / f"routing-rank-{rank}.jsonl")
+        states = engine_state_bytes(run.engine)
+        return {"rank": rank, "comm": counter.totals(), "states": states,
+                "states_before_memory_step": states_before, "peak_increase": peak,
+                "step_seconds": times, "step_cpu_seconds": cpu_times, "values": records}
+    finally:
+        if groups is not None:
+            destroy_groups()
+
+
+def _rank_process(cfg: Config, rank: int, world: int, port: int, threads: int, steps: int, out_dir: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=cfg.launch.timeout_minutes))
+    try:
+        result = emulate_rank(cfg, steps, out_dir)
+        (out_dir / f"rank-{rank}.json").write_text(json.dumps(result))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def emulate(cfg: Config, steps: int, out_dir: Path) -> list[dict[str, Any]]:
+    """Run the layout as W gloo processes on this machine; each rank's measurements.
+
+    Threads per rank: ``launch.threads``, else ``max(1, cores // W)`` (as the launchers)."""
+    from launch.data import ensure_dataset
+    from launch.rank import LaunchError, pick_port
+
+    world = cfg.parallel.world_size
+    ensure_dataset(cfg.data)  # once, before the ranks (they would race preparing it)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = cfg.launch.threads or max(1, (os.cpu_count() or 1) // world)
+    port = pick_port("127.0.0.1", None)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_process, args=(cfg, r, world, port, threads, steps, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    while any(p.is_alive() for p in procs) and all(p.exitcode in (None, 0) for p in procs):
+        time.sleep(0.2)
+    failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    if failed:
+        raise LaunchError(f"emulated rank {failed[0]} of {world} failed (exit code {procs[failed[0]].exitcode}); "
+                          "its traceback is above")
+    return [json.loads((out_dir / f"rank-{r}.json").read_text()) for r in range(world)]
+
+
+def compare(pred: Any, cfg: Config, results: list[dict[str, Any]], routing: list[Any]) -> tuple[list[str], dict[str, Any]]:
+    """Lines and a JSON record: counted vs predicted bytes and state bytes (exact), peak
+    and step time (relative error)."""
+    from parallel.simulator.predict import measured_categories, recorded_comm, state_memory
+
+    lay = pred.layout
+    predicted_comm = recorded_comm(cfg.model, cfg.moe, lay, routing)
+    lines, record = [], {"ranks": []}
+    for rank, result in enumerate(results):
+        measured = measured_categories(result["comm"])
+        want = {k: int(v) for k, v in predicted_comm[rank].__dict__.items()}
+        bytes_ok = measured == want
+        states, _ = state_memory(cfg.model, cfg.moe, lay, cfg.parallel.engine, rank)
+        want_states = {"params": states.params, "grads": states.grads, "optimizer": states.optimizer}
+        states_ok = result["states"] == want_states
+        measured_peak = sum(result["states_before_memory_step"].values()) + result["peak_increase"]
+        predicted_peak = pred.ranks[rank].memory.peak
+        step = statistics_median(result["step_seconds"])
+        predicted_step = pred.summary["step_time_s"]
+        lines.append(
+            f"  rank {rank}: bytes {'EQUAL' if bytes_ok else 'DIFFER'} ({sum(measured.values())} counted), "
+            f"states {'EQUAL' if states_ok else 'DIFFER'} ({sum(result['states'].values())} B), "
+            f"peak {measured_peak / 2**20:.1f} MiB measured vs {predicted_peak / 2**20:.1f} predicted "
+            f"({(predicted_peak - measured_peak) / measured_peak:+.1%}), step {step * 1e3:.1f} ms measured vs "
+            f"{predicted_step * 1e3:.1f} predicted ({(predicted_step - step) / step:+.1%})")
+        if not bytes_ok:
+            lines += [f"    {k}: counted {measured.get(k)} predicted {want.get(k)}"
+                      for k in sorted(set(measured) | set(want)) if measured.get(k) != want.get(k)]
+        record["ranks"].append({"rank": rank, "bytes_equal": bytes_ok, "counted": measured, "predicted": want,
+                                "states_equal": states_ok, "states": result["states"],
+                                "peak_measured": measured_peak, "peak_predicted": predicted_peak,
+                                "step_measured_s": step, "step_predicted_s": predicted_step,
+                                "step_cpu_s": statistics_median(result["step_cpu_seconds"]),
+                                "values": result["values"]})
+    return lines, record
+
+
+def statistics_median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else float("nan")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="moe simulate", description=__doc__.split("\n\n")[0],
+        epilog="also: moe simulate calibrate [--out FILE]; moe simulate validate CONFIG [k=v ...] --layouts \"dp=1;ep=2\"",
+    )
+    parser.add_argument("config", help="a YAML config, or 'calibrate'")
+    parser.add_argument("overrides", nargs="*", help="section.key=value; anything that scales the model down is listed")
+    parser.add_argument("--cluster", default="configs/hardware/h100-ib.yaml", help="hardware file to predict for")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="emulated steps (step 0 warms up, step 1 measures memory, the rest are timed)")
+    parser.add_argument("--no-emulate", action="store_true", help="predict only (uniform routing unless --routing)")
+    parser.add_argument("--routing", type=Path, default=None, help="a directory of routing-rank-K.jsonl to replay")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="activation/matmul dtype of the cluster run (default: bfloat16 on a GPU cluster)")
+    parser.add_argument("--recompute", action="store_true", help="predict with full activation recomputation")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/simulate-<config>-<time>)")
+    return parser.parse_args(argv)
+
+
+def _calibrate(argv: list[str]) -> int:
+    from parallel.simulator.calibrate import calibrate
+
+    cal = argparse.ArgumentParser(prog="moe simulate calibrate")
+    cal.add_argument("--out", type=Path, default=Path(THIS_MACHINE))
+    path = cal.parse_args(argv).out
+    hw = calibrate(path)
+    print(f"wrote {path}: matmul {hw.peak_flops['float32'] / 1e9:.1f} GFLOP/s per core, memory "
+          f"{hw.memory_bandwidth / 1e9:.1f} GB/s, op overhead {hw.op_overhead_s * 1e6:.1f} us, gloo all-to-all "
+          f"{hw.intra_node.bandwidth / 1e9:.2f} GB/s + {hw.intra_node.latency_s * 1e6:.0f} us")
+    return 0
+
+
+def _this_machine() -> Any:
+    from parallel.simulator.hardware import load_hardware
+
+    if not Path(THIS_MACHINE).is_file():
+        raise ConfigError(f"{THIS_MACHINE} does not exist: run `moe simulate calibrate` first")
+    return load_hardware(THIS_MACHINE)
+
+
+def emulate_and_compare(cfg: Config, steps: int, out: Path) -> tuple[Any, list[str], dict[str, Any]]:
+    """Emulate ``cfg``'s layout here; compare with the prediction for this machine
+    (``configs/hardware/this-machine.yaml``) replaying the emulation's own routing."""
+    from parallel.simulator.predict import Layout, predict
+    from parallel.simulator.routing import read_routing
+
+    emu_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(out.resolve())))
+    results = emulate(emu_cfg, steps, out)
+    routing = read_routing(sorted(out.glob("routing-rank-*.jsonl")))
+    layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
+                          threads=cfg.launch.threads)
+    local = predict(cfg.model, cfg.moe, layout, _this_machine(), cfg.parallel.engine, routing)
+    lines, record = compare(local, cfg, results, routing)
+    return routing, lines, record
+
+
+def _validate(argv: list[str]) -> int:
+    """``moe simulate validate CONFIG [k=v ...] --layouts "dp=1;dp=2;..."``: emulate each
+    layout, print counted-vs-predicted bytes and states, peak and step-time errors."""
+    from launch.check_layouts import parse_layouts
+
+    parser = argparse.ArgumentParser(prog="moe simulate validate")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--layouts", required=True, help='e.g. "dp=1;dp=2;ep=2,dp=2;dp=2,micro=2"')
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=Path("runs") / f"simulate-validate-{time.strftime('%Y%m%d-%H%M%S')}")
+    args = parser.parse_args(argv)
+    layouts = parse_layouts(args.layouts)
+    configs = [load_config(args.config, [*args.overrides, *layout.overrides]) for layout in layouts]
+    _this_machine()
+    rows, records = [], []
+    header = (f"{'layout':<22} {'bytes':>6} {'states':>6} {'peak err':>9} {'step ms':>8} {'pred ms':>8} {'err':>7} "
+              f"{'cpu ms':>7} {'err':>7} {'load':>5}")
+    for layout, cfg in zip(layouts, configs):
+        load = os.getloadavg()[0]
+        _, lines, record = emulate_and_compare(cfg, args.steps, args.out / layout.name.replace(",", "_").replace("=", ""))
+        ranks = record["ranks"]
+        peak_err = max((r["peak_predicted"] - r["peak_measured"]) / r["peak_measured"] for r in ranks)
+        step = max(r["step_measured_s"] for r in ranks)
+        pred = ranks[0]["step_predicted_s"]
+        # Load-robust estimate of the idle-machine step: CPU seconds the ranks used, spread
+        # over the cores they share, or the busiest rank's, whichever is longer.
+        cpu = max(max(r["step_cpu_s"] for r in ranks), sum(r["step_cpu_s"] for r in ranks) / (os.cpu_count() or 1))
+        row = (f"{layout.name:<22} {'EQUAL' if all(r['bytes_equal'] for r in ranks) else 'DIFFER':>6} "
+               f"{'EQUAL' if all(r['states_equal'] for r in ranks) else 'DIFFER':>6} {peak_err:>+9.1%} "
+               f"{step * 1e3:>8.1f} {pred * 1e3:>8.1f} {(pred - step) / step:>+7.1%} "
+               f"{cpu * 1e3:>7.1f} {(pred - cpu) / cpu:>+7.1%} {load:>5.1f}")
+        print(row, flush=True)
+        rows.append(row)
+        records.append({"layout": layout.name, "load_before": load, **record})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "validation.json").write_text(json.dumps(records, indent=2))
+    (args.out / "validation.txt").write_text("\n".join([header, *rows]) + "\n")
+    print(header, *rows, f"written to {args.out}/validation.txt and validation.json", sep="\n")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``moe simulate ...``; returns the exit status."""
+    from parallel.simulator.hardware import load_hardware
+    from parallel.simulator.predict import Layout, predict
+    from parallel.simulator.report import plot_breakdown, text_report, write_json
+    from parallel.simulator.routing import read_routing
+
+    if argv[:1] == ["calibrate"]:
+        return _calibrate(argv[1:])
+    if argv[:1] == ["validate"]:
+        return _validate(argv[1:])
+    args = _parse(argv)
+    hw = load_hardware(args.cluster)  # a bad hardware file fails before any work
+    cfg = load_config(args.config, args.overrides)
+    scaled = [o for o in args.overrides if o.split("=")[0] in SCALING_KEYS]
+    dtype = args.dtype or ("bfloat16" if hw.kind == "gpu" else "float32")
+    layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
+                          dtype, args.recompute)
+    out = args.out or Path("runs") / f"simulate-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    print("scaled by the user: " + (", ".join(scaled) if scaled else "nothing (the config as given)"))
+    routing, comparison, extra = None, None, {"scaled": scaled}
+    if not args.no_emulate:
+        print(f"emulating {cfg.parallel.world_size} ranks as gloo processes on this machine, {args.steps} steps ...")
+        routing, comparison, extra["emulation"] = emulate_and_compare(cfg, args.steps, out / "emulation")
+    elif args.routing is not None:
+        routing = read_routing(sorted(args.routing.glob("routing-rank-*.jsonl")))
+    pred = predict(cfg.model, cfg.moe, layout, hw, cfg.parallel.engine, routing)
+    report = text_report(pred, scaled, comparison)
+    (out / "report.txt").write_text(report + "\n")
+    write_json(pred, out / "prediction.json", extra)
+    plot_breakdown(pred, out / "breakdown.png")
+    print(report)
+    print(f"outputs in {out}/: report.txt, prediction.json, breakdown.png" + ("" if args.no_emulate else ", emulation/"))
+    return 0
+
+
+THIS_MACHINE = "configs/hardware/this-machine.yaml"
+SCALING_KEYS = {"model.n_layers", "model.seq_len", "model.dim", "model.n_heads", "model.ffn_dim", "model.vocab_size",
+                "moe.num_experts", "moe.expert_ffn_dim", "train.batch_size", "train.micro_batch_size"}

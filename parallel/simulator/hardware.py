@@ -1,0 +1,161 @@
+"""Hardware descriptions (``configs/hardware/*.yaml``), validated once on load.
+
+A cluster is ``nodes`` nodes of ``devices_per_node`` identical devices. Per device: peak
+matmul rate per dtype (FLOP/s), the achievable share of it (``matmul_efficiency``),
+memory bandwidth (bytes/s) and capacity (bytes), and a fixed cost per launched
+operation (``op_overhead_s``: kernel launch on a GPU, Python/ATen dispatch on a CPU).
+``kernel_efficiency`` (optional): the experts' grouped GEMM and attention as shares of the
+matmul rate (1 when absent). Links follow the alpha-beta model: moving ``n`` bytes costs ``latency_s + n / bandwidth``,
+with ``intra_node`` links between devices of one node and ``inter_node`` links between
+nodes (per device: each GPU of an H100 node has its own 400G NIC).
+
+``cores`` is set only for a CPU "device" (``kind: cpu``): every rank of a CPU emulation
+runs on the same cores, so ranks share them (see ``predict.rank_compute_share``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe.config import ConfigError
+
+DTYPES = ("float32", "bfloat16")
+KERNELS = ("grouped_mm", "attention")
+
+
+@dataclass(frozen=True)
+class Link:
+    """Alpha-beta link: ``time(n bytes) = latency_s + n / bandwidth`` (bytes/s per device)."""
+
+    bandwidth: float
+    latency_s: float
+
+    def time(self, n_bytes: float) -> float:
+        return self.latency_s + n_bytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One cluster description; see the module docstring for the fields' meaning."""
+
+    name: str
+    kind: str  # gpu | cpu
+    nodes: int
+    devices_per_node: int
+    peak_flops: dict[str, float]
+    matmul_efficiency: float
+    memory_bandwidth: float
+    memory_capacity: float
+    op_overhead_s: float
+    intra_node: Link
+    inter_node: Link
+    cores: int = 0
+    kernel_efficiency: dict[str, float] = field(default_factory=dict)
+
+    def kernel_rate(self, kernel: str, dtype: str) -> float:
+        """Achievable FLOP/s of ``kernel`` (matmul | grouped_mm | attention): the matmul rate
+        times the kernel's share of it (1 where the file gives none)."""
+        return self.matmul_rate(dtype) * self.kernel_efficiency.get(kernel, 1.0)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def matmul_rate(self, dtype: str) -> float:
+        """Achievable matmul FLOP/s of one device in ``dtype``."""
+        return self.peak_flops[dtype] * self.matmul_efficiency
+
+
+def _number(raw: dict[str, Any], key: str, where: str, minimum: float = 0.0, strict: bool = True) -> float:
+    if key not in raw:
+        raise ConfigError(f"{where}: missing field '{key}'; every hardware file needs it (see configs/hardware/h100-ib.yaml)")
+    value = raw[key]
+    if isinstance(value, str):  # YAML 1.1 reads 67.0e12 (no exponent sign) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: {key}={value!r} is not a number")
+    if value < minimum or (strict and value == minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ConfigError(f"{where}: {key}={value!r} is nonsensical; it must be {bound}")
+    return float(value)
+
+
+def _link(raw: dict[str, Any], key: str, where: str) -> Link:
+    section = raw.get(key)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: missing section '{key}' with bandwidth (bytes/s) and latency_s")
+    return Link(_number(section, "bandwidth", f"{where}: {key}"), _number(section, "latency_s", f"{where}: {key}", strict=False))
+
+
+def parse_hardware(raw: Any, where: str) -> Hardware:
+    """Validate a parsed YAML mapping; one ``ConfigError`` naming the field and file otherwise."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a hardware file must be a mapping of fields, got {type(raw).__name__}")
+    known = {f.name for f in fields(Hardware)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    kind = raw.get("kind")
+    if kind not in ("gpu", "cpu"):
+        raise ConfigError(f"{where}: kind={kind!r} must be 'gpu' or 'cpu'")
+    peak = raw.get("peak_flops")
+    if not isinstance(peak, dict) or not peak:
+        raise ConfigError(f"{where}: missing section 'peak_flops' (FLOP/s per dtype: {', '.join(DTYPES)})")
+    bad = sorted(set(peak) - set(DTYPES))
+    if bad:
+        raise ConfigError(f"{where}: peak_flops has unknown dtype(s) {bad}; allowed: {list(DTYPES)}")
+    peak_flops = {d: _number(peak, d, f"{where}: peak_flops") for d in DTYPES if d in peak or d == "float32"}
+    efficiency = _number(raw, "matmul_efficiency", where)
+    if efficiency > 1:
+        raise ConfigError(f"{where}: matmul_efficiency={efficiency} is a share of the peak and must be in (0, 1]")
+    cores = int(_number(raw, "cores", where)) if kind == "cpu" else 0
+    kernels = raw.get("kernel_efficiency", {})
+    if not isinstance(kernels, dict) or set(kernels) - set(KERNELS):
+        raise ConfigError(f"{where}: kernel_efficiency must map some of {list(KERNELS)} to shares in (0, 1]")
+    efficiency_of = {k: _number(kernels, k, f"{where}: kernel_efficiency") for k in kernels}
+    if any(v > 1 for v in efficiency_of.values()):
+        raise ConfigError(f"{where}: kernel_efficiency {efficiency_of} are shares of the matmul rate, in (0, 1]")
+    return Hardware(
+        name=str(raw.get("name") or Path(where).stem),
+        kind=kind,
+        nodes=int(_number(raw, "nodes", where)),
+        devices_per_node=int(_number(raw, "devices_per_node", where)),
+        peak_flops=peak_flops,
+        matmul_efficiency=efficiency,
+        memory_bandwidth=_number(raw, "memory_bandwidth", where),
+        memory_capacity=_number(raw, "memory_capacity", where),
+        op_overhead_s=_number(raw, "op_overhead_s", where, strict=False),
+        intra_node=_link(raw, "intra_node", where),
+        inter_node=_link(raw, "inter_node", where),
+        cores=cores,
+        kernel_efficiency=efficiency_of,
+    )
+
+
+def load_hardware(path: str | Path) -> Hardware:
+    """Read and validate ``path``; a missing file is a ``ConfigError`` too."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in Path("configs/hardware").glob("*.yaml"))
+        raise ConfigError(f"--cluster {str(path)!r}: no such file; shipped: {shipped} (or run `moe simulate calibrate`)")
+    return parse_hardware(yaml.safe_load(path.read_text()), str(path))
+
+
+def hardware_dict(hw: Hardware) -> dict[str, Any]:
+    """The YAML mapping of ``hw`` (what ``parse_hardware`` reads back)."""
+    out: dict[str, Any] = {}
+    for f in fields(Hardware):
+        value = getattr(hw, f.name)
+        out[f.name] = {"bandwidth": value.bandwidth, "latency_s": value.latency_s} if isinstance(value, Link) else value
+    if hw.kind != "cpu":
+        out.pop("cores")
+    if not hw.kernel_efficiency:
+        out.pop("kernel_efficiency")
+    return out

@@ -1,0 +1,761 @@
+"""The predictor: per-rank memory, communication bytes and step time of a layout.
+
+Legend: T tokens per micro-batch on a rank (b·S), S sequence, D model dim, H heads, V vocab,
+E experts, El = E/ep experts per rank, K experts per token, F expert hidden, Fin its input
+projection width (2F for SwiGLU), N rows a rank keeps for dispatch (T·K dropless), R rows its
+experts compute, m micro-batches per step, p pipeline stages, v virtual stages, L layers.
+
+**Model states** (megatron engine: fp32 parameters in megatron's DDP buffers, fp32 gradient
+buffers, distributed AdamW): each buffer is laid out as megatron lays it out (parameters in
+reverse order, each start padded to 64 elements, the end padded to ``lcm(group, 128)``:
+``megatron_buffer_layout``); per pipeline chunk, dense parameters form one buffer sharded over
+``dp``, expert parameters another over ``edp``. Bytes: params ``4·numel`` + grads ``4·numel``
+per buffer, and AdamW's ``exp_avg``/``exp_avg_sq`` over the shard's parameter elements plus
+one 4-byte ``step`` per parameter whose range meets this rank's shard. DeepSpeed ZeRO-s uses
+the textbook per-parameter counts with fp32 master weights (ZeRO-1 ``4Ψ+4Ψ+8Ψ/N``, ZeRO-2
+``4Ψ+4Ψ/N+8Ψ/N``, ZeRO-3 ``16Ψ/N``).
+
+**Activations** (``activation_elements``, ``head_elements``): the tensors autograd keeps in
+this code base's model (counted with ``saved_tensors_hooks``; docs/simulation.md lists them),
+not Korthikanti's GPT-3 figure. Full recomputation keeps each layer's input ``T·D``; 1F1B
+keeps ``p − stage`` micro-batches in flight.
+
+**Communication** per rank per step, in ``comm_counter``'s convention (all-to-all: bytes
+sent off-rank; reduce-scatter/all-gather: bytes of the full buffer; p2p: each send and
+receive): EP all-to-all ``2·(send_off + recv_off)·D·4`` per MoE layer per micro-batch
+(dispatch and combine, forward and backward; uniform routing ``send_off = recv_off =
+T·K·(ep−1)/ep``, so ``4·T·K·D·4·(ep−1)/ep``) plus ``(ep−1)·(El+3)·8`` bytes of counts and
+headers per forward; DP: a reduce-scatter of each gradient buffer and all-gathers of each
+parameter buffer; TP: ``_tp_bytes``; PP: activations and their gradients per chunk boundary
+and micro-batch, the tied embedding's gradient between first and last stage; the training
+loop's metric reductions.
+
+**Step time** (``rank_time``): compute = FLOPs / the device's matmul rate + non-matmul bytes /
+memory bandwidth + operations × per-op overhead; communication = alpha-beta per collective
+(ring ``(n−1)/n`` of a buffer for reduce-scatter and all-gather); the slowest expert rank;
+pipeline bubble ``(p−1)/(m+p−1)`` (1F1B) or ``(p−1)/(v·m)`` of the ideal time
+(interleaved). This engine reduces gradients after the backward (``overlap_grad_reduce=False``),
+so nothing overlaps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from moe.accounting import num_moe_layers, train_flops_per_token
+from moe.config import ConfigError, ModelConfig, MoEConfig
+from moe.mlp import input_width
+from parallel.config import ParallelConfig
+from parallel.simulator.hardware import Hardware, Link
+from parallel.simulator.routing import ForwardRouting, expert_capacity_or_none, group_rows, kept_counts, load_imbalance
+from parallel.topology import BatchShape, Topology
+
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+STEP_BYTES = 4  # torch AdamW's per-parameter ``step`` scalar (fp32)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A validated layout plus the batch split: what the predictor needs of a config."""
+
+    topology: Topology
+    micro_batch: int
+    seq_len: int
+    dtype: str  # float32 | bfloat16: activations and matmul rate
+    recompute: bool = False
+    zero_stage: int = 1
+    threads: int | None = None  # CPU ranks only: torch threads per rank (launch.threads)
+    sequence_parallel: bool = False
+
+    @classmethod
+    def build(cls, parallel: ParallelConfig, model: ModelConfig, moe: MoEConfig, batch_size: int,
+              micro_batch_size: int | None, dtype: str = "float32", recompute: bool = False,
+              threads: int | None = None) -> Layout:
+        per_rank = max(1, batch_size // parallel.dp)
+        batch = BatchShape(batch_size, micro_batch_size or per_rank)
+        topology = Topology.build(parallel, model, moe, batch, parallel.world_size)
+        return cls(topology, batch.micro_batch, model.seq_len, dtype, recompute, parallel.zero_stage, threads,
+                   parallel.sequence_parallel and parallel.tp > 1)
+
+    @property
+    def tokens(self) -> int:
+        """T: tokens per micro-batch on one rank (replicated over its TP group)."""
+        return self.micro_batch * self.seq_len
+
+    @property
+    def routed_tokens(self) -> int:
+        """Tokens one rank routes: TP ranks route disjoint B/tp sequences of the micro-batch."""
+        return self.tokens // self.topology.tp
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a rank: its numel, whether it lives in megatron's expert buffer, and
+    the pipeline chunk (virtual stage) whose DDP buffers hold it."""
+
+    name: str
+    numel: int
+    expert: bool
+    chunk: int = 0
+
+
+def stage_layers(model: ModelConfig, layout: Layout, stage: int) -> list[int]:
+    """Global block indices held by pipeline rank ``stage`` (v chunks of L/(p·v) each)."""
+    t = layout.topology
+    chunk = model.n_layers // (t.pp * t.vpp)
+    return [c * t.pp * chunk + stage * chunk + i for c in range(t.vpp) for i in range(chunk)]
+
+
+def rank_params(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int = 0) -> list[ParamSpec]:
+    """This rank's parameters in ``Transformer.named_parameters()`` order, sharded.
+
+    tp divides attention, dense MLP and (padded) vocabulary matrices; ep·etp divide expert
+    weights, which are expert-buffer parameters whenever they are sharded (ep > 1) or tensor
+    parallelism marks them (tp or etp > 1, ``parallel/tensor_parallel.py``); the tied LM head
+    is a second copy on the last stage when pp > 1 (megatron's rule)."""
+    t = layout.topology
+    d, tp = model.dim, t.tp
+    vocab_shard = -(-model.vocab_size // tp)  # parallel.tensor_parallel.padded_vocab_size / tp
+    expert_buffer = t.ep > 1 or t.tp > 1 or t.etp > 1
+    chunk_layers = model.n_layers // (t.pp * t.vpp)
+    out: list[ParamSpec] = []
+    first, last = stage == 0, stage == t.pp - 1
+    if first:
+        out.append(ParamSpec("embed.weight", vocab_shard * d, False, 0))
+    for i in stage_layers(model, layout, stage):
+        p, c = f"blocks.{i}.", i // (t.pp * chunk_layers)
+        out += [ParamSpec(p + "attn_norm.weight", d, False, c), ParamSpec(p + "attn.qkv.weight", 3 * d * d // tp, False, c),
+                ParamSpec(p + "attn.out.weight", d * d // tp, False, c), ParamSpec(p + "ffn_norm.weight", d, False, c)]
+        if model.is_moe_layer(i):
+            local, f = moe.num_experts // t.ep, moe.expert_ffn_dim // t.etp
+            out += [ParamSpec(p + "ffn.router.weight_ED", moe.num_experts * d, False, c),
+                    ParamSpec(p + "ffn.experts.w_in_EDF", local * d * input_width(f, moe.activation), expert_buffer, c),
+                    ParamSpec(p + "ffn.experts.w_out_EFD", local * f * d, expert_buffer, c)]
+            if moe.num_shared_experts:
+                fs = moe.expert_ffn_dim * moe.num_shared_experts // tp
+                out += [ParamSpec(p + "ffn.shared.w_in.weight", d * input_width(fs, moe.activation), False, c),
+                        ParamSpec(p + "ffn.shared.w_out.weight", fs * d, False, c)]
+        else:
+            f = model.ffn_dim // tp
+            out += [ParamSpec(p + "ffn.w_in.weight", d * input_width(f, model.activation), False, c),
+                    ParamSpec(p + "ffn.w_out.weight", f * d, False, c)]
+    if last:
+        out.append(ParamSpec("norm.weight", d, False, t.vpp - 1))
+        if not model.tie_embeddings or (t.pp > 1 and not first):
+            out.append(ParamSpec("lm_head.weight", vocab_shard * d, False, t.vpp - 1))
+    return out
+
+
+def rank_buffers(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int) -> list[tuple[list[ParamSpec], bool]]:
+    """megatron's DDP buffers on a rank of ``stage``: per chunk, the dense then the expert
+    parameters (each its own buffer; empty ones are left out)."""
+    specs = rank_params(model, moe, layout, stage)
+    out = []
+    for chunk in range(layout.topology.vpp):
+        for expert in (False, True):
+            members = [s for s in specs if s.chunk == chunk and s.expert == expert]
+            if members:
+                out.append((members, expert))
+    return out
+
+
+def _pad(n: int, divisor: int) -> int:
+    return math.ceil(n / divisor) * divisor
+
+
+def megatron_buffer_layout(numels: list[int], group: int) -> tuple[list[tuple[int, int]], int]:
+    """Megatron's DDP buffer with the distributed optimizer and one bucket: parameters in
+    reverse order, each start padded to 64 elements, the end to ``lcm(group, 128)``.
+    Returns each parameter's (start, end), in the given order, and the buffer numel."""
+    ranges: dict[int, tuple[int, int]] = {}
+    start = end = 0
+    for index in reversed(range(len(numels))):
+        start = _pad(start, 64)
+        end = start + numels[index]
+        ranges[index] = (start, end)
+        start = end
+    total = _pad(end, math.lcm(group, 128)) if numels else 0
+    return [ranges[i] for i in range(len(numels))], total
+
+
+@dataclass
+class Memory:
+    """Bytes on one rank; ``peak`` = states + activations in flight + the largest transient."""
+
+    params: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    transient: int = 0
+
+    @property
+    def states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def peak(self) -> int:
+        return self.states + self.activations + self.transient
+
+
+def _megatron_states(specs: list[ParamSpec], group: int, group_rank: int) -> tuple[int, int, int, int]:
+    """(params, grads, optimizer bytes, shard numel) of one megatron buffer on one rank."""
+    ranges, numel = megatron_buffer_layout([s.numel for s in specs], group)
+    if not numel:
+        return 0, 0, 0, 0
+    shard = numel // group
+    lo, hi = group_rank * shard, (group_rank + 1) * shard
+    meeting = sum(1 for a, b in ranges if min(b, hi) > max(a, lo))
+    in_shard = sum(max(0, min(b, hi) - max(a, lo)) for a, b in ranges)
+    return 4 * numel, 4 * numel, ADAM_STATE_BYTES * in_shard + STEP_BYTES * meeting, shard
+
+
+def state_memory(model: ModelConfig, moe: MoEConfig, layout: Layout, engine: str, rank: int) -> tuple[Memory, int]:
+    """Model-state bytes of global ``rank`` and the numel of its optimizer shard."""
+    t = layout.topology
+    coords = rank_coords(t, rank)
+    specs = rank_params(model, moe, layout, coords["pp"])
+    dense = [s for s in specs if not s.expert]
+    expert = [s for s in specs if s.expert]
+    if t.world_size == 1:  # LocalEngine: torch AdamW over plain parameters
+        n = sum(s.numel for s in specs)
+        return Memory(4 * n, 4 * n, ADAM_STATE_BYTES * n + STEP_BYTES * len(specs)), n
+    if engine == "megatron":
+        memory, shard = Memory(), 0
+        for members, is_expert in rank_buffers(model, moe, layout, coords["pp"]):
+            group, group_rank = (t.edp, coords["edp"]) if is_expert else (t.dp, coords["dp"])
+            params, grads, optimizer, buffer_shard = _megatron_states(members, group, group_rank)
+            memory.params += params
+            memory.grads += grads
+            memory.optimizer += optimizer
+            shard += buffer_shard
+        return memory, shard
+    psi_d, psi_e = sum(s.numel for s in dense), sum(s.numel for s in expert)
+    sharded = psi_d / t.dp + psi_e / t.edp
+    full = psi_d + psi_e
+    stage = layout.zero_stage
+    params = 4 * (sharded if stage == 3 else full)
+    grads = 4 * (sharded if stage >= 2 else full)
+    optimizer = ADAM_STATE_BYTES * (sharded if stage >= 1 else full)
+    return Memory(int(params), int(grads), int(optimizer)), int(sharded)
+
+
+def rank_coords(t: Topology, rank: int) -> dict[str, int]:
+    """megatron-core's rank order: dense ``tp-cp-dp-pp`` (tp fastest), experts ``etp-ep-edp-pp``."""
+    per_stage = t.tp * t.dp
+    pp_rank, r = divmod(rank, per_stage)
+    return {"pp": pp_rank, "tp": r % t.tp, "dp": r // t.tp, "etp": r % t.etp,
+            "ep": (r // t.etp) % t.ep, "edp": r // (t.etp * t.ep)}
+
+
+def ep_groups(t: Topology) -> list[list[int]]:
+    """Global ranks of every EP group, members in EP-rank order."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for rank in range(t.world_size):
+        c = rank_coords(t, rank)
+        groups.setdefault((c["pp"], c["etp"], c["edp"]), []).append(rank)
+    return list(groups.values())
+
+
+def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, layer: int, rows: float) -> float:
+    """4-byte elements autograd keeps for block ``layer`` of one micro-batch (see the module
+    doc); ``rows``: the rows this rank's experts compute (R; N is taken as T·K)."""
+    t = layout.topology
+    T, D, tp, k = layout.tokens, model.dim, t.tp, moe.top_k
+    if layout.recompute:
+        return T * D
+    Tn = T // tp if layout.sequence_parallel else T  # tokens a norm sees
+    norm = 3 * Tn * D + Tn  # input, input·rsqrt, output (RMSNorm is composite), rsqrt
+    attn = norm + 7 * T * D / tp + layout.micro_batch * model.n_heads / tp * layout.seq_len
+    if model.is_moe_layer(layer):
+        f = moe.expert_ffn_dim / t.etp
+        Tr = layout.routed_tokens
+        router = 2 * Tr * moe.num_experts + Tr + 2 * Tr * k + Tr * k  # logits, probs, lse, int64 top-k ids, gates
+        experts = rows * (D + input_width(int(f), moe.activation) + f)
+        ffn = norm + router + experts + 2 * Tr * k * D  # gated rows: the expert outputs and their products
+    else:
+        f = model.ffn_dim / tp
+        ffn = norm + T * (input_width(int(f), model.activation) + f)
+    return attn + ffn
+
+
+def head_elements(model: ModelConfig, layout: Layout) -> float:
+    """The final norm and the log-softmax autograd keeps, and the logits the training loop
+    holds (``out.logits_BSV``) through the backward."""
+    T = layout.tokens
+    return 3 * T * model.dim + T + 2 * T * model.vocab_size / layout.topology.tp
+
+
+@dataclass
+class Comm:
+    """Bytes per step of one rank, by category (``comm_counter`` convention)."""
+
+    ep_all_to_all: int = 0
+    ep_counts: int = 0
+    dp_reduce_scatter: int = 0
+    dp_all_gather: int = 0
+    edp_reduce_scatter: int = 0
+    edp_all_gather: int = 0
+    tp_all_reduce: int = 0
+    tp_all_gather: int = 0
+    tp_reduce_scatter: int = 0
+    pp_send_recv: int = 0
+    pp_metrics: int = 0
+    pp_embedding: int = 0
+    dp_metrics: int = 0
+    grad_norm: int = 0
+
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+
+@dataclass
+class RankPrediction:
+    rank: int
+    coords: dict[str, int]
+    memory: Memory
+    comm: Comm
+    time: dict[str, float] = field(default_factory=dict)
+    rows: float = 0.0  # rows its experts compute per MoE layer per micro-batch (time model)
+
+    def to_dict(self) -> dict[str, Any]:
+        mem = asdict(self.memory) | {"states": self.memory.states, "peak": self.memory.peak}
+        return {"rank": self.rank, "coords": self.coords, "memory": mem, "comm": asdict(self.comm), "time": self.time}
+
+
+def _dtype_bytes(layout: Layout) -> int:
+    return 2 if layout.dtype == "bfloat16" else 4
+
+
+def replay_rows(
+    routing: list[ForwardRouting], layout: Layout, moe: MoEConfig
+) -> dict[int, dict[str, float]]:
+    """Per global rank, summed over the recorded steps: rows sent off-rank, received from
+    other ranks, computed by its experts, for gradient (``grad``) and no-gradient forwards,
+    and the number of forwards of each kind; ``rows_layers``: per MoE layer, the most rows
+    its experts computed in one gradient forward (the observed maximum load, for memory);
+    ``rows_sync``: per gradient forward and layer, the mean of the EP group's largest
+    computed rows (every layer's all-to-all waits for the slowest member: for time);
+    ``rows_mean``: the same for the group's mean (the work a CPU shared by all ranks does)."""
+    t = layout.topology
+    by_key: dict[tuple[int, int, bool, int], ForwardRouting] = {}
+    ordinal: dict[tuple[int, int, bool], int] = {}
+    for rec in routing:
+        key = (rec.rank, rec.step, rec.grad)
+        idx = ordinal.get(key, 0)
+        ordinal[key] = idx + 1
+        by_key[(rec.rank, rec.step, rec.grad, idx)] = rec
+    out: dict[int, dict[str, float]] = {r: {"send_grad": 0, "recv_grad": 0, "send_nograd": 0, "recv_nograd": 0,
+                                            "rows_sync": 0, "rows_mean": 0, "forwards_grad": 0, "forwards_nograd": 0,
+                                            "rows_layers": []}
+                                        for r in range(t.world_size)}
+    keys = sorted({(s, g, i) for (_, s, g, i) in by_key})
+    for step, grad, idx in keys:
+        for members in ep_groups(t):
+            recs = [by_key.get((r, step, grad, idx)) for r in members]
+            if any(r is None for r in recs):
+                raise ConfigError(f"routing records incomplete for step {step}: ranks {members} must all be recorded")
+            cap = expert_capacity_or_none(recs[0].tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+            for layer in range(len(recs[0].counts_LE)):
+                rows = group_rows([kept_counts(r.counts_LE[layer], cap) for r in recs])
+                tag = "grad" if grad else "nograd"
+                for i, rank in enumerate(members):
+                    out[rank][f"send_{tag}"] += rows.send_off_P[i]
+                    out[rank][f"recv_{tag}"] += rows.recv_off_P[i]
+                    if grad:
+                        layers = out[rank]["rows_layers"]
+                        layers.extend([0] * (layer + 1 - len(layers)))
+                        layers[layer] = max(layers[layer], rows.computed_P[i])
+                        out[rank]["rows_sync"] += max(rows.computed_P)
+                        out[rank]["rows_mean"] += sum(rows.computed_P) / len(members)
+            for rank in members:
+                out[rank][f"forwards_{'grad' if grad else 'nograd'}"] += 1
+    for rank_rows in out.values():
+        n = rank_rows["forwards_grad"] * max(len(rank_rows["rows_layers"]), 1)
+        for key in ("rows_sync", "rows_mean"):
+            rank_rows[key] = rank_rows[key] / n if n else 0
+    return out
+
+
+def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, layers: list[int], stage: int,
+              steps: int) -> None:
+    """Tensor-parallel bytes of this code base's TP (``parallel/tensor_parallel.py``: megatron's
+    column/row-parallel linears, vocab-parallel embedding and cross-entropy, MoE layers
+    routing B/tp sequences per rank), per step, fp32 activations ``x = T·D·4``:
+
+    - without SP: attention and dense MLP 2 all-reduces of x per layer (row-parallel forward,
+      column-parallel backward); MoE layers 2 all-gathers of x (output forward, input
+      gradient backward); embedding forward and LM head backward 1 all-reduce of x each;
+    - with SP (Korthikanti): those all-reduces become an all-gather and a reduce-scatter of x
+      each, the MoE layer needs none, the embedding reduce-scatters (backward: all-gather),
+      and every column-parallel layer all-gathers its input once more in the backward;
+    - the loss: 3 all-reduces of T floats (vocab-parallel cross-entropy); MoE statistics
+      ``(3 + E)`` floats per layer, and ``E`` more for the micro-batch aux loss's counts;
+    - per step: gradients of parameters every TP rank computes on its own tokens (routers;
+      with SP also the RMSNorm gains) all-reduced in ``finalize_model_grads``, and the
+      routers' again for the logged router gradient norm.
+    """
+    t = layout.topology
+    x = layout.tokens * model.dim * 4
+    m = t.micro_batches
+    n_moe = sum(model.is_moe_layer(i) for i in layers)
+    n_dense = len(layers) - n_moe
+    first, last = stage == 0, stage == t.pp - 1
+    stats = n_moe * 4 * (3 + moe.num_experts + (moe.num_experts if moe.aux_loss_scope == "micro_batch" else 0))
+    loss = 3 * layout.tokens * 4 if last else 0
+    routers = n_moe * moe.num_experts * model.dim * 4
+    if layout.sequence_parallel:
+        linears = 2 * len(layers) + 2 * n_dense  # qkv and out in every layer, w_in and w_out in dense ones
+        # + column-parallel layers gather their input again in the backward (for the weight
+        # gradient), and the embedding's reduce-scatter has an all-gather as its backward.
+        regather = len(layers) + n_dense + last
+        comm.tp_all_gather = steps * m * (linears + last + regather + first) * x
+        comm.tp_reduce_scatter = steps * m * (linears + first + last) * x
+        norms = (2 * len(layers) + last) * model.dim * 4
+        comm.tp_all_reduce = steps * (m * (loss + stats) + 2 * routers + norms)
+    else:
+        ar = 2 * len(layers) + 2 * n_dense + first + last  # attention 2, dense MLP 2, embed, head
+        comm.tp_all_reduce = steps * (m * (ar * x + loss + stats) + 2 * routers)
+        comm.tp_all_gather = steps * m * 2 * n_moe * x
+
+
+def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, extra_forwards: int,
+               rows: dict[str, float] | None, steps: int = 1) -> Comm:
+    """Bytes of one rank over ``steps`` steps. ``rows`` from ``replay_rows`` (exact), else
+    uniform routing. ``extra_forwards``: no-gradient routing pre-passes per step
+    (``moe.aux_loss_scope=global_batch`` with more than one forward per global batch)."""
+    t = layout.topology
+    coords = rank_coords(t, rank)
+    layers = stage_layers(model, layout, coords["pp"])
+    n_moe = sum(model.is_moe_layer(i) for i in layers)
+    m = t.micro_batches
+    act = 4  # fp32 rows: the RMSNorm output stays fp32 under autocast too
+    comm = Comm()
+    if t.ep > 1 and n_moe:
+        D = model.dim
+        if rows is None:
+            off = layout.routed_tokens * moe.top_k * (t.ep - 1) / t.ep
+            comm.ep_all_to_all = int(steps * n_moe * (m * 2 * 2 * off + extra_forwards * 2 * off) * D * act)
+            forwards = steps * (m + extra_forwards)
+        else:
+            grad_rows = 2 * (rows["send_grad"] + rows["recv_grad"])
+            nograd_rows = rows["send_nograd"] + rows["recv_nograd"]
+            comm.ep_all_to_all = int((grad_rows + nograd_rows) * D * act)
+            forwards = int(rows["forwards_grad"] + rows["forwards_nograd"])
+        local = moe.num_experts // t.ep
+        comm.ep_counts = forwards * n_moe * (t.ep - 1) * (local + 3) * 8
+    if t.world_size > 1:
+        buffers = rank_buffers(model, moe, layout, coords["pp"])
+        dense = sum(megatron_buffer_layout([s.numel for s in b], t.dp)[1] for b, is_expert in buffers if not is_expert)
+        expert = sum(megatron_buffer_layout([s.numel for s in b], t.edp)[1] for b, is_expert in buffers if is_expert)
+        # megatron-core 0.16's ChainedOptimizer: each inner distributed optimizer (dense, and
+        # experts when there are expert parameters) all-gathers *every* buffer after its step.
+        optimizers = 1 + bool(expert)
+        comm.dp_reduce_scatter = steps * 4 * dense
+        comm.dp_all_gather = steps * optimizers * 4 * dense
+        comm.edp_reduce_scatter = steps * 4 * expert
+        comm.edp_all_gather = steps * optimizers * 4 * expert
+        comm.grad_norm = steps * 4
+        n_moe_all = num_moe_layers(model)
+        loss_sums, load_counts = 4 * 4, 4 * n_moe_all * moe.num_experts
+        prepass = load_counts if extra_forwards else 0
+        if t.dp > 1:
+            router_grads = 4 * n_moe * moe.num_experts * model.dim  # this stage's routers
+            comm.dp_metrics = steps * (loss_sums + load_counts + router_grads + prepass)
+        if t.pp > 1:  # stage sums of the losses and counts, and of the router gradient's square (fp64)
+            comm.pp_metrics = steps * (loss_sums + load_counts + 8 + prepass)
+            if model.tie_embeddings and coords["pp"] in (0, t.pp - 1):
+                comm.pp_embedding = steps * -(-model.vocab_size // t.tp) * model.dim * 4
+    if t.tp > 1:
+        _tp_bytes(comm, model, moe, layout, layers, coords["pp"], steps)
+    if t.pp > 1:  # per chunk boundary and micro-batch: activations one way, their gradient back (fp32)
+        boundaries = t.vpp * 2 - (coords["pp"] == 0) - (coords["pp"] == t.pp - 1)
+        comm.pp_send_recv = steps * m * boundaries * 2 * layout.tokens * model.dim * 4
+    return comm
+
+
+# -- step time ---------------------------------------------------------------------------
+
+def cores_per_rank(hw: Hardware, world: int, threads: int | None = None) -> float:
+    """Cores one rank computes on: a GPU rank has its device (1); CPU ranks share the
+    machine's cores, each running ``threads`` threads (default ``max(1, cores // W)``,
+    the launchers' default)."""
+    if hw.kind != "cpu":
+        return 1.0
+    threads = threads or max(1, hw.cores // world)
+    return min(float(threads), hw.cores / world)
+
+
+def micro_batch_flops(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int, rows: float) -> dict[str, float]:
+    """Forward FLOPs of one micro-batch on one rank of ``stage`` by kernel (``matmul``:
+    projections, router, head; ``grouped_mm``: experts; ``attention``); backward = 2x."""
+    t = layout.topology
+    T, D, S, tp = layout.tokens, model.dim, layout.seq_len, t.tp
+    flops = {"matmul": 0.0, "grouped_mm": 0.0, "attention": 0.0}
+    for i in stage_layers(model, layout, stage):
+        flops["matmul"] += 2 * T * D * 4 * D / tp  # qkv + out
+        flops["attention"] += 2 * T * S * D / tp  # causal QK^T and AV
+        if model.is_moe_layer(i):
+            f = moe.expert_ffn_dim / t.etp
+            flops["matmul"] += 2 * layout.routed_tokens * D * moe.num_experts
+            flops["grouped_mm"] += 2 * rows * D * (input_width(int(f), moe.activation) + f)
+            if moe.num_shared_experts:
+                fs = moe.expert_ffn_dim * moe.num_shared_experts / tp
+                flops["matmul"] += 2 * T * D * (input_width(int(fs), moe.activation) + fs)
+        else:
+            f = model.ffn_dim / tp
+            flops["matmul"] += 2 * T * D * (input_width(int(f), model.activation) + f)
+    if stage == t.pp - 1:
+        flops["matmul"] += 2 * T * D * model.vocab_size / tp
+    return flops
+
+
+def _link_for(hw: Hardware, members: list[int]) -> Link:
+    nodes = {r // hw.devices_per_node for r in members}
+    return hw.inter_node if len(nodes) > 1 else hw.intra_node
+
+
+def _ring(link: Link, n: int, n_bytes: float, calls: int) -> float:
+    """Reduce-scatter or all-gather of an ``n_bytes`` buffer over ``n`` ranks (ring)."""
+    if n <= 1:
+        return 0.0
+    return calls * (n - 1) * link.latency_s + (n - 1) / n * n_bytes / link.bandwidth
+
+
+# ATen operations per micro-batch, forward + backward, counted once on this code base with a
+# TorchDispatchMode around a 1- and a 2-block model (docs/simulation.md, "Operation counts"):
+# a dense block (attention + MLP), an MoE block with the local dispatcher, the extra ops of
+# the all-to-all dispatcher, and the embedding/head/loss; the optimizer step (torch AdamW,
+# foreach) costs OPS_OPTIMIZER_BASE + OPS_OPTIMIZER_PER_BLOCK per block.
+OPS_DENSE_BLOCK = 164
+OPS_MOE_BLOCK = 257
+OPS_MOE_EP_EXTRA = 45
+OPS_MICRO_BATCH = 54
+OPS_OPTIMIZER_BASE = 30
+OPS_OPTIMIZER_PER_BLOCK = 58
+ELEMENTWISE_PASSES = 3.0  # each kept activation is written forward, read and its gradient written backward
+
+
+def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, rank: int, comm: Comm,
+              memory: Memory, opt_shard: int, rows: float, rows_mean: float) -> dict[str, float]:
+    """Seconds per step on ``rank`` by component (see the module doc); ``rows``: the
+    slowest EP member's expert rows per layer per micro-batch, ``rows_mean`` the mean."""
+    t = layout.topology
+    coords = rank_coords(t, rank)
+    stage = coords["pp"]
+    share = cores_per_rank(hw, t.world_size, layout.threads)
+    if hw.kind == "cpu" and share < 1:
+        # More ranks than cores: a rank waiting in gloo sleeps and the others use its core,
+        # so the CPU does the group's mean work at ``share`` of a core per rank, or the
+        # slowest rank's work on a whole core if that takes longer.
+        rows = max(rows_mean, rows * share)
+    bandwidth = hw.memory_bandwidth * min(share, 1.0) if hw.kind == "cpu" else hw.memory_bandwidth
+    overhead = hw.op_overhead_s / min(share, 1.0) if hw.kind == "cpu" else hw.op_overhead_s
+    layers = stage_layers(model, layout, stage)
+    m = t.micro_batches
+    passes = 4 if layout.recompute else 3
+    flops = micro_batch_flops(model, moe, layout, stage, rows)
+    matmul_time = sum(passes * f / (hw.kernel_rate(k, layout.dtype) * share) for k, f in flops.items())
+    act = sum(activation_elements(model, moe, layout, i, rows) for i in layers) + (
+        head_elements(model, layout) if stage == t.pp - 1 else 0)
+    elementwise = ELEMENTWISE_PASSES * act * _dtype_bytes(layout) / bandwidth
+    n_moe = sum(model.is_moe_layer(i) for i in layers)
+    ops = (n_moe * (OPS_MOE_BLOCK + (OPS_MOE_EP_EXTRA if t.ep > 1 else 0))
+           + (len(layers) - n_moe) * OPS_DENSE_BLOCK + OPS_MICRO_BATCH)
+    micro = {"matmul": matmul_time, "elementwise": elementwise, "op_overhead": ops * overhead}
+    ep_members = next(g for g in ep_groups(t) if rank in g)
+    a2a_calls = 5 * n_moe * m  # counts + 2 forward + 2 backward exchanges per layer
+    ep_link = _link_for(hw, ep_members)
+    ep_time = (a2a_calls * ep_link.latency_s + comm.ep_all_to_all / ep_link.bandwidth) / m if t.ep > 1 else 0.0
+    tp_link = _link_for(hw, list(range(rank - coords["tp"], rank - coords["tp"] + t.tp)))
+    tp_calls = 4 * len(layers) + 4
+    tp_bytes = 2 * comm.tp_all_reduce + comm.tp_all_gather + comm.tp_reduce_scatter  # an all-reduce is RS + AG
+    tp_time = _ring(tp_link, t.tp, tp_bytes / m, tp_calls) if t.tp > 1 else 0.0
+    pp_link = hw.inter_node if t.tp * t.dp >= hw.devices_per_node else hw.intra_node
+    pp_time = (comm.pp_send_recv / m) / pp_link.bandwidth + 2 * pp_link.latency_s if t.pp > 1 else 0.0
+    per_micro = sum(micro.values()) + ep_time + tp_time + pp_time
+    if t.pp > 1 and t.vpp > 1:
+        bubble = m * per_micro * (t.pp - 1) / (t.vpp * m)
+    else:
+        bubble = (t.pp - 1) * per_micro
+    dp_members = [r for r in range(t.world_size) if rank_coords(t, r)["pp"] == stage and rank_coords(t, r)["tp"] == coords["tp"]]
+    dp_link = _link_for(hw, dp_members)
+    edp_members = [r for r in range(t.world_size)
+                   if all(rank_coords(t, r)[k] == coords[k] for k in ("pp", "etp", "ep"))]
+    edp_link = _link_for(hw, edp_members)
+    optimizers = 1 + bool(comm.edp_reduce_scatter)
+    dp_time = (_ring(dp_link, t.dp, comm.dp_reduce_scatter, 1) + _ring(dp_link, t.dp, comm.dp_all_gather, optimizers)
+               + _ring(edp_link, t.edp, comm.edp_reduce_scatter, 1) + _ring(edp_link, t.edp, comm.edp_all_gather, optimizers)
+               + (4 * dp_link.latency_s if t.world_size > 1 else 0.0))
+    buffer_elems = (memory.params + memory.grads) / 8
+    optimizer_ops = OPS_OPTIMIZER_BASE + OPS_OPTIMIZER_PER_BLOCK * len(layers)
+    optimizer_time = (28 * opt_shard + 12 * buffer_elems) / bandwidth + optimizer_ops * overhead
+    return {
+        "matmul": m * micro["matmul"],
+        "elementwise": m * micro["elementwise"],
+        "op_overhead": m * micro["op_overhead"],
+        "ep_all_to_all": m * ep_time,
+        "tp_comm": m * tp_time,
+        "pp_p2p": m * pp_time,
+        "pp_bubble": bubble,
+        "dp_comm": dp_time,
+        "optimizer": optimizer_time,
+    }
+
+
+# -- the whole prediction -------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    layout: Layout
+    hardware: Hardware
+    ranks: list[RankPrediction]
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        t = self.layout.topology
+        return {"layout": asdict(t) | {"micro_batch": self.layout.micro_batch, "seq_len": self.layout.seq_len,
+                                       "dtype": self.layout.dtype, "recompute": self.layout.recompute},
+                "hardware": self.hardware.name, "summary": self.summary, "ranks": [r.to_dict() for r in self.ranks]}
+
+
+def recorded_comm(model: ModelConfig, moe: MoEConfig, layout: Layout, routing: list[ForwardRouting]) -> list[Comm]:
+    """Predicted bytes per rank summed over every step of a recording made on this layout
+    (what ``CommCounter`` counts over the same steps)."""
+    rows = replay_rows(routing, layout, moe)
+    steps = len({r.step for r in routing})
+    return [comm_bytes(model, moe, layout, rank, _extra_forwards(moe, layout), rows[rank], steps)
+            for rank in range(layout.topology.world_size)]
+
+
+def _extra_forwards(moe: MoEConfig, layout: Layout) -> int:
+    """No-gradient routing pre-passes per step (launch/train.py ``_global_load``)."""
+    t = layout.topology
+    return t.micro_batches if moe.aux_loss_scope == "global_batch" and (t.micro_batches > 1 or t.dp > 1) else 0
+
+
+def predict(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, engine: str = "megatron",
+            routing: list[ForwardRouting] | None = None) -> Prediction:
+    """Per-rank memory, bytes and time of one step; ``routing`` (recorded on this layout)
+    makes bytes exact and sets the slowest expert rank's load, else routing is uniform.
+
+    Routing recorded on another layout (a scaled-down emulation) gives the imbalance only:
+    per layer and step, the expert shares are folded onto this layout's EP ranks."""
+    t = layout.topology
+    if hw.kind == "gpu" and t.world_size > hw.world_size:
+        raise ConfigError(f"the layout needs {t.world_size} devices but cluster '{hw.name}' has "
+                          f"{hw.nodes} x {hw.devices_per_node} = {hw.world_size}; raise nodes in the hardware file")
+    same_layout = routing is not None and {r.rank for r in routing} == set(range(t.world_size))
+    rows = replay_rows(routing, layout, moe) if same_layout else None
+    steps = max(1, len({r.step for r in routing})) if same_layout else 1
+    imbalance = _imbalance(routing, t.ep, moe) if routing else 1.0
+    ranks = []
+    for rank in range(t.world_size):
+        coords = rank_coords(t, rank)
+        memory, shard = state_memory(model, moe, layout, engine, rank)
+        r_rows = rows[rank] if rows else None
+        comm = comm_bytes(model, moe, layout, rank, _extra_forwards(moe, layout), r_rows, steps)
+        stage_layers_ = stage_layers(model, layout, coords["pp"])
+        n_moe = sum(model.is_moe_layer(i) for i in stage_layers_)
+        if r_rows and t.ep > 1:
+            comm = Comm(**{k: v / steps for k, v in asdict(comm).items()})  # per-step mean
+            rows_time, rows_mean, rows_layers = r_rows["rows_sync"], r_rows["rows_mean"], r_rows["rows_layers"]
+        else:
+            if r_rows:
+                comm = Comm(**{k: v / steps for k, v in asdict(comm).items()})
+            rows_mean = layout.routed_tokens * moe.top_k
+            rows_time = rows_mean * imbalance
+            rows_layers = [rows_time] * n_moe
+        in_flight = t.pp - coords["pp"] if t.pp > 1 else 1
+        moe_ordinal = {i: j for j, i in enumerate(i for i in stage_layers_ if model.is_moe_layer(i))}
+        act = sum(activation_elements(model, moe, layout, i, rows_layers[moe_ordinal[i]] if i in moe_ordinal else 0)
+                  for i in stage_layers_)
+        head = head_elements(model, layout) if coords["pp"] == t.pp - 1 else 0
+        memory.activations = int((in_flight * act + head) * _dtype_bytes(layout))
+        # Largest transient: the loss's gradient over the logits (2·T·V) at the start of
+        # the backward, or AdamW's temporaries (one shard-sized buffer) in the update.
+        logits_grad = 2 * layout.tokens * model.vocab_size / t.tp * 4 if coords["pp"] == t.pp - 1 else 0
+        memory.transient = int(max(logits_grad, 4 * shard))
+        time_ = rank_time(model, moe, layout, hw, rank, comm, memory, shard, rows_time, rows_mean)
+        ranks.append(RankPrediction(rank, coords, memory, comm, time_, rows_time))
+    return Prediction(layout, hw, ranks, _summary(model, moe, layout, hw, ranks, imbalance))
+
+
+def _imbalance(routing: list[ForwardRouting], ep: int, moe: MoEConfig) -> float:
+    """Mean over recorded steps and layers of the slowest EP rank's load over the mean."""
+    if ep == 1:
+        return 1.0
+    totals: dict[tuple[int, bool], list[list[float]]] = {}
+    for rec in routing:
+        if not rec.grad:
+            continue
+        acc = totals.setdefault((rec.step, rec.grad), [[0.0] * len(c) for c in rec.counts_LE])
+        for layer, counts in enumerate(rec.counts_LE):
+            for e, c in enumerate(counts):
+                acc[layer][e] += c
+    values = [load_imbalance(layer, ep) for acc in totals.values() for layer in acc if sum(layer)]
+    return sum(values) / len(values) if values else 1.0
+
+
+def _summary(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, ranks: list[RankPrediction],
+             imbalance: float) -> dict[str, Any]:
+    t = layout.topology
+    step = max(sum(r.time.values()) for r in ranks)
+    slowest = max(ranks, key=lambda r: sum(r.time.values()))
+    tokens = layout.micro_batch * t.micro_batches * t.dp * layout.seq_len
+    tokens_per_s = tokens / step
+    peak_device = hw.peak_flops.get(layout.dtype, hw.peak_flops["float32"])
+    if hw.kind == "cpu":
+        peak_device *= cores_per_rank(hw, t.world_size, layout.threads)
+    mfu = train_flops_per_token(model, moe) * tokens_per_s / (t.world_size * peak_device)
+    peak_mem = max(r.memory.peak for r in ranks)
+    over = [(r.rank, r.memory.peak - hw.memory_capacity) for r in ranks if r.memory.peak > hw.memory_capacity]
+    bottleneck = max(slowest.time, key=lambda k: slowest.time[k])
+    return {
+        "step_time_s": step,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "peak_memory_bytes": peak_mem,
+        "memory_capacity_bytes": hw.memory_capacity,
+        "fits": not over,
+        "over_capacity": [{"rank": r, "over_bytes": int(b)} for r, b in over],
+        "bottleneck": bottleneck,
+        "slowest_rank": slowest.rank,
+        "expert_imbalance": imbalance,
+    }
+
+
+MEASURED_KEYS = {
+    "all_to_all_single@ep[float32]": "ep_all_to_all",
+    "all_to_all_single@ep[int64]": "ep_counts",
+    "reduce_scatter_tensor@dp[float32]": "dp_reduce_scatter",
+    "all_gather_into_tensor@dp[float32]": "dp_all_gather",
+    "reduce_scatter_tensor@edp[float32]": "edp_reduce_scatter",
+    "all_gather_into_tensor@edp[float32]": "edp_all_gather",
+    "all_reduce@dp[float32]": "dp_metrics",
+    "all_reduce@tp[float32]": "tp_all_reduce",
+    "all_gather_into_tensor@tp[float32]": "tp_all_gather",
+    "reduce_scatter_tensor@tp[float32]": "tp_reduce_scatter",
+    "all_reduce@pp[float32]": "pp_metrics",
+    "all_reduce@pp[float64]": "pp_metrics",
+    "all_reduce@embd[float32]": "pp_embedding",
+}
+
+
+def measured_categories(totals: dict[str, int]) -> dict[str, int]:
+    """``CommCounter.totals()`` keys mapped onto ``Comm`` categories; the one 4-byte
+    all-reduce over the distributed optimizer's group (every rank) is the gradient norm."""
+    out = {name: 0 for name in Comm.__dataclass_fields__}
+    for key, value in totals.items():
+        if key in MEASURED_KEYS:
+            out[MEASURED_KEYS[key]] += value
+        elif key.split("@")[0] in ("isend", "irecv", "send", "recv"):
+            out["pp_send_recv"] += value
+        elif key.startswith("all_reduce@") and key.endswith("[float32]"):
+            out["grad_norm"] += value
+        else:
+            out.setdefault("unclassified:" + key, 0)
+            out["unclassified:" + key] += value
+    return out

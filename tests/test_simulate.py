@@ -1,0 +1,164 @@
+"""The simulator (parallel/simulator, launch/simulate.py): formulas against hand-computed
+values, hardware-file validation, and an emulated gloo run whose counted collective bytes
+and model-state bytes must equal the prediction exactly."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launch.config import load_config
+from moe.config import ConfigError, ModelConfig, MoEConfig
+from multirank import RankPool
+from parallel.config import ParallelConfig
+from parallel.simulator.hardware import load_hardware, parse_hardware
+from parallel.simulator.predict import (
+    Layout, comm_bytes, megatron_buffer_layout, measured_categories, predict, recorded_comm, state_memory,
+)
+from parallel.simulator.routing import group_rows, load_imbalance, read_routing
+
+ROOT = Path(__file__).resolve().parent.parent
+HARDWARE = ROOT / "configs" / "hardware"
+SMALL = [
+    "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.ffn_dim=64",
+    "moe.num_experts=4", "moe.top_k=2", "moe.expert_ffn_dim=32", "train.batch_size=8",
+    "data.val_tokens=1024", "launch.threads=1", "launch.timeout_minutes=2",
+]
+
+
+def _layout(**kw: Any) -> tuple[ModelConfig, MoEConfig, Layout]:
+    model = ModelConfig(dim=64, n_layers=4, n_heads=4, seq_len=32, ffn_dim=128, vocab_size=100)
+    moe = MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=64)
+    batch = kw.pop("batch", 16)
+    micro = kw.pop("micro", None)
+    return model, moe, Layout.build(ParallelConfig(**kw), model, moe, batch, micro)
+
+
+def test_uniform_all_to_all_is_four_t_k_h_bytes() -> None:
+    model, moe, layout = _layout(dp=4, ep=4)
+    comm = comm_bytes(model, moe, layout, rank=0, extra_forwards=0, rows=None)
+    tokens = 16 // 4 * 32  # T = 4 sequences of 32 on each rank
+    per_layer = 4 * tokens * 2 * 64 * 4 * 3 / 4  # 4·T·k·h·bytes·(EP−1)/EP
+    assert comm.ep_all_to_all == 4 * per_layer == 786432
+
+
+def test_megatron_buffer_layout_pads_like_megatron() -> None:
+    # reversed order: 100 at [0,100), 10 at [128,138), 64 at [192,256); end padded to lcm(3,128)=384
+    ranges, numel = megatron_buffer_layout([64, 10, 100], group=3)
+    assert ranges == [(192, 256), (128, 138), (0, 100)] and numel == 384
+
+
+def test_group_rows_and_imbalance_by_hand() -> None:
+    # 2 ranks, 4 experts (2 each); rank 0 keeps [3,1,2,2], rank 1 keeps [0,4,1,1]
+    rows = group_rows([[3, 1, 2, 2], [0, 4, 1, 1]])
+    assert rows.send_off_P == [4, 4] and rows.recv_off_P == [4, 4] and rows.computed_P == [8, 6]
+    assert load_imbalance([0.5, 0.25, 0.125, 0.125], ep=2) == 1.5
+
+
+def test_states_follow_the_distributed_optimizer_formula() -> None:
+    model, moe, layout = _layout(dp=4, ep=2)
+    dense, _ = state_memory(model, moe, layout, "megatron", rank=0)
+    assert dense.params == dense.grads  # fp32 param and grad buffers of the same layout
+    single, _ = state_memory(*_layout(), "megatron", rank=0)
+    n = single.params // 4
+    assert single.optimizer == 8 * n + 4 * (1 + 4 * 7 + 1)  # AdamW moments + one step per parameter
+
+
+def test_pipeline_bubble_share() -> None:
+    model, moe, layout = _layout(pp=4, batch=16, micro=2)  # m = 8 micro-batches
+    hw = load_hardware(HARDWARE / "h100-ib.yaml")
+    rank = predict(model, moe, layout, hw).ranks[0]
+    per_micro = sum(v for k, v in rank.time.items() if k not in ("pp_bubble", "dp_comm", "optimizer")) / 8
+    assert rank.time["pp_bubble"] == pytest.approx(3 * per_micro)  # (p−1)/(m+p−1) of the pipeline
+
+
+def test_hardware_files_validate() -> None:
+    for path in sorted(HARDWARE.glob("*.yaml")):
+        assert load_hardware(path).world_size >= 1
+    good = json.loads(json.dumps(__import__("yaml").safe_load((HARDWARE / "h100-ib.yaml").read_text())))
+    with pytest.raises(ConfigError, match="missing field 'memory_bandwidth'"):
+        parse_hardware({k: v for k, v in good.items() if k != "memory_bandwidth"}, "x.yaml")
+    with pytest.raises(ConfigError, match="nonsensical"):
+        parse_hardware({**good, "memory_capacity": -1}, "x.yaml")
+    with pytest.raises(ConfigError, match="matmul_efficiency"):
+        parse_hardware({**good, "matmul_efficiency": 3}, "x.yaml")
+
+
+def test_a_layout_that_does_not_fit_is_reported() -> None:
+    cfg = load_config(ROOT / "configs" / "glam-64e.yaml", ["parallel.dp=8", "parallel.ep=8"])
+    layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size, "bfloat16")
+    hw = parse_hardware({**__import__("yaml").safe_load((HARDWARE / "h100-ib.yaml").read_text()), "memory_capacity": 1e8}, "tiny.yaml")
+    prediction = predict(cfg.model, cfg.moe, layout, hw)
+    over = prediction.summary["over_capacity"]
+    assert not prediction.summary["fits"] and [o["rank"] for o in over] == list(range(8))
+    assert over[0]["over_bytes"] == int(prediction.ranks[0].memory.peak - 1e8)
+
+
+# -- emulated runs: counted bytes and state bytes equal the prediction ----------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from launch.data import prepare, stdlib_sources
+
+    out = tmp_path_factory.mktemp("corpus") / "stdlib-small"
+    prepare(stdlib_sources()[:40], out, val_fraction=0.2)
+    return out
+
+
+def _emulate(rank: int, world: int, cfg: Any, out: str) -> dict[str, Any]:
+    from launch.simulate import emulate_rank
+
+    return emulate_rank(cfg, 3, Path(out))
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.dp=2"],
+    ["parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=2", "moe.aux_loss_scope=global_batch",
+     "moe.capacity_factor=1.0"],
+    ["parallel.dp=4", "parallel.ep=2"],
+    ["parallel.tp=2"],
+    ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    ["parallel.pp=2", "parallel.vpp=2", "parallel.dp=2", "parallel.ep=2", "model.n_layers=4", "train.micro_batch_size=2"],
+], ids=["dp2", "dp2-ep2-micro2-capacity", "dp4-ep2", "tp2", "tp2-sp", "pp2-vpp2-dp2-ep2"])
+def test_emulated_bytes_and_states_equal_prediction(
+    rank_pool: Callable[[int], RankPool], corpus: Path, tmp_path: Path, layout: list[str]
+) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*SMALL, *layout, f"data.path={corpus}", f"train.run_dir={tmp_path}"])
+    results = rank_pool(cfg.parallel.world_size).run(_emulate, cfg, str(tmp_path), timeout=240)
+    routing = read_routing(sorted(tmp_path.glob("routing-rank-*.jsonl")))
+    lay = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size)
+    predicted = recorded_comm(cfg.model, cfg.moe, lay, routing)
+    for rank, result in enumerate(results):
+        measured = measured_categories(result["comm"])
+        assert not [k for k in measured if k.startswith("unclassified")], measured
+        assert measured == {k: int(v) for k, v in predicted[rank].__dict__.items()}, f"rank {rank}"
+        states, _ = state_memory(cfg.model, cfg.moe, lay, "megatron", rank)
+        assert result["states"] == {"params": states.params, "grads": states.grads, "optimizer": states.optimizer}
+
+
+def test_emulation_matches_the_real_multi_rank_run(
+    corpus: Path, tmp_path: Path, start_within: Callable[..., dict[str, Any]]
+) -> None:
+    """The emulation runs the training step of a real run: losses, gradient norms and
+    per-expert token counts are identical to ``moe train``'s (local launcher) step by step."""
+    from launch.metrics import read_metrics
+    from launch.simulate import emulate
+
+    overrides = [*SMALL, "parallel.dp=2", "parallel.ep=2", "train.steps=3", "train.log_every=1",
+                 "train.eval_every=100", "train.ckpt_every=100", "launch.launcher=local", f"data.path={corpus}"]
+    real_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, f"train.run_dir={tmp_path / 'real'}"])
+    start_within(real_cfg)
+    real = [r for r in read_metrics(tmp_path / "real") if r["kind"] == "train"]
+    emu_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, f"train.run_dir={tmp_path / 'emu'}"])
+    results = emulate(emu_cfg, 3, tmp_path / "emu")
+    routing = read_routing(sorted((tmp_path / "emu").glob("routing-rank-*.jsonl")))
+    for step, record in enumerate(real):
+        values = results[0]["values"][step]
+        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm", "router_grad_norm"):
+            assert values[key] == record[key], (step, key)
+        counts = [[sum(r.counts_LE[layer][e] for r in routing if r.step == step) for e in range(4)] for layer in range(2)]
+        assert counts == record["expert_tokens"], step
