@@ -124,7 +124,19 @@ def _check_sizes(groups: ParallelGroups, topology: Topology) -> None:
 
 
 def destroy_groups() -> None:
-    """Drop megatron-core's process-group state (``parallel_state.destroy_model_parallel``)."""
+    """Drop megatron-core's process-group state (``parallel_state.destroy_model_parallel``)
+    and destroy every process group but the default one.
+
+    megatron-core 0.16.1 forgets its groups without destroying them (except its gloo data-
+    parallel copies), and each gloo group keeps its own threads (``pt_gloo_runloop``,
+    ``gloo_tcp_loop``) and sockets: a process that builds layouts repeatedly (the restart
+    loop, the harness, the test pool) would otherwise gather thousands of them. There is no
+    public list of groups; ``_world.pg_map`` is where torch (and megatron itself) finds them.
+    """
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
+    default = dist.GroupMember.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not default:
+            dist.destroy_process_group(group)

@@ -35,7 +35,9 @@ def _reset_megatron() -> None:
     import sys
 
     if "megatron.core.parallel_state" in sys.modules:
-        sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+        from parallel.groups import destroy_groups
+
+        destroy_groups()  # also the groups a test made itself: each gloo group keeps threads
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.Queue) -> None:
