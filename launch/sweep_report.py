@@ -4,8 +4,9 @@ finish), and the report of ``moe sweep report DIR``: ``report.md``, ``fit.json``
 Rows come from the trial directories on disk (``trials/<key>/trial.json``, ``config.yaml``,
 ``summary.json``), so a report can be made from any finished subset of a sweep.
 
-Grouping: a trial's *base size* is its overrides without the expert count, the router,
-the seed, the steps and the expert width (which ``hold`` may adjust per E). Its ``N`` for
+Grouping: a trial's *base size* is its overrides without the expert count, the routing
+(router, top-k, gate renormalisation: a sweep may pick them per E), the seed, the steps
+and the expert width (which ``hold`` may adjust per E). Its ``N`` for
 the fit is the non-embedding active parameter count of the base size's dense trial
 (E = 1, learned router) when there is one, else the group's median. Only learned-router
 trials enter the fit; hash-routed ones are compared with them at equal (base, E).
@@ -26,7 +27,9 @@ import yaml
 
 from launch.scaling_fit import COEFFS, ExpertLaw, fit_power_law, fit_with_uncertainty
 
-NOT_SIZE = {"moe.num_experts", "moe.router", "train.seed", "train.steps", "moe.expert_ffn_dim"}
+NOT_SIZE = {
+    "moe.num_experts", "moe.router", "moe.top_k", "moe.normalize_weights", "train.seed", "train.steps", "moe.expert_ffn_dim"
+}
 
 
 def _row(trial_dir: Path) -> dict[str, Any] | None:

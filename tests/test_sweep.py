@@ -14,7 +14,7 @@ import yaml
 
 from launch.scaling_fit import ExpertLaw
 from launch.sweep import load_sweep, plan, run_sweep
-from launch.sweep_report import write_report
+from launch.sweep_report import collect, write_report
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 
@@ -208,6 +208,24 @@ def test_report_fits_the_law_and_answers_the_acceptance_questions(tmp_path: Path
     for png in ("loss_vs_experts.png", "loss_vs_active_params.png", "expert_load.png"):
         assert (out / png).stat().st_size > 1000
 
+
+
+def test_routing_chosen_per_expert_count_does_not_split_a_base_size(tmp_path: Path) -> None:
+    """A sweep may route E <= 2 top-1 and E >= 4 top-2 (configs/sweeps/experts-cpu.yaml):
+    top_k and normalize_weights then vary across one base size's trials, which must stay
+    one group, with N from its dense trial."""
+    out = tmp_path / "out"
+    routing = {1: (1, False), 2: (1, False), 4: (2, True)}
+    for e, (k, norm) in routing.items():
+        _fake_trial(out, f"t{e}", 32, 20000 + e, e, "topk", 1, 2.0 - 0.1 * e)
+        trial_json = out / "trials" / f"t{e}" / "trial.json"
+        trial = json.loads(trial_json.read_text())
+        trial["overrides"].update({"moe.top_k": k, "moe.normalize_weights": norm})
+        trial_json.write_text(json.dumps(trial))
+    _fake_trial(out, "t64", 64, 90000, 1, "topk", 1, 1.5)
+    rows = collect(out)
+    assert {r["base"] for r in rows if r["key"] != "t64"} == {"model.dim=32"}
+    assert {r["N"] for r in rows if r["key"] != "t64"} == {20001}
 
 SWEEPS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs", "sweeps").glob("*.yaml"))
 
