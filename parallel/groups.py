@@ -15,6 +15,7 @@ Which ranks share a group (megatron-core's rank generators, order ``tp-cp-ep-dp-
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -136,7 +137,12 @@ def destroy_groups() -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
+    deepspeed_groups = sys.modules.get("deepspeed.utils.groups")
     default = dist.GroupMember.WORLD
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not default:
             dist.destroy_process_group(group)
+            if deepspeed_groups is not None:
+                # DeepSpeed caches groups (its world clone, expert groups) in module globals;
+                # this is what deepspeed.comm.destroy_process_group does after destroying one.
+                deepspeed_groups._release_process_group_references(group=group)
