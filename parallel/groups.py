@@ -137,12 +137,11 @@ def destroy_groups() -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-    deepspeed_groups = sys.modules.get("deepspeed.utils.groups")
+    if "deepspeed.utils.groups" in sys.modules:
+        # DeepSpeed caches groups in module globals and creates some lazily on whichever
+        # ranks first ask; destroying them under it hung its CPU-Adam test. Leave them.
+        return
     default = dist.GroupMember.WORLD
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not default:
             dist.destroy_process_group(group)
-            if deepspeed_groups is not None:
-                # DeepSpeed caches groups (its world clone, expert groups) in module globals;
-                # this is what deepspeed.comm.destroy_process_group does after destroying one.
-                deepspeed_groups._release_process_group_references(group=group)
