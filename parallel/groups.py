@@ -137,11 +137,12 @@ def destroy_groups() -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-    if "deepspeed.utils.groups" in sys.modules:
-        # DeepSpeed caches groups in module globals and creates some lazily on whichever
-        # ranks first ask; destroying them under it hung its CPU-Adam test. Leave them.
-        return
     default = dist.GroupMember.WORLD
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not default:
             dist.destroy_process_group(group)
+    deepspeed_groups = sys.modules.get("deepspeed.utils.groups")
+    if deepspeed_groups is not None:
+        # DeepSpeed caches groups in module globals (its world clone, expert groups, mpu) and
+        # would hand the destroyed ones to its next engine; ``group=None`` forgets them all.
+        deepspeed_groups._release_process_group_references(group=None)
