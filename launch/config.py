@@ -48,6 +48,7 @@ class TrainConfig:
     run_dir: str | None = None
     resume: bool = False
     peak_tflops: float | None = None
+    record_routing: bool = False
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):

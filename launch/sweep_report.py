@@ -8,8 +8,10 @@ Grouping: a trial's *base size* is its overrides without the expert count, the r
 (router, top-k, gate renormalisation: a sweep may pick them per E), the seed, the steps
 and the expert width (which ``hold`` may adjust per E). Its ``N`` for
 the fit is the non-embedding active parameter count of the base size's dense trial
-(E = 1, learned router) when there is one, else the group's median. Only learned-router
-trials enter the fit; hash-routed ones are compared with them at equal (base, E).
+(E = 1, learned router) when there is one, else the group's median. A trial's *routing*
+is ``hash`` or ``learned`` (``topk`` or ``sinkhorn``: a sweep may pick the router per E,
+one learned router per (base, E)). Only learned-router trials enter the fit; hash-routed
+ones are compared with them at equal (base, E).
 
 Legend: rows are dicts, one per finished trial.
 """
@@ -72,16 +74,34 @@ def collect(out_dir: Path) -> list[dict[str, Any]]:
     varying = [k for k in size_keys if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1]
     for r in rows:
         r["base"] = ", ".join(f"{k}={r['overrides'].get(k)}" for k in varying) or "base"
+        r["routing"] = "hash" if r["router"] == "hash" else "learned"
+    _check_one_learned_router(rows)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[r["base"]].append(r)
     for members in groups.values():
-        dense = [r["params_non_embedding_active"] for r in members if r["experts"] == 1 and r["router"] == "topk"]
+        dense = [r["params_non_embedding_active"] for r in members if r["experts"] == 1 and r["routing"] == "learned"]
         n = dense[0] if dense else float(np.median([r["params_non_embedding_active"] for r in members]))
         for r in members:
             r["N"] = n
     rows.sort(key=lambda r: (r["N"], r["router"], r["experts"], r["seed"]))
     return rows
+
+
+def _check_one_learned_router(rows: list[dict[str, Any]]) -> None:
+    """Learned routers are one line per base size: two of them at one (base, E) would be
+    averaged together as if they were seeds."""
+    routers: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for r in rows:
+        if r["routing"] == "learned":
+            routers[(r["base"], r["experts"])].add(r["router"])
+    clash = {k: sorted(v) for k, v in routers.items() if len(v) > 1}
+    if clash:
+        (base, e), names = next(iter(clash.items()))
+        raise ValueError(
+            f"base size '{base}', E={e} has trials of the learned routers {names}: a report compares "
+            "one learned router with hash routing; put each learned router in its own sweep (out_dir)"
+        )
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -126,10 +146,10 @@ def write_results_table(out_dir: Path) -> int:
 
 
 def _means(rows: list[dict[str, Any]], loss_key: str) -> dict[tuple[float, str, int], tuple[float, int]]:
-    """(N, router, E) -> (mean loss over seeds, number of seeds)."""
+    """(N, routing, E) -> (mean loss over seeds, number of seeds)."""
     acc: dict[tuple[float, str, int], list[float]] = defaultdict(list)
     for r in rows:
-        acc[(r["N"], r["router"], r["experts"])].append(r[loss_key])
+        acc[(r["N"], r["routing"], r["experts"])].append(r[loss_key])
     return {k: (float(np.mean(v)), len(v)) for k, v in acc.items()}
 
 
@@ -137,7 +157,7 @@ def seed_noise(rows: list[dict[str, Any]], loss_key: str) -> dict[str, Any]:
     """Pooled standard deviation of the loss across seeds at points with >= 2 seeds."""
     acc: dict[tuple[float, str, int], list[float]] = defaultdict(list)
     for r in rows:
-        acc[(r["N"], r["router"], r["experts"])].append(r[loss_key])
+        acc[(r["N"], r["routing"], r["experts"])].append(r[loss_key])
     points = {k: v for k, v in acc.items() if len(v) >= 2}
     if not points:
         return {"sigma": None, "points": []}
@@ -145,7 +165,7 @@ def seed_noise(rows: list[dict[str, Any]], loss_key: str) -> dict[str, Any]:
     pooled = math.sqrt(sum(np.var(v, ddof=1) * (len(v) - 1) for v in points.values()) / dof)
     return {
         "sigma": pooled,
-        "points": [{"N": k[0], "router": k[1], "experts": k[2], "losses": v} for k, v in points.items()],
+        "points": [{"N": k[0], "routing": k[1], "experts": k[2], "losses": v} for k, v in points.items()],
     }
 
 
@@ -155,19 +175,19 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
     means = _means(rows, loss_key)
     monotone: dict[str, Any] = {}
     for n in sorted({k[0] for k in means}):
-        es = sorted(e for (nn, router, e) in means if nn == n and router == "topk")
-        drops = [means[(n, "topk", a)][0] - means[(n, "topk", c)][0] for a, c in zip(es, es[1:])]
+        es = sorted(e for (nn, routing, e) in means if nn == n and routing == "learned")
+        drops = [means[(n, "learned", a)][0] - means[(n, "learned", c)][0] for a, c in zip(es, es[1:])]
         monotone[str(n)] = {
             "experts": es,
-            "losses": [means[(n, "topk", e)][0] for e in es],
+            "losses": [means[(n, "learned", e)][0] for e in es],
             "drops": drops,
             "monotone": all(d > 0 for d in drops),
             "beyond_noise": None if sigma is None else all(d > 2 * sigma for d in drops),
         }
     versus = []
-    for (n, router, e), (loss, _) in sorted(means.items()):
-        if router == "hash" and (n, "topk", e) in means:
-            versus.append({"N": n, "experts": e, "learned": means[(n, "topk", e)][0], "hash": loss})
+    for (n, routing, e), (loss, _) in sorted(means.items()):
+        if routing == "hash" and (n, "learned", e) in means:
+            versus.append({"N": n, "experts": e, "learned": means[(n, "learned", e)][0], "hash": loss})
     big = [v for v in versus if v["experts"] >= 8]
     return {
         "monotone_in_E": monotone,
@@ -181,7 +201,7 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
 
 def analyse(rows: list[dict[str, Any]], loss_key: str, delta: float, bootstrap: int) -> dict[str, Any]:
     """Fit Eq. 1 and the per-size power laws to the learned-router trials; the checks."""
-    learned = [r for r in rows if r["router"] == "topk"]
+    learned = [r for r in rows if r["routing"] == "learned"]
     result: dict[str, Any] = {"loss": loss_key, "huber_delta": delta, "trials": len(rows), "fit": None}
     enough = len(learned) >= 6 and len({r["N"] for r in learned}) >= 2 and len({r["experts"] for r in learned}) >= 3
     if enough:
@@ -234,12 +254,12 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
     law = ExpertLaw(**analysis["fit"]["coefficients"]) if analysis["fit"] else None
     for i, n in enumerate(sizes):
         color = colors[i % len(colors)]
-        for router, style in (("topk", "o-"), ("hash", "s:")):
-            es = sorted(e for (nn, rr, e) in means if nn == n and rr == router)
+        for routing, style in (("learned", "o-"), ("hash", "s:")):
+            es = sorted(e for (nn, rr, e) in means if nn == n and rr == routing)
             if es:
-                label = f"N={_si(n)} {'learned' if router == 'topk' else 'hash'}"
-                ax.plot(es, [means[(n, router, e)][0] for e in es], style, color=color, label=label,
-                        mfc="none" if router == "hash" else color)
+                label = f"N={_si(n)} {routing}"
+                ax.plot(es, [means[(n, routing, e)][0] for e in es], style, color=color, label=label,
+                        mfc="none" if routing == "hash" else color)
         if law is not None:
             grid = np.geomspace(1, max(e for (_, _, e) in means), 100)
             ax.plot(grid, law.loss(np.full_like(grid, n), grid), "--", color=color, lw=1)
@@ -254,9 +274,9 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
     names.append("loss_vs_experts.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    learned = [r for r in rows if r["router"] == "topk"]
+    learned = [r for r in rows if r["routing"] == "learned"]
     for i, e in enumerate(sorted({r["experts"] for r in learned})):
-        pts = sorted((r["params_non_embedding_active"], means[(r["N"], "topk", e)][0]) for r in learned if r["experts"] == e)
+        pts = sorted((r["params_non_embedding_active"], means[(r["N"], "learned", e)][0]) for r in learned if r["experts"] == e)
         pts = sorted(dict(pts).items())
         ax.plot([p for p, _ in pts], [m for _, m in pts], "o-", color=colors[i % len(colors)], label=f"E={e}")
     ax.set_xscale("log")
@@ -354,7 +374,7 @@ def _markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], plots: list[
     if noise["sigma"] is None:
         out.append("- seed noise: no point has two seeds")
     else:
-        pts = "; ".join(f"N={_si(p['N'])} E={p['experts']} {p['router']}: "
+        pts = "; ".join(f"N={_si(p['N'])} E={p['experts']} {p['routing']}: "
                         + ", ".join(f"{v:.4f}" for v in p["losses"]) for p in noise["points"])
         out.append(f"- seed noise (pooled std of the loss across seeds): {noise['sigma']:.4f} ({pts})")
     for n, m in chk["monotone_in_E"].items():

@@ -51,6 +51,7 @@ from moe.model import Transformer
 from parallel.checkpoint import CheckpointError, ShardInfo, latest_checkpoint, load_checkpoint, save_checkpoint
 from parallel.engine import OptimSettings
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.simulator.routing import RoutingRecorder, truncate_routing
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.local_engine import LocalEngine
 from parallel.reduce import mean_over, sum_over
@@ -542,6 +543,7 @@ class Run:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             self._log_start()
         log = MetricsLog(self.run_dir) if main else NullLog()
+        recorder, routing_path = self._routing_recorder()
         n_moe, n_exp = self.n_moe_layers, self.cfg.moe.num_experts
         interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
         train_seconds, train_tokens = 0.0, 0
@@ -551,6 +553,8 @@ class Run:
                    dynamic_ncols=True, disable=not main)
         postfix: dict[str, str] = {}
         while self.step < tcfg.steps:
+            if recorder is not None:
+                recorder.step = self.step
             t0 = time.perf_counter()
             values, counts_LE = self.train_step()
             seconds = time.perf_counter() - t0
@@ -570,20 +574,41 @@ class Run:
                 postfix.update(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.set_postfix(postfix)
                 interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
+                if recorder is not None:
+                    recorder.append_to(routing_path)
             if self.step % tcfg.eval_every == 0 or final:
-                val_loss = self.evaluate()
+                with nullcontext() if recorder is None else recorder.paused():
+                    val_loss = self.evaluate()
                 self.best_val = min(self.best_val, val_loss)
                 log.write({"kind": "val", "step": self.step, "val_loss": val_loss, "best_val_loss": self.best_val})
                 postfix.update(val=f"{val_loss:.3f}")
                 bar.set_postfix(postfix)
             if self.step % tcfg.ckpt_every == 0 or final:
+                if recorder is not None:
+                    recorder.append_to(routing_path)  # a resume keeps every step before its checkpoint
                 self._save(ckpt_dir)
         bar.close()
         log.close()
+        if recorder is not None:
+            recorder.remove()
         peak_memory = peak_memory_per_rank(self.device, self.info.world_size)  # a collective: every rank
         summary = self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens, peak_memory) if main else {}
         self.info.barrier()
         return summary
+
+    def _routing_recorder(self) -> tuple[RoutingRecorder | None, Path]:
+        """``train.record_routing``: every rank records the routing of its MoE layers to
+        ``run_dir/routing/routing-rank-K.jsonl`` (``parallel.simulator.routing``), from the
+        current step on; a resumed run first drops what the steps after its checkpoint wrote."""
+        path = self.run_dir / "routing" / f"routing-rank-{self.info.rank}.jsonl"
+        if not self.tcfg.record_routing:
+            return None, path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.tcfg.resume:
+            truncate_routing(path, self.step)
+        else:
+            path.unlink(missing_ok=True)
+        return RoutingRecorder(self.net, self.info.rank), path
 
     def _finish(self, wall: float, train_seconds: float, train_tokens: int, peak_memory: list[int]) -> dict[str, Any]:
         records = read_metrics(self.run_dir)

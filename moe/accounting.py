@@ -37,7 +37,7 @@ def _mlp_params(dim: int, ffn_dim: int, activation: str) -> int:
 def _moe_layer_params(dim: int, moe: MoEConfig, experts: int) -> int:
     """Router (``E·D``; none for hash routing) + ``experts`` routed experts + the shared experts."""
     shared = _mlp_params(dim, moe.expert_ffn_dim * moe.num_shared_experts, moe.activation) if moe.num_shared_experts else 0
-    router = moe.num_experts * dim if moe.router == "topk" else 0
+    router = 0 if moe.router == "hash" else moe.num_experts * dim
     return router + experts * _mlp_params(dim, moe.expert_ffn_dim, moe.activation) + shared
 
 

@@ -83,7 +83,7 @@ class MoEConfig:
 
     num_experts: int = 8
     top_k: int = 2
-    router: Literal["topk", "hash"] = "topk"
+    router: Literal["topk", "sinkhorn", "hash"] = "topk"
     capacity_factor: float | None = None
     drop_policy: Literal["position", "probability"] = "position"
     normalize_weights: bool = True

@@ -3,9 +3,10 @@
 Legend: B batch, S sequence, T = B·S tokens, D model dim, E experts, K experts per token,
 N expert-sorted rows, V vocabulary.
 
-The router is learned (``moe.router: topk``, from the hidden states) or a fixed hash of
-the token ids (``moe.router: hash``, from ``ids_BS``, which the model hands to every MoE
-layer; no aux or z-loss, as there is no gate to train).
+The router is learned from the hidden states (``moe.router: topk``, softmax top-k, or
+``sinkhorn``, a balanced assignment in training) or a fixed hash of the token ids
+(``moe.router: hash``, from ``ids_BS``, which the model hands to every MoE layer; no aux
+or z-loss, as there is no gate to train).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moe.hash_router import HashRouter
 from moe.router import Routing
 from moe.mlp import MLP
 from moe.router import TopKRouter
+from moe.sinkhorn_router import SinkhornRouter
 
 
 class Plan(Protocol):
@@ -75,7 +77,8 @@ class MoELayer(nn.Module):
                 raise ValueError("moe.router='hash' maps token ids to experts: MoELayer needs vocab_size")
             self.router = HashRouter(vocab_size, cfg.num_experts)
         else:
-            self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.normalize_weights, cfg.jitter_eps)
+            router = SinkhornRouter if cfg.router == "sinkhorn" else TopKRouter
+            self.router = router(dim, cfg.num_experts, cfg.top_k, cfg.normalize_weights, cfg.jitter_eps)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_ffn_dim, cfg.activation)
         self.shared = (
             MLP(dim, cfg.expert_ffn_dim * cfg.num_shared_experts, cfg.activation)

@@ -72,6 +72,9 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter_eps > 0:
             noise_TD = torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
             x_TD = x_TD * noise_TD
-        logits_TE = F.linear(x_TD, self.weight_ED.float())
+        return self._gate(F.linear(x_TD, self.weight_ED.float()), impl)
+
+    def _gate(self, logits_TE: torch.Tensor, impl: Impl) -> Routing:
+        """Experts, gates and loss statistics from fp32 logits (subclasses choose differently)."""
         gate = topk_gating(logits_TE, self.top_k, self.normalize, impl)
         return Routing(logits_TE, gate.weights_TK, gate.experts_TK, gate.prob_sum_E, gate.counts_E, gate.lse_sq_sum)

@@ -18,6 +18,8 @@ SMALL_MOE = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32)
         ({}, {}),
         ({"moe_every": 2, "activation": "swiglu", "tie_embeddings": False}, {"activation": "swiglu", "num_shared_experts": 2}),
         ({"moe_every": 0}, {}),
+        ({}, {"router": "sinkhorn", "aux_loss_coeff": 0.0}),
+        ({}, {"router": "hash", "top_k": 1, "normalize_weights": False}),
     ],
 )
 def test_param_counts_match_the_model(model_kw: dict, moe_kw: dict) -> None:

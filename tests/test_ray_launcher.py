@@ -229,11 +229,14 @@ def test_a_failing_rank_stops_the_group_within_seconds_and_restarts_give_up(
 ) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(reference, broken)
-    (broken / "checkpoints" / "step-00000040" / "state-rank1.pt").write_bytes(b"damaged")
+    # Rank 1's shard of the sharded checkpoint; its CRC check fails on the rank that
+    # verifies it, and the load shares that error so that every rank raises it.
+    (broken / "checkpoints" / "step-00000040" / "__1_0.distcp").write_bytes(b"damaged")
     began = time.perf_counter()
     with pytest.raises(LaunchError) as err:
         start_within(_cfg(corpus, broken, "train.resume=true", "train.steps=48", "launch.max_restarts=1"))
-    assert re.search(r"rank 1 of 2 failed first \(CheckpointError: .*cannot be read.*the other ranks were stopped", str(err.value))
+    assert re.search(r"rank [01] of 2 failed first \(CheckpointError: checkpoint file .*__1_0\.distcp.* does not match "
+                     r"its recorded CRC-32.*the other ranks were stopped", str(err.value))
     assert str(err.value).endswith("gave up after 1 restart(s)")
     assert time.perf_counter() - began < 90
     pids = [pid for rank in (0, 1) for pid in _pids(broken, rank)[-1:]]

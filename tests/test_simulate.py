@@ -98,6 +98,31 @@ def test_a_layout_that_does_not_fit_is_reported() -> None:
     assert over[0]["over_bytes"] == int(prediction.ranks[0].memory.peak - 1e8)
 
 
+def test_routing_recorder_pauses_appends_and_truncates(tmp_path: Path) -> None:
+    """What ``train.record_routing`` relies on: evaluation forwards are left out, records
+    move to the file, and a resume from step S drops the records of steps >= S."""
+    import torch
+
+    from moe.model import Transformer
+    from parallel.simulator.routing import RoutingRecorder, truncate_routing
+
+    model, moe, _ = _layout()
+    net = Transformer(model, moe)
+    ids_BS = torch.randint(0, model.vocab_size, (2, model.seq_len))
+    recorder, path = RoutingRecorder(net, rank=0), tmp_path / "routing-rank-0.jsonl"
+    for step in range(3):
+        recorder.step = step
+        net(ids_BS)
+        with recorder.paused():
+            net(ids_BS)
+        recorder.append_to(path)
+    recorded = read_routing([path])
+    assert [r.step for r in recorded] == [0, 1, 2] and not recorder.records
+    assert all(sum(r.counts_LE[layer]) == 2 * model.seq_len * moe.top_k for r in recorded for layer in range(4))
+    truncate_routing(path, 2)
+    assert [r.step for r in read_routing([path])] == [0, 1]
+
+
 # -- emulated runs: counted bytes and state bytes equal the prediction ----------------------
 
 @pytest.fixture(scope="module")
@@ -144,13 +169,15 @@ def test_emulation_matches_the_real_multi_rank_run(
     corpus: Path, tmp_path: Path, start_within: Callable[..., dict[str, Any]]
 ) -> None:
     """The emulation runs the training step of a real run: losses, gradient norms and
-    per-expert token counts are identical to ``moe train``'s (local launcher) step by step."""
+    per-expert token counts are identical to ``moe train``'s (local launcher) step by step,
+    and the real run's routing record (``train.record_routing``) is the emulation's."""
     from launch.metrics import read_metrics
     from launch.simulate import emulate
 
     overrides = [*SMALL, "parallel.dp=2", "parallel.ep=2", "train.steps=3", "train.log_every=1",
                  "train.eval_every=100", "train.ckpt_every=100", "launch.launcher=local", f"data.path={corpus}"]
-    real_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, f"train.run_dir={tmp_path / 'real'}"])
+    real_cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                           [*overrides, "train.record_routing=true", f"train.run_dir={tmp_path / 'real'}"])
     start_within(real_cfg)
     real = [r for r in read_metrics(tmp_path / "real") if r["kind"] == "train"]
     emu_cfg = load_config(ROOT / "configs" / "tiny.yaml", [*overrides, f"train.run_dir={tmp_path / 'emu'}"])
@@ -162,3 +189,6 @@ def test_emulation_matches_the_real_multi_rank_run(
             assert values[key] == record[key], (step, key)
         counts = [[sum(r.counts_LE[layer][e] for r in routing if r.step == step) for e in range(4)] for layer in range(2)]
         assert counts == record["expert_tokens"], step
+    recorded = read_routing(sorted((tmp_path / "real" / "routing").glob("routing-rank-*.jsonl")))
+    assert sorted(recorded, key=lambda r: (r.rank, r.step)) == sorted(routing, key=lambda r: (r.rank, r.step))
+    assert len(recorded) == 2 * 3  # one forward per rank and step; evaluation is not recorded

@@ -14,7 +14,7 @@ import yaml
 
 from launch.scaling_fit import ExpertLaw
 from launch.sweep import load_sweep, plan, run_sweep
-from launch.sweep_report import collect, write_report
+from launch.sweep_report import analyse, collect, write_report
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 
@@ -63,7 +63,7 @@ def test_bad_sweep_configs_are_rejected_with_one_message(tmp_path: Path, raw: di
         ({"moe.num_experts": [4], "moe.top_k": [1, 8]}, r'trial \{"moe.num_experts": 4, "moe.top_k": 8\}: '
                                                        r"moe.top_k=8: must be in \[1, moe.num_experts=4\]"),
         ({"model.n_heads": [2, 5]}, r'trial \{"model.n_heads": 5\}: model.n_heads=5: must divide model.dim=32'),
-        ({"moe.router": ["hash", "learned"]}, r"moe.router='learned': expected one of 'topk', 'hash'"),
+        ({"moe.router": ["hash", "learned"]}, r"moe.router='learned': expected one of 'topk', 'sinkhorn', 'hash'"),
     ],
 )
 def test_a_grid_value_the_base_config_rejects_fails_before_any_trial(tmp_path: Path, grid: dict, message: str) -> None:
@@ -238,3 +238,25 @@ def test_shipped_sweep_configs_plan_and_comment_every_key(path: Path) -> None:
         stripped = line.strip()
         if stripped and not stripped.startswith(("#", "-")) and ":" in stripped:
             assert "#" in stripped, f"{path.name}: key without a comment: {line!r}"
+
+
+def test_sinkhorn_trials_are_the_learned_line_beside_a_topk_dense_baseline(tmp_path: Path) -> None:
+    """E = 1 is the dense baseline (softmax over one expert: gate 1) and E >= 2 may use the
+    Sinkhorn router: one learned line per base size, compared with hash at equal E."""
+    out = tmp_path / "out"
+    _fake_trial(out, "d1", 32, 20000, 1, "topk", 1, 2.0)
+    for e in (2, 8):
+        _fake_trial(out, f"s{e}", 32, 20000, e, "sinkhorn", 1, 2.0 - 0.01 * e)
+    _fake_trial(out, "h8", 32, 20000, 8, "hash", 1, 1.95)
+    chk = analyse(collect(out), "final_val_loss", delta=1e-3, bootstrap=0)["checks"]
+    assert chk["monotone_in_E"]["20000"]["experts"] == [1, 2, 8] and chk["all_monotone"]
+    assert chk["learned_vs_hash"] == [{"N": 20000, "experts": 8, "learned": 1.92, "hash": 1.95}]
+    assert chk["learned_beats_hash_at_E_ge_8"]
+
+
+def test_two_learned_routers_at_one_point_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _fake_trial(out, "a", 32, 20000, 8, "topk", 1, 2.0)
+    _fake_trial(out, "b", 32, 20000, 8, "sinkhorn", 1, 1.9)
+    with pytest.raises(ValueError, match=r"E=8 has trials of the learned routers \['sinkhorn', 'topk'\]"):
+        collect(out)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,11 @@ class ForwardRouting:
 
 
 class RoutingRecorder:
-    """Forward hooks on every MoE layer; ``step`` is set by the caller before each step."""
+    """Forward hooks on every MoE layer; ``step`` is set by the caller before each step.
+
+    ``paused()`` leaves forwards unrecorded (evaluation); ``append_to`` moves the records
+    to a file, so a long run (``train.record_routing``) keeps none in memory.
+    """
 
     def __init__(self, model: nn.Module, rank: int) -> None:
         self.rank = rank
@@ -53,9 +59,12 @@ class RoutingRecorder:
         self.records: list[ForwardRouting] = []
         self._layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         self._pending: list[list[int]] = []
+        self._paused = False
         self._handles = [layer.router.register_forward_hook(self._hook) for layer in self._layers]
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], routing: Any) -> None:
+        if self._paused:
+            return
         self._pending.append(routing.counts_E.long().tolist())
         if len(self._pending) == len(self._layers):
             tokens = routing.experts_TK.shape[0]
@@ -66,8 +75,29 @@ class RoutingRecorder:
         for handle in self._handles:
             handle.remove()
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def write(self, path: Path) -> None:
         path.write_text("".join(r.to_json() + "\n" for r in self.records))
+
+    def append_to(self, path: Path) -> None:
+        with path.open("a") as f:
+            f.write("".join(r.to_json() + "\n" for r in self.records))
+        self.records = []
+
+
+def truncate_routing(path: Path, step: int) -> None:
+    """Keep the records of steps before ``step`` (a run resumed from its step-``step``
+    checkpoint records the later steps again)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and ForwardRouting.from_json(line).step < step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def read_routing(paths: list[Path]) -> list[ForwardRouting]:
