@@ -303,7 +303,8 @@ def plan(sweep: SweepConfig) -> list[Trial]:
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
         key = _trial_key(flat)
-        run_dir = Path(str(sweep.out_dir)) / "trials" / key
+        # Absolute: trials run in Ray workers whose working directory is Tune's.
+        run_dir = (Path(str(sweep.out_dir)) / "trials" / key).resolve()
         trials.setdefault(key, Trial(key, point, flat, _absolute_paths(cfg, run_dir), str(run_dir)))
     return list(trials.values())
 

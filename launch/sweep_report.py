@@ -189,6 +189,7 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
         if routing == "hash" and (n, "learned", e) in means:
             versus.append({"N": n, "experts": e, "learned": means[(n, "learned", e)][0], "hash": loss})
     big = [v for v in versus if v["experts"] >= 8]
+    matched = equal_total_pairs(rows, loss_key)
     return {
         "monotone_in_E": monotone,
         "all_monotone": all(m["monotone"] for m in monotone.values()) if monotone else None,
@@ -196,7 +197,33 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
         "b_negative": None if b is None else b < 0,
         "learned_vs_hash": versus,
         "learned_beats_hash_at_E_ge_8": all(v["learned"] < v["hash"] for v in big) if big else None,
+        "learned_vs_hash_equal_total_params": matched,
     }
+
+
+def equal_total_pairs(rows: list[dict[str, Any]], loss_key: str, tolerance: float = 0.1) -> list[dict[str, Any]]:
+    """Hash trials against the learned trial of the same base size with the nearest total
+    non-embedding parameter count (within ``tolerance``), mean losses over seeds.
+
+    At equal E the two differ in total parameters when their top-k does: under
+    ``hold: active_params`` a top-2 expert is half as wide as a top-1 (hash) expert, so
+    learned top-2 at 2E has the total (and active) parameters of hash top-1 at E, which is
+    how Clark et al. compare routers (top-1 throughout, equal E).
+    """
+    means = _means(rows, loss_key)
+    totals = {(r["N"], r["routing"], r["experts"]): r["params_non_embedding_total"] for r in rows}
+    pairs = []
+    for (n, routing, e), total in sorted(totals.items()):
+        if routing != "hash":
+            continue
+        near = [(abs(t / total - 1), ee, t) for (nn, rr, ee), t in totals.items() if nn == n and rr == "learned"]
+        if not near or min(near)[0] > tolerance:
+            continue
+        _, e_learned, t_learned = min(near)
+        pairs.append({"N": n, "hash_experts": e, "hash": means[(n, "hash", e)][0], "hash_total": total,
+                      "learned_experts": e_learned, "learned": means[(n, "learned", e_learned)][0],
+                      "learned_total": t_learned})
+    return pairs
 
 
 def analyse(rows: list[dict[str, Any]], loss_key: str, delta: float, bootstrap: int) -> dict[str, Any]:
@@ -385,6 +412,13 @@ def _markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], plots: list[
     for v in chk["learned_vs_hash"]:
         out.append(f"- N={_si(v['N'])} E={v['experts']}: learned {v['learned']:.4f} vs hash {v['hash']:.4f}")
     out.append(f"- learned beats hash at every E >= 8: {chk['learned_beats_hash_at_E_ge_8']}")
+    matched = chk["learned_vs_hash_equal_total_params"]
+    if matched:
+        wins = sum(m["learned"] < m["hash"] for m in matched)
+        out.append(f"- at equal total (and active) parameters, learned beats hash in {wins} of {len(matched)} pairs:")
+        for m in matched:
+            out.append(f"  - N={_si(m['N'])}: learned E={m['learned_experts']} ({_si(m['learned_total'])} params) "
+                       f"{m['learned']:.4f} vs hash E={m['hash_experts']} ({_si(m['hash_total'])}) {m['hash']:.4f}")
     walls = sorted(r["wall_seconds"] for r in rows)
     speeds = sorted(r["tokens_per_s"] for r in rows)
     out.append(f"\n## Timing\n\nPer trial, training loop only (summary.json `wall_seconds`, without process start, "

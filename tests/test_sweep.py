@@ -14,7 +14,7 @@ import yaml
 
 from launch.scaling_fit import ExpertLaw
 from launch.sweep import load_sweep, plan, run_sweep
-from launch.sweep_report import analyse, collect, write_report
+from launch.sweep_report import analyse, collect, equal_total_pairs, write_report
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 
@@ -234,6 +234,7 @@ SWEEPS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs", "swee
 def test_shipped_sweep_configs_plan_and_comment_every_key(path: Path) -> None:
     trials = plan(load_sweep(path))
     assert len(trials) >= 18
+    assert all(Path(t.run_dir).is_absolute() for t in trials)  # Tune runs trials in its own directory
     for line in path.read_text().splitlines():
         stripped = line.strip()
         if stripped and not stripped.startswith(("#", "-")) and ":" in stripped:
@@ -260,3 +261,15 @@ def test_two_learned_routers_at_one_point_are_refused(tmp_path: Path) -> None:
     _fake_trial(out, "b", 32, 20000, 8, "sinkhorn", 1, 1.9)
     with pytest.raises(ValueError, match=r"E=8 has trials of the learned routers \['sinkhorn', 'topk'\]"):
         collect(out)
+
+
+def test_equal_total_pairs_match_hash_with_the_learned_trial_of_its_size() -> None:
+    """Learned top-2 at 2E has hash top-1's total parameters at E: that is the pair."""
+    def row(routing: str, e: int, total: int, loss: float, n: float = 1e4) -> dict[str, Any]:
+        return {"N": n, "routing": routing, "experts": e, "params_non_embedding_total": total, "final_val_loss": loss}
+
+    rows = [row("learned", 8, 72_000, 1.60), row("learned", 16, 132_000, 1.56), row("learned", 16, 132_000, 1.58),
+            row("hash", 8, 139_000, 1.58), row("hash", 32, 533_000, 1.52), row("hash", 8, 139_000, 1.0, n=2e4)]
+    pairs = equal_total_pairs(rows, "final_val_loss")
+    assert pairs == [{"N": 1e4, "hash_experts": 8, "hash": 1.58, "hash_total": 139_000,
+                      "learned_experts": 16, "learned": pytest.approx(1.57), "learned_total": 132_000}]
