@@ -373,7 +373,7 @@ def _trial_resources(trial: Trial, res: TrialResources) -> dict[str, float]:
     return {"cpu": res.cpus, "gpu": res.gpus}
 
 
-def _callback(out_dir: Path, trials: list[Trial]) -> Any:
+def _callback(out_dir: Path, trials: list[Trial], finished_before: int) -> Any:
     from ray import tune
 
     from launch.sweep_report import write_results_table
@@ -381,10 +381,17 @@ def _callback(out_dir: Path, trials: list[Trial]) -> Any:
     by_key = {t.key: t for t in trials}
 
     class ResultsTable(tune.Callback):
-        """Rewrites results.md/jsonl and prints a line whenever a trial ends."""
+        """Rewrites results.md/jsonl and prints a line whenever a trial ends. The count is
+        of the completions Tune reported, not of the summaries on disk: two trials ending
+        together would otherwise both print the later count."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.finished = finished_before
 
         # Tune calls its hooks with keyword arguments only (iteration=, trials=, trial=).
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self.finished += 1
             self._update(trial, "done")
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -392,7 +399,8 @@ def _callback(out_dir: Path, trials: list[Trial]) -> Any:
 
         def _update(self, tune_trial: Any, status: str) -> None:
             mine = by_key[tune_trial.config["key"]]
-            done = write_results_table(out_dir)
+            write_results_table(out_dir)
+            done = self.finished
             loss = tune_trial.last_result.get("final_val_loss") if tune_trial.last_result else None
             shown = f"val loss {loss:.4f}" if isinstance(loss, float) else "see its logs"
             print(f"[sweep] {status}: {mine.key} {json.dumps(mine.axes)} {shown} ({done}/{len(by_key)} finished)",
@@ -422,7 +430,7 @@ def _run_tune(pending: list[Trial], sweep: SweepConfig, out_dir: Path, trials: l
             name=f"tune-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(out_dir / "tune"),
             verbose=0,
-            callbacks=[_callback(out_dir, trials)],
+            callbacks=[_callback(out_dir, trials, len(trials) - len(pending))],
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
