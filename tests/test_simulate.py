@@ -86,6 +86,24 @@ def test_hardware_files_validate() -> None:
         parse_hardware({**good, "memory_capacity": -1}, "x.yaml")
     with pytest.raises(ConfigError, match="matmul_efficiency"):
         parse_hardware({**good, "matmul_efficiency": 3}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"collective_efficiency must map some of \['reduce_scatter'"):
+        parse_hardware({**good, "collective_efficiency": {"broadcast": 0.5}}, "x.yaml")
+    with pytest.raises(ConfigError, match="are shares of the link bandwidth"):
+        parse_hardware({**good, "collective_efficiency": {"reduce_scatter": 4}}, "x.yaml")
+
+
+def test_collective_efficiency_slows_only_its_collective() -> None:
+    """A slower reduce-scatter lengthens the data-parallel time and nothing else."""
+    import dataclasses
+
+    from parallel.simulator.predict import predict
+
+    model, moe, layout = _layout(dp=2)
+    hw = load_hardware(HARDWARE / "h100-ib.yaml")
+    base = predict(model, moe, layout, hw).ranks[0].time
+    slow = predict(model, moe, layout, dataclasses.replace(hw, collective_efficiency={"reduce_scatter": 0.25})).ranks[0].time
+    assert slow["matmul"] == base["matmul"] and slow["tp_comm"] == base["tp_comm"]
+    assert slow["dp_comm"] > base["dp_comm"]
 
 
 def test_a_layout_that_does_not_fit_is_reported() -> None:
@@ -192,3 +210,16 @@ def test_emulation_matches_the_real_multi_rank_run(
     recorded = read_routing(sorted((tmp_path / "real" / "routing").glob("routing-rank-*.jsonl")))
     assert sorted(recorded, key=lambda r: (r.rank, r.step)) == sorted(routing, key=lambda r: (r.rank, r.step))
     assert len(recorded) == 2 * 3  # one forward per rank and step; evaluation is not recorded
+
+
+def test_step_efficiency_makes_the_reference_step_predicted_as_measured() -> None:
+    """Calibrated once, the efficiency predicts the reference step as measured: calibrating
+    again with it gives ~1 (the second measurement's noise aside)."""
+    import dataclasses
+
+    from parallel.simulator.calibrate import step_efficiency
+
+    hw = load_hardware(HARDWARE / "this-machine.yaml")
+    efficiency = step_efficiency(dataclasses.replace(hw, matmul_efficiency=1.0))
+    assert 0 < efficiency <= 1.0
+    assert step_efficiency(dataclasses.replace(hw, matmul_efficiency=efficiency)) > 0.8

@@ -6,19 +6,29 @@ process's CPU time, so that other work on a shared machine does not lower them; 
 all-to-all uses wall-clock time (waiting for the peer is part of it):
 
 - matmul FLOP/s: an fp32 ``[1024, 256] @ [256, 768]`` product, forward and backward (the
-  shape class of the emulated models' projections); written as ``peak_flops.float32`` per
-  core with ``matmul_efficiency: 1`` (it is already an achieved rate); the experts' grouped
-  GEMM and causal attention likewise, as ``kernel_efficiency`` shares of it;
+  shape class of the emulated models' projections), written as ``peak_flops.float32`` per
+  core; the experts' grouped GEMM and causal attention likewise, as ``kernel_efficiency``
+  shares of it;
+- ``matmul_efficiency``: the share of that rate a whole training step achieves. A fixed
+  reference model (dense, D=128, 2 layers, 1,024 tokens; not any model a user validates)
+  trains a few steps here (forward, backward, AdamW); the efficiency is set so that the
+  predictor's single-process step time equals the measured one (smaller projections,
+  norms, softmaxes and autograd's bookkeeping all run below the big product's rate);
 - memory bandwidth: bytes read + written by a 64 MiB copy;
 - per-operation overhead: a chain of tiny autograd multiplications, forward and backward,
   divided by the number of ATen calls it makes;
 - gloo all-to-all between 2 processes on this machine: ``all_to_all_single`` of 4 KiB to
   8 MiB, ``time = latency + bytes_sent / bandwidth`` (alpha-beta): bandwidth from the two
-  largest messages, latency from the smallest.
+  largest messages, latency from the smallest;
+- gloo reduce-scatter, all-gather and all-reduce between the same 2 processes, at the two
+  largest sizes: the bandwidth each achieves under the ring model (``(n-1)/n`` of the
+  buffer per rank, twice that for an all-reduce), as a share of the all-to-all's
+  (``collective_efficiency``; gloo's reduce-scatter reaches about a quarter of it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import socket
@@ -33,6 +43,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from moe.config import ModelConfig, MoEConfig
+from parallel.config import ParallelConfig
 from parallel.simulator.hardware import Hardware, Link, hardware_dict
 
 A2A_BYTES = [4096, 65536, 524288, 2097152, 8388608]
@@ -98,54 +110,106 @@ def op_overhead() -> float:
     return _median_time(chain, 11) / 200  # 100 forward + 100 backward multiplications
 
 
-def _a2a_worker(rank: int, port: int, out: Any) -> None:
+# Ring traffic per rank of each collective over 2 ranks, per byte of its (full) buffer.
+RING_SHARE = {"reduce_scatter": 0.5, "all_gather": 0.5, "all_reduce": 1.0}
+
+
+def _collectives(n_bytes: int) -> dict[str, Callable[[], Any]]:
+    """The collectives timed, each on a buffer of ``n_bytes`` (the all-to-all sends half)."""
+    x = torch.zeros(n_bytes // 4)
+    y, half = torch.empty_like(x), torch.empty(n_bytes // 8)
+    return {
+        "all_to_all": lambda: dist.all_to_all_single(y, x),
+        "reduce_scatter": lambda: dist.reduce_scatter_tensor(half, x),
+        "all_gather": lambda: dist.all_gather_into_tensor(y, half),
+        "all_reduce": lambda: dist.all_reduce(x),
+    }
+
+
+def _gloo_worker(rank: int, port: int, out: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
-    results = []
+    results: dict[str, list[tuple[int, float]]] = {}
     for n_bytes in A2A_BYTES:
-        x = torch.zeros(2 * n_bytes // 4)  # half of it goes to the peer
-        y = torch.empty_like(x)
-
-        def exchange() -> None:
-            dist.all_to_all_single(y, x)
-
-        dist.barrier()
-        results.append((n_bytes, _median_time(exchange, 9, time.perf_counter)))  # waiting counts here
+        for name, fn in _collectives(2 * n_bytes).items():
+            if name != "all_to_all" and n_bytes < A2A_BYTES[-2]:
+                continue
+            dist.barrier()
+            results.setdefault(name, []).append((n_bytes, _median_time(fn, 9, time.perf_counter)))  # waiting counts
     if rank == 0:
         out.put(results)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def gloo_all_to_all() -> Link:
-    """Alpha-beta fit of 2-process gloo all-to-all on this machine."""
+def gloo_collectives() -> tuple[Link, dict[str, float]]:
+    """Alpha-beta fit of 2-process gloo all-to-all on this machine, and the other
+    collectives' ring bandwidth as shares of it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_a2a_worker, args=(r, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=_gloo_worker, args=(r, port, out)) for r in range(2)]
     for p in procs:
         p.start()
-    points = out.get(timeout=300)
+    results = out.get(timeout=300)
     for p in procs:
         p.join(timeout=60)
     # Bandwidth from the two largest messages (their difference cancels the fixed cost);
     # latency from the smallest, minus its transfer time. A least-squares intercept is
     # dominated by the large messages and swings by milliseconds on a loaded machine.
-    (b1, t1), (b2, t2) = points[-2], points[-1]
-    slope = max(t2 - t1, 1e-12) / (b2 - b1)
-    latency = max(points[0][1] - points[0][0] * slope, 0.0)
-    return Link(bandwidth=1.0 / slope, latency_s=latency)
+    points = results["all_to_all"]
+    bandwidth = _slope_bandwidth(points[-2:])
+    latency = max(points[0][1] - points[0][0] / bandwidth, 0.0)
+    # Shares at the largest size, each collective's bytes per second over the all-to-all's
+    # (a slope between two sizes is too noisy for collectives that cost 5-20 ms).
+    big, a2a_seconds = points[-1]
+    shares = {k: min(2 * RING_SHARE[k] * a2a_seconds / results[k][-1][1], 1.0) for k in RING_SHARE}
+    return Link(bandwidth=bandwidth, latency_s=latency), shares
+
+
+def _slope_bandwidth(points: list[tuple[int, float]]) -> float:
+    """Bytes/s from two (bytes sent per rank, seconds) points."""
+    (b1, t1), (b2, t2) = points
+    return (b2 - b1) / max(t2 - t1, 1e-12)
+
+
+REFERENCE_MODEL = ModelConfig(vocab_size=257, dim=128, n_layers=2, n_heads=4, seq_len=128, ffn_dim=512, moe_every=0)
+REFERENCE_BATCH = 8
+
+
+def step_efficiency(hw: Hardware) -> float:
+    """``matmul_efficiency`` that makes the predicted single-process training step of the
+    reference model equal its measured step (CPU seconds, median of 11 after a warm-up)."""
+    from moe.model import Transformer
+    from parallel.simulator.predict import Layout, predict
+
+    moe = MoEConfig(num_experts=1, top_k=1, normalize_weights=False)
+    torch.manual_seed(0)
+    net = Transformer(REFERENCE_MODEL, moe)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    ids_BS = torch.randint(0, REFERENCE_MODEL.vocab_size, (REFERENCE_BATCH, REFERENCE_MODEL.seq_len))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=False)
+        net(ids_BS, ids_BS).lm_loss.backward()
+        optimizer.step()
+
+    measured = _median_time(step, 11)
+    layout = Layout.build(ParallelConfig(), REFERENCE_MODEL, moe, REFERENCE_BATCH, None, threads=1)
+    time_ = predict(REFERENCE_MODEL, moe, layout, hw).ranks[0].time
+    rest = sum(time_.values()) - time_["matmul"]
+    return min(max(time_["matmul"] / max(measured - rest, 1e-9), 1e-3), 1.0)
 
 
 def calibrate(out: Path) -> Hardware:
     """Measure, write ``out`` (YAML with the measurement conditions as comments), return it."""
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
-    link = gloo_all_to_all()
-    hw = Hardware(
+    link, collective_shares = gloo_collectives()
+    raw = Hardware(
         name="this-machine",
         kind="cpu",
         nodes=1,
@@ -159,13 +223,17 @@ def calibrate(out: Path) -> Hardware:
         intra_node=link,
         inter_node=link,
         cores=os.cpu_count() or 1,
+        collective_efficiency=collective_shares,
     )
+    hw = dataclasses.replace(raw, matmul_efficiency=step_efficiency(raw))
     header = (
         "# This machine, measured by `moe simulate calibrate` (parallel/simulator/calibrate.py) on "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}.\n"
         f"# Load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} (other processes share the cores).\n"
         "# kind cpu: peak_flops is one core's measured fp32 matmul rate; emulated ranks share `cores`.\n"
+        "# matmul_efficiency: the share of it a reference model's whole training step achieves.\n"
         "# intra_node/inter_node: 2-process gloo all_to_all_single, alpha-beta fit (bytes/s, seconds).\n"
+        "# collective_efficiency: gloo reduce-scatter/all-gather/all-reduce ring bandwidth over the all-to-all's.\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + yaml.safe_dump(hardware_dict(hw), sort_keys=False))

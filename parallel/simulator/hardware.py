@@ -5,7 +5,9 @@ matmul rate per dtype (FLOP/s), the achievable share of it (``matmul_efficiency`
 memory bandwidth (bytes/s) and capacity (bytes), and a fixed cost per launched
 operation (``op_overhead_s``: kernel launch on a GPU, Python/ATen dispatch on a CPU).
 ``kernel_efficiency`` (optional): the experts' grouped GEMM and attention as shares of the
-matmul rate (1 when absent). Links follow the alpha-beta model: moving ``n`` bytes costs ``latency_s + n / bandwidth``,
+matmul rate (1 when absent). ``collective_efficiency`` (optional): the bandwidth a
+reduce-scatter, all-gather or all-reduce achieves under the ring model, as a share of the
+link's (1 when absent; gloo on a CPU reaches a quarter to two thirds of its all-to-all rate). Links follow the alpha-beta model: moving ``n`` bytes costs ``latency_s + n / bandwidth``,
 with ``intra_node`` links between devices of one node and ``inter_node`` links between
 nodes (per device: each GPU of an H100 node has its own 400G NIC).
 
@@ -25,6 +27,7 @@ from moe.config import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 KERNELS = ("grouped_mm", "attention")
+COLLECTIVES = ("reduce_scatter", "all_gather", "all_reduce")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Hardware:
     inter_node: Link
     cores: int = 0
     kernel_efficiency: dict[str, float] = field(default_factory=dict)
+    collective_efficiency: dict[str, float] = field(default_factory=dict)
 
     def kernel_rate(self, kernel: str, dtype: str) -> float:
         """Achievable FLOP/s of ``kernel`` (matmul | grouped_mm | attention): the matmul rate
@@ -116,12 +120,8 @@ def parse_hardware(raw: Any, where: str) -> Hardware:
     if efficiency > 1:
         raise ConfigError(f"{where}: matmul_efficiency={efficiency} is a share of the peak and must be in (0, 1]")
     cores = int(_number(raw, "cores", where)) if kind == "cpu" else 0
-    kernels = raw.get("kernel_efficiency", {})
-    if not isinstance(kernels, dict) or set(kernels) - set(KERNELS):
-        raise ConfigError(f"{where}: kernel_efficiency must map some of {list(KERNELS)} to shares in (0, 1]")
-    efficiency_of = {k: _number(kernels, k, f"{where}: kernel_efficiency") for k in kernels}
-    if any(v > 1 for v in efficiency_of.values()):
-        raise ConfigError(f"{where}: kernel_efficiency {efficiency_of} are shares of the matmul rate, in (0, 1]")
+    efficiency_of = _shares(raw, "kernel_efficiency", KERNELS, "the matmul rate", where)
+    collective_of = _shares(raw, "collective_efficiency", COLLECTIVES, "the link bandwidth", where)
     return Hardware(
         name=str(raw.get("name") or Path(where).stem),
         kind=kind,
@@ -136,7 +136,19 @@ def parse_hardware(raw: Any, where: str) -> Hardware:
         inter_node=_link(raw, "inter_node", where),
         cores=cores,
         kernel_efficiency=efficiency_of,
+        collective_efficiency=collective_of,
     )
+
+
+def _shares(raw: dict[str, Any], key: str, names: tuple[str, ...], of: str, where: str) -> dict[str, float]:
+    """An optional mapping of some of ``names`` to shares of ``of`` in (0, 1]."""
+    section = raw.get(key, {})
+    if not isinstance(section, dict) or set(section) - set(names):
+        raise ConfigError(f"{where}: {key} must map some of {list(names)} to shares in (0, 1]")
+    shares = {k: _number(section, k, f"{where}: {key}") for k in section}
+    if any(v > 1 for v in shares.values()):
+        raise ConfigError(f"{where}: {key} {shares} are shares of {of}, in (0, 1]")
+    return shares
 
 
 def load_hardware(path: str | Path) -> Hardware:
@@ -156,6 +168,7 @@ def hardware_dict(hw: Hardware) -> dict[str, Any]:
         out[f.name] = {"bandwidth": value.bandwidth, "latency_s": value.latency_s} if isinstance(value, Link) else value
     if hw.kind != "cpu":
         out.pop("cores")
-    if not hw.kernel_efficiency:
-        out.pop("kernel_efficiency")
+    for key in ("kernel_efficiency", "collective_efficiency"):
+        if not out[key]:
+            out.pop(key)
     return out

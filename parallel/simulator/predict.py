@@ -516,11 +516,12 @@ def _link_for(hw: Hardware, members: list[int]) -> Link:
     return hw.inter_node if len(nodes) > 1 else hw.intra_node
 
 
-def _ring(link: Link, n: int, n_bytes: float, calls: int) -> float:
-    """Reduce-scatter or all-gather of an ``n_bytes`` buffer over ``n`` ranks (ring)."""
+def _ring(link: Link, n: int, n_bytes: float, calls: int, efficiency: float = 1.0) -> float:
+    """Reduce-scatter or all-gather of an ``n_bytes`` buffer over ``n`` ranks (ring), at
+    ``efficiency`` of the link's bandwidth (``Hardware.collective_efficiency``)."""
     if n <= 1:
         return 0.0
-    return calls * (n - 1) * link.latency_s + (n - 1) / n * n_bytes / link.bandwidth
+    return calls * (n - 1) * link.latency_s + (n - 1) / n * n_bytes / (link.bandwidth * efficiency)
 
 
 # ATen operations per micro-batch, forward + backward, counted once on this code base with a
@@ -570,8 +571,11 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
     ep_time = (a2a_calls * ep_link.latency_s + comm.ep_all_to_all / ep_link.bandwidth) / m if t.ep > 1 else 0.0
     tp_link = _link_for(hw, list(range(rank - coords["tp"], rank - coords["tp"] + t.tp)))
     tp_calls = 4 * len(layers) + 4
-    tp_bytes = 2 * comm.tp_all_reduce + comm.tp_all_gather + comm.tp_reduce_scatter  # an all-reduce is RS + AG
-    tp_time = _ring(tp_link, t.tp, tp_bytes / m, tp_calls) if t.tp > 1 else 0.0
+    eff = {k: hw.collective_efficiency.get(k, 1.0) for k in ("reduce_scatter", "all_gather", "all_reduce")}
+    # An all-reduce moves twice its bytes (ring: a reduce-scatter, then an all-gather).
+    tp_time = (_ring(tp_link, t.tp, 2 * comm.tp_all_reduce / m, tp_calls, eff["all_reduce"])
+               + _ring(tp_link, t.tp, comm.tp_all_gather / m, 0, eff["all_gather"])
+               + _ring(tp_link, t.tp, comm.tp_reduce_scatter / m, 0, eff["reduce_scatter"])) if t.tp > 1 else 0.0
     pp_link = hw.inter_node if t.tp * t.dp >= hw.devices_per_node else hw.intra_node
     pp_time = (comm.pp_send_recv / m) / pp_link.bandwidth + 2 * pp_link.latency_s if t.pp > 1 else 0.0
     per_micro = sum(micro.values()) + ep_time + tp_time + pp_time
@@ -585,8 +589,10 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
                    if all(rank_coords(t, r)[k] == coords[k] for k in ("pp", "etp", "ep"))]
     edp_link = _link_for(hw, edp_members)
     optimizers = 1 + bool(comm.edp_reduce_scatter)
-    dp_time = (_ring(dp_link, t.dp, comm.dp_reduce_scatter, 1) + _ring(dp_link, t.dp, comm.dp_all_gather, optimizers)
-               + _ring(edp_link, t.edp, comm.edp_reduce_scatter, 1) + _ring(edp_link, t.edp, comm.edp_all_gather, optimizers)
+    rs, ag = eff["reduce_scatter"], eff["all_gather"]
+    dp_time = (_ring(dp_link, t.dp, comm.dp_reduce_scatter, 1, rs) + _ring(dp_link, t.dp, comm.dp_all_gather, optimizers, ag)
+               + _ring(edp_link, t.edp, comm.edp_reduce_scatter, 1, rs)
+               + _ring(edp_link, t.edp, comm.edp_all_gather, optimizers, ag)
                + (4 * dp_link.latency_s if t.world_size > 1 else 0.0))
     buffer_elems = (memory.params + memory.grads) / 8
     optimizer_ops = OPS_OPTIMIZER_BASE + OPS_OPTIMIZER_PER_BLOCK * len(layers)
