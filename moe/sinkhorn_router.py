@@ -61,11 +61,11 @@ class SinkhornRouter(TopKRouter):
         with torch.no_grad():
             scores_TE = sinkhorn_log_plan(logits_TE) if self.training else logits_TE
             experts_TK = scores_TE.topk(self.top_k, dim=-1).indices
-        chosen_TK = logits_TE.gather(1, experts_TK)
+        probs_TE = logits_TE.softmax(dim=-1)
         if self.top_k == 1:
-            weights_TK = torch.sigmoid(chosen_TK)
+            weights_TK = torch.sigmoid(logits_TE.gather(1, experts_TK))
         else:
-            weights_TK = logits_TE.softmax(dim=-1).gather(1, experts_TK)
+            weights_TK = probs_TE.gather(1, experts_TK)
             if self.normalize:
                 weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         counts_E = torch.bincount(experts_TK.flatten(), minlength=self.weight_ED.shape[0])
@@ -73,7 +73,7 @@ class SinkhornRouter(TopKRouter):
             logits_TE=logits_TE,
             weights_TK=weights_TK,
             experts_TK=experts_TK,
-            prob_sum_E=logits_TE.softmax(dim=-1).sum(dim=0),
+            prob_sum_E=probs_TE.sum(dim=0),
             counts_E=counts_E,
             lse_sq_sum=logits_TE.logsumexp(dim=-1).square().sum(),
         )

@@ -20,10 +20,12 @@ all-to-all uses wall-clock time (waiting for the peer is part of it):
 - gloo all-to-all between 2 processes on this machine: ``all_to_all_single`` of 4 KiB to
   8 MiB, ``time = latency + bytes_sent / bandwidth`` (alpha-beta): bandwidth from the two
   largest messages, latency from the smallest;
-- gloo reduce-scatter, all-gather and all-reduce between the same 2 processes, at the two
-  largest sizes: the bandwidth each achieves under the ring model (``(n-1)/n`` of the
-  buffer per rank, twice that for an all-reduce), as a share of the all-to-all's
-  (``collective_efficiency``; gloo's reduce-scatter reaches about a quarter of it).
+- gloo reduce-scatter, all-gather and all-reduce between the same 2 processes, at the
+  largest size (a 16 MiB buffer): the bandwidth each achieves under the ring model
+  (``(n-1)/n`` of the buffer per rank, twice that for an all-reduce), as a share of the
+  all-to-all's at that size (``collective_efficiency``; gloo's reduce-scatter reaches about
+  a quarter of it). One size, not a slope between two: a slope is too noisy for
+  collectives that cost 5-20 ms.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def _gloo_worker(rank: int, port: int, out: Any) -> None:
     results: dict[str, list[tuple[int, float]]] = {}
     for n_bytes in A2A_BYTES:
         for name, fn in _collectives(2 * n_bytes).items():
-            if name != "all_to_all" and n_bytes < A2A_BYTES[-2]:
+            if name != "all_to_all" and n_bytes != A2A_BYTES[-1]:
                 continue
             dist.barrier()
             results.setdefault(name, []).append((n_bytes, _median_time(fn, 9, time.perf_counter)))  # waiting counts
@@ -163,10 +165,9 @@ def gloo_collectives() -> tuple[Link, dict[str, float]]:
     points = results["all_to_all"]
     bandwidth = _slope_bandwidth(points[-2:])
     latency = max(points[0][1] - points[0][0] / bandwidth, 0.0)
-    # Shares at the largest size, each collective's bytes per second over the all-to-all's
-    # (a slope between two sizes is too noisy for collectives that cost 5-20 ms).
-    big, a2a_seconds = points[-1]
-    shares = {k: min(2 * RING_SHARE[k] * a2a_seconds / results[k][-1][1], 1.0) for k in RING_SHARE}
+    # Each collective's ring bytes per second over the all-to-all's, at the largest size.
+    _, a2a_seconds = points[-1]
+    shares = {k: min(2 * RING_SHARE[k] * a2a_seconds / results[k][0][1], 1.0) for k in RING_SHARE}
     return Link(bandwidth=bandwidth, latency_s=latency), shares
 
 

@@ -97,7 +97,9 @@ def truncate_routing(path: Path, step: int) -> None:
     checkpoint records the later steps again)."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and ForwardRouting.from_json(line).step < step]
-        path.write_text("".join(line + "\n" for line in kept))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)  # a process killed here leaves the old file whole
 
 
 def read_routing(paths: list[Path]) -> list[ForwardRouting]:
