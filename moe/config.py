@@ -105,12 +105,6 @@ class MoEConfig:
             f"must be in [1, moe.num_experts={self.num_experts}]",
         )
         require(
-            self.router != "hash" or self.top_k == 1,
-            "moe.top_k",
-            self.top_k,
-            "moe.router=hash sends each token to the one expert its id hashes to; set moe.top_k=1",
-        )
-        require(
             self.capacity_factor is None or self.capacity_factor > 0,
             "moe.capacity_factor",
             self.capacity_factor,

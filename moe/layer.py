@@ -75,7 +75,7 @@ class MoELayer(nn.Module):
         if cfg.router == "hash":
             if vocab_size is None:
                 raise ValueError("moe.router='hash' maps token ids to experts: MoELayer needs vocab_size")
-            self.router = HashRouter(vocab_size, cfg.num_experts)
+            self.router = HashRouter(vocab_size, cfg.num_experts, cfg.top_k)
         else:
             router = SinkhornRouter if cfg.router == "sinkhorn" else TopKRouter
             self.router = router(dim, cfg.num_experts, cfg.top_k, cfg.normalize_weights, cfg.jitter_eps)

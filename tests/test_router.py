@@ -54,25 +54,42 @@ def test_jitter_only_in_training() -> None:
 def test_hash_map_is_fixed_and_balanced_over_ids() -> None:
     from moe.hash_router import hash_map
 
-    map_V = hash_map(257, 8)
-    assert torch.equal(map_V, hash_map(257, 8))  # no dependence on the global RNG
+    map_VK = hash_map(257, 8)
+    assert map_VK.shape == (257, 1)
+    assert torch.equal(map_VK, hash_map(257, 8))  # no dependence on the global RNG
     torch.manual_seed(99)
-    assert torch.equal(map_V, hash_map(257, 8))
-    ids_per_expert = torch.bincount(map_V, minlength=8)
+    assert torch.equal(map_VK, hash_map(257, 8))
+    ids_per_expert = torch.bincount(map_VK[:, 0], minlength=8)
     assert ids_per_expert.min() == 257 // 8 and ids_per_expert.max() == 257 // 8 + 1
-    assert not torch.equal(map_V, torch.arange(257) % 8)  # a permutation, not id order
+    assert not torch.equal(map_VK[:, 0], torch.arange(257) % 8)  # a permutation, not id order
 
 
-def test_hash_router_sends_every_occurrence_of_an_id_to_its_expert_with_gate_one() -> None:
+def test_multi_hash_map_gives_distinct_experts_and_keeps_the_first_column() -> None:
+    from moe.hash_router import hash_map
+
+    map_VK = hash_map(257, 8, top_k=3)
+    assert torch.equal(map_VK[:, :1], hash_map(257, 8))  # top-1 trials keep their map
+    assert all(len(set(row)) == 3 for row in map_VK.tolist())  # K distinct experts per id
+    assert not torch.equal(map_VK[:, 1], map_VK[:, 0])  # independent columns, not one shifted
+    # Clashes move an id to the next free expert, so columns stay near-balanced over ids.
+    for k in range(3):
+        ids_per_expert = torch.bincount(map_VK[:, k], minlength=8)
+        assert ids_per_expert.min() >= 257 // 8 - 8 and ids_per_expert.max() <= 257 // 8 + 9
+    assert torch.equal(hash_map(4, 4, top_k=4).sort(dim=1).values, torch.arange(4).expand(4, 4))  # K = E: all experts
+
+
+def test_hash_router_sends_every_occurrence_of_an_id_to_its_experts_with_equal_gates() -> None:
     from moe.hash_router import HashRouter
 
-    router = HashRouter(vocab_size=20, num_experts=4)
     ids_T = torch.tensor([3, 7, 3, 19, 0, 7, 7])
-    routing = router(ids_T)
-    assert torch.equal(routing.experts_TK[:, 0], router.map_V[ids_T])
-    assert torch.equal(routing.weights_TK, torch.ones(7, 1))
-    assert torch.equal(routing.counts_E, torch.bincount(router.map_V[ids_T], minlength=4))
-    assert list(router.parameters()) == []
+    for top_k in (1, 2):
+        router = HashRouter(vocab_size=20, num_experts=4, top_k=top_k)
+        routing = router(ids_T)
+        assert torch.equal(routing.experts_TK, router.map_VK[ids_T])
+        assert torch.equal(routing.weights_TK, torch.full((7, top_k), 1.0 / top_k))
+        assert torch.equal(routing.counts_E, torch.bincount(router.map_VK[ids_T].flatten(), minlength=4))
+        assert torch.allclose(routing.logits_TE.sum(dim=1), torch.ones(7))  # the mass sits on the hashed experts
+        assert list(router.parameters()) == []
 
 
 def test_hash_layer_has_no_routing_losses_and_needs_ids() -> None:
@@ -90,9 +107,9 @@ def test_hash_layer_has_no_routing_losses_and_needs_ids() -> None:
     y_BSD, stats = layer(x_BSD, ids_BS=ids_BS)
     assert y_BSD.shape == x_BSD.shape
     assert stats.aux_loss.item() == 0.0 and stats.z_loss.item() == 0.0
-    assert torch.equal(stats.tokens_per_expert_E, torch.bincount(layer.router.map_V[ids_BS.flatten()], minlength=4))
+    expert_of = layer.router.map_VK[:, 0]
+    assert torch.equal(stats.tokens_per_expert_E, torch.bincount(expert_of[ids_BS.flatten()], minlength=4))
     # A token's output depends on its id only through the expert it hashes to: same id, same expert.
-    expert_of = layer.router.map_V
     same = ids_BS.clone()
     same[0, 0] = next(v for v in range(30) if v != ids_BS[0, 0] and expert_of[v] == expert_of[ids_BS[0, 0]])
     assert torch.equal(layer(x_BSD, ids_BS=same)[0], y_BSD)
@@ -100,13 +117,24 @@ def test_hash_layer_has_no_routing_losses_and_needs_ids() -> None:
         layer(x_BSD)
 
 
-def test_hash_router_config_rejects_top_k_above_one() -> None:
-    import pytest
+def test_top2_hash_layer_averages_its_two_experts() -> None:
+    from moe.config import MoEConfig
+    from moe.layer import MoELayer
 
-    from moe.config import ConfigError, MoEConfig
-
-    with pytest.raises(ConfigError, match=r"moe.top_k=2: moe.router=hash .* set moe.top_k=1"):
-        MoEConfig(num_experts=4, top_k=2, router="hash")
+    cfg = MoEConfig(num_experts=4, top_k=2, router="hash", normalize_weights=True, expert_ffn_dim=16)
+    layer = MoELayer(8, cfg, vocab_size=30)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x_BSD = torch.randn(1, 5, 8)
+    ids_BS = torch.randint(0, 30, (1, 5))
+    y_BSD, stats = layer(x_BSD, ids_BS=ids_BS)
+    experts = layer.experts
+    for t, v in enumerate(ids_BS[0].tolist()):
+        outs = []
+        for e in layer.router.map_VK[v].tolist():
+            outs.append(experts.act(x_BSD[0, t] @ experts.w_in_EDF[e]) @ experts.w_out_EFD[e])
+        assert torch.allclose(y_BSD[0, t], (outs[0] + outs[1]) / 2, atol=1e-5)
+    assert stats.tokens_per_expert_E.sum() == 2 * 5
 
 
 def test_hash_model_param_count_and_training_step() -> None:
