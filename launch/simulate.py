@@ -232,38 +232,83 @@ def emulate_and_compare(cfg: Config, steps: int, out: Path) -> tuple[Any, list[s
     return routing, lines, record
 
 
+def run_step_time(config: str, overrides: list[str], steps: int, out: Path) -> tuple[float, list[float]]:
+    """Train the layout as ``moe train`` does (local launcher, its own processes, no counting
+    or hooks besides ``train.record_routing``) for ``steps`` steps into ``out``; return the
+    median and all of the step times of its log intervals after the first (the warm-up).
+    The emulation's instrumented steps run slower than this, so step time is judged here."""
+    import statistics
+    import subprocess
+    import sys
+
+    log_every = max(steps // 6, 1)
+    cmd = [sys.executable, "-m", "launch.cli", "train", config, *overrides, "launch.launcher=local",
+           f"train.steps={steps}", f"train.log_every={log_every}", f"train.eval_every={steps}",
+           f"train.ckpt_every={steps}", "train.record_routing=true", f"train.run_dir={out.resolve()}"]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.log", "w") as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise RuntimeError(f"the timed run failed: {' '.join(cmd)}; see {out / 'train.log'}")
+    cfg = load_config(config, overrides)
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    seconds = [tokens_per_step / r["tokens_per_s"] for r in records if r["kind"] == "train"][1:]
+    return statistics.median(seconds), seconds
+
+
+def timed_run(config: str, overrides: list[str], cfg: Config, steps: int, out: Path) -> dict[str, Any]:
+    """``run_step_time`` of the layout, and this machine's prediction replaying that run's
+    recorded routing."""
+    from parallel.simulator.predict import Layout, predict
+    from parallel.simulator.routing import read_routing
+
+    step_s, intervals = run_step_time(config, overrides, steps, out)
+    layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
+                          threads=cfg.launch.threads)
+    routing = read_routing(sorted((out / "routing").glob("routing-rank-*.jsonl")))
+    predicted = predict(cfg.model, cfg.moe, layout, _this_machine(), cfg.parallel.engine, routing)
+    return {"step_s": step_s, "interval_step_s": intervals, "step_predicted_s": predicted.summary["step_time_s"]}
+
+
 def _validate(argv: list[str]) -> int:
     """``moe simulate validate CONFIG [k=v ...] --layouts "dp=1;dp=2;..."``: emulate each
-    layout, print counted-vs-predicted bytes and states, peak and step-time errors."""
+    layout, print counted-vs-predicted bytes and states and the peak error; then train it
+    plainly (``--run-steps``) and compare its step time with the prediction replaying
+    that run's own routing."""
     from launch.check_layouts import parse_layouts
 
     parser = argparse.ArgumentParser(prog="moe simulate validate")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--layouts", required=True, help='e.g. "dp=1;dp=2;ep=2,dp=2;dp=2,micro=2"')
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="emulated steps (bytes, states, peak memory)")
+    parser.add_argument("--run-steps", type=int, default=120,
+                        help="steps of the plain timed run per layout (0: none, step time from the emulation only)")
     parser.add_argument("--out", type=Path, default=Path("runs") / f"simulate-validate-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     layouts = parse_layouts(args.layouts)
     configs = [load_config(args.config, [*args.overrides, *layout.overrides]) for layout in layouts]
     _this_machine()
     rows, records = [], []
-    header = (f"{'layout':<22} {'bytes':>6} {'states':>6} {'peak err':>9} {'step ms':>8} {'pred ms':>8} {'err':>7} "
-              f"{'cpu ms':>7} {'err':>7} {'load':>5}")
+    header = (f"{'layout':<22} {'bytes':>6} {'states':>6} {'peak err':>9} {'emu ms':>8} {'pred ms':>8} {'err':>7} "
+              f"{'run ms':>8} {'pred ms':>8} {'err':>7} {'load':>5}")
     for layout, cfg in zip(layouts, configs):
         load = os.getloadavg()[0]
-        _, lines, record = emulate_and_compare(cfg, args.steps, args.out / layout.name.replace(",", "_").replace("=", ""))
+        name = layout.name.replace(",", "_").replace("=", "")
+        _, lines, record = emulate_and_compare(cfg, args.steps, args.out / name)
         ranks = record["ranks"]
         peak_err = max((r["peak_predicted"] - r["peak_measured"]) / r["peak_measured"] for r in ranks)
         step = max(r["step_measured_s"] for r in ranks)
         pred = ranks[0]["step_predicted_s"]
-        # Load-robust estimate of the idle-machine step: CPU seconds the ranks used, spread
-        # over the cores they share, or the busiest rank's, whichever is longer.
-        cpu = max(max(r["step_cpu_s"] for r in ranks), sum(r["step_cpu_s"] for r in ranks) / (os.cpu_count() or 1))
+        run_cols = f"{'-':>8} {'-':>8} {'-':>7}"
+        if args.run_steps:
+            record["run"] = timed_run(args.config, [*args.overrides, *layout.overrides], cfg, args.run_steps,
+                                      args.out / name / "run")
+            run_s, run_pred = record["run"]["step_s"], record["run"]["step_predicted_s"]
+            run_cols = f"{run_s * 1e3:>8.1f} {run_pred * 1e3:>8.1f} {(run_pred - run_s) / run_s:>+7.1%}"
         row = (f"{layout.name:<22} {'EQUAL' if all(r['bytes_equal'] for r in ranks) else 'DIFFER':>6} "
                f"{'EQUAL' if all(r['states_equal'] for r in ranks) else 'DIFFER':>6} {peak_err:>+9.1%} "
-               f"{step * 1e3:>8.1f} {pred * 1e3:>8.1f} {(pred - step) / step:>+7.1%} "
-               f"{cpu * 1e3:>7.1f} {(pred - cpu) / cpu:>+7.1%} {load:>5.1f}")
+               f"{step * 1e3:>8.1f} {pred * 1e3:>8.1f} {(pred - step) / step:>+7.1%} {run_cols} {load:>5.1f}")
         print(row, flush=True)
         rows.append(row)
         records.append({"layout": layout.name, "load_before": load, **record})
@@ -291,7 +336,7 @@ def main(argv: list[str]) -> int:
     scaled = [o for o in args.overrides if o.split("=")[0] in SCALING_KEYS]
     dtype = args.dtype or ("bfloat16" if hw.kind == "gpu" else "float32")
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
-                          dtype, args.recompute)
+                          dtype, args.recompute, threads=cfg.launch.threads)
     out = args.out or Path("runs") / f"simulate-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     print("scaled by the user: " + (", ".join(scaled) if scaled else "nothing (the config as given)"))

@@ -15,7 +15,7 @@ from launch.config import load_config
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from multirank import RankPool
 from parallel.config import ParallelConfig
-from parallel.simulator.hardware import load_hardware, parse_hardware
+from parallel.simulator.hardware import hardware_dict, load_hardware, parse_hardware
 from parallel.simulator.predict import (
     Layout, comm_bytes, megatron_buffer_layout, measured_categories, predict, recorded_comm, state_memory,
 )
@@ -104,6 +104,35 @@ def test_collective_efficiency_slows_only_its_collective() -> None:
     slow = predict(model, moe, layout, dataclasses.replace(hw, collective_efficiency={"reduce_scatter": 0.25})).ranks[0].time
     assert slow["matmul"] == base["matmul"] and slow["tp_comm"] == base["tp_comm"]
     assert slow["dp_comm"] > base["dp_comm"]
+
+
+def test_sync_wait_costs_once_per_blocking_collective_call() -> None:
+    """Each layout pays ``sync_wait`` per blocking call it makes per step (the all-to-alls,
+    TP and PP calls per micro-batch, the DP ring calls and the engine's 4 small
+    all-reduces), the oversubscribed wait when a CPU has fewer cores than ranks, and a
+    single rank pays nothing."""
+    import dataclasses
+
+    hw = dataclasses.replace(load_hardware(HARDWARE / "this-machine.yaml"), cores=2, sync_wait_s=1e-3,
+                             sync_wait_oversubscribed_s=5e-3)
+
+    def wait(**kw: Any) -> float:
+        model, moe, layout = _layout(**kw)
+        return max(r.time["sync_wait"] for r in predict(model, moe, layout, hw).ranks)
+
+    assert wait(dp=1) == 0.0
+    # dp=2 (ep=1: one buffer, one optimizer): its reduce-scatter and all-gather, the 4 small
+    # all-reduces. ep=2 (dp=2, edp=1): 5 all-to-alls per MoE layer (4 layers) and micro-batch,
+    # the dense buffer's reduce-scatter and its all-gather by each of the 2 optimizers, 4 small.
+    assert wait(dp=2) == pytest.approx((2 + 4) * 1e-3)
+    assert wait(dp=2, ep=2) == pytest.approx((5 * 4 + 3 + 4) * 1e-3)
+    assert wait(dp=2, ep=2, micro=4) == pytest.approx((2 * 5 * 4 + 3 + 4) * 1e-3)  # 2 micro-batches
+    assert wait(dp=4) == pytest.approx((2 + 4) * 5e-3)  # 4 ranks on 2 cores
+    gpu = load_hardware(HARDWARE / "h100-ib.yaml")
+    model, moe, layout = _layout(dp=2)
+    assert predict(model, moe, layout, gpu).ranks[0].time["sync_wait"] == 0.0  # not in the file: not modelled
+    with pytest.raises(ConfigError, match="sync_wait_s"):
+        parse_hardware({**hardware_dict(hw), "sync_wait_s": -1}, "x.yaml")
 
 
 def test_a_layout_that_does_not_fit_is_reported() -> None:
@@ -233,3 +262,19 @@ def test_step_efficiency_makes_the_reference_step_predicted_as_measured(monkeypa
     efficiency = calibrate.step_efficiency(hw)
     assert 0 < efficiency < 1
     assert step_seconds(dataclasses.replace(hw, matmul_efficiency=efficiency)) == pytest.approx(measured, rel=1e-9)
+
+
+def test_timed_run_trains_plainly_and_predicts_with_its_routing(tmp_path: Path) -> None:
+    """``moe simulate validate``'s step-time check: a plain ``moe train`` run (its own
+    process), the step times of its log intervals after the first, and this machine's
+    prediction replaying the routing that run recorded."""
+    from launch.simulate import timed_run
+
+    overrides = [*SMALL, "data.cache_dir=" + str(ROOT / "data" / "cache")]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    record = timed_run(str(ROOT / "configs" / "tiny.yaml"), overrides, cfg, 6, tmp_path / "run")
+    assert len(record["interval_step_s"]) == 5 and all(s > 0 for s in record["interval_step_s"])
+    assert min(record["interval_step_s"]) <= record["step_s"] <= max(record["interval_step_s"])
+    steps = {json.loads(line)["step"] for line in (tmp_path / "run" / "routing" / "routing-rank-0.jsonl").open()}
+    assert steps == set(range(6))
+    assert record["step_predicted_s"] > 0

@@ -11,6 +11,12 @@ link's (1 when absent; gloo on a CPU reaches a quarter to two thirds of its all-
 with ``intra_node`` links between devices of one node and ``inter_node`` links between
 nodes (per device: each GPU of an H100 node has its own 400G NIC).
 
+``sync_wait_s`` (optional, 0 when absent): the mean time a blocking collective adds, beyond
+its alpha-beta cost, when the ranks reach it after computing: they arrive at different
+times and the early ones wait (on a shared CPU a waiting rank also has to be woken).
+``sync_wait_oversubscribed_s``: the same with more ranks than cores (CPU), where a peer may
+be descheduled when the collective starts. ``moe simulate calibrate`` measures both.
+
 ``cores`` is set only for a CPU "device" (``kind: cpu``): every rank of a CPU emulation
 runs on the same cores, so ranks share them (see ``predict.rank_compute_share``).
 """
@@ -59,6 +65,14 @@ class Hardware:
     cores: int = 0
     kernel_efficiency: dict[str, float] = field(default_factory=dict)
     collective_efficiency: dict[str, float] = field(default_factory=dict)
+    sync_wait_s: float = 0.0
+    sync_wait_oversubscribed_s: float = 0.0
+
+    def sync_wait(self, world: int) -> float:
+        """Seconds one blocking collective call waits for its peers (see the module doc)."""
+        if self.kind == "cpu" and world > self.cores:
+            return self.sync_wait_oversubscribed_s
+        return self.sync_wait_s
 
     def kernel_rate(self, kernel: str, dtype: str) -> float:
         """Achievable FLOP/s of ``kernel`` (matmul | grouped_mm | attention): the matmul rate
@@ -137,6 +151,9 @@ def parse_hardware(raw: Any, where: str) -> Hardware:
         cores=cores,
         kernel_efficiency=efficiency_of,
         collective_efficiency=collective_of,
+        sync_wait_s=_number(raw, "sync_wait_s", where, strict=False) if "sync_wait_s" in raw else 0.0,
+        sync_wait_oversubscribed_s=(_number(raw, "sync_wait_oversubscribed_s", where, strict=False)
+                                    if "sync_wait_oversubscribed_s" in raw else 0.0),
     )
 
 
@@ -168,7 +185,7 @@ def hardware_dict(hw: Hardware) -> dict[str, Any]:
         out[f.name] = {"bandwidth": value.bandwidth, "latency_s": value.latency_s} if isinstance(value, Link) else value
     if hw.kind != "cpu":
         out.pop("cores")
-    for key in ("kernel_efficiency", "collective_efficiency"):
+    for key in ("kernel_efficiency", "collective_efficiency", "sync_wait_s", "sync_wait_oversubscribed_s"):
         if not out[key]:
             out.pop(key)
     return out

@@ -420,6 +420,21 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
         comm.tp_all_gather = steps * m * 2 * n_moe * x
 
 
+def tp_calls_per_micro_batch(model: ModelConfig, layout: Layout, layers: list[int], stage: int) -> int:
+    """Blocking TP collective calls of one micro-batch on one rank (``_tp_bytes``' list):
+    without SP the all-reduces (2 per layer, 2 more per dense layer, embedding, head), 3
+    for the loss and 2 statistics all-reduces and 2 all-gathers per MoE layer; with SP an
+    all-gather and a reduce-scatter per linear pair, the backward re-gathers, the embedding."""
+    n_moe = sum(model.is_moe_layer(i) for i in layers)
+    n_dense = len(layers) - n_moe
+    first, last = int(stage == 0), int(stage == layout.topology.pp - 1)
+    if layout.sequence_parallel:
+        linears = 2 * len(layers) + 2 * n_dense
+        regather = len(layers) + n_dense + last
+        return 2 * linears + 2 * (first + last) + regather + 3 * last + 2 * n_moe
+    return 2 * len(layers) + 2 * n_dense + first + last + 3 * last + 4 * n_moe
+
+
 def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, extra_forwards: int,
                rows: dict[str, float] | None, steps: int = 1) -> Comm:
     """Bytes of one rank over ``steps`` steps. ``rows`` from ``replay_rows`` (exact), else
@@ -570,7 +585,7 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
     ep_link = _link_for(hw, ep_members)
     ep_time = (a2a_calls * ep_link.latency_s + comm.ep_all_to_all / ep_link.bandwidth) / m if t.ep > 1 else 0.0
     tp_link = _link_for(hw, list(range(rank - coords["tp"], rank - coords["tp"] + t.tp)))
-    tp_calls = 4 * len(layers) + 4
+    tp_calls = tp_calls_per_micro_batch(model, layout, layers, stage)
     eff = {k: hw.collective_efficiency.get(k, 1.0) for k in ("reduce_scatter", "all_gather", "all_reduce")}
     # An all-reduce moves twice its bytes (ring: a reduce-scatter, then an all-gather).
     tp_time = (_ring(tp_link, t.tp, 2 * comm.tp_all_reduce / m, tp_calls, eff["all_reduce"])
@@ -594,6 +609,14 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
                + _ring(edp_link, t.edp, comm.edp_reduce_scatter, 1, rs)
                + _ring(edp_link, t.edp, comm.edp_all_gather, optimizers, ag)
                + (4 * dp_link.latency_s if t.world_size > 1 else 0.0))
+    # Every blocking collective is a synchronisation point: ranks arrive after computing,
+    # at different times, and the early ones wait (``Hardware.sync_wait``). Per step: the
+    # all-to-alls, the TP collectives, 2 PP transfers per micro-batch, and the DP ring
+    # calls plus the engine's 4 small all-reduces (loss, gradient norm, statistics).
+    dp_calls = ((4 if t.world_size > 1 else 0) + (1 + optimizers if t.dp > 1 and comm.dp_reduce_scatter else 0)
+                + (1 + optimizers if t.edp > 1 and comm.edp_reduce_scatter else 0))
+    sync_calls = (m * ((a2a_calls / m if t.ep > 1 else 0) + (tp_calls if t.tp > 1 else 0) + (2 if t.pp > 1 else 0))
+                  + dp_calls)
     buffer_elems = (memory.params + memory.grads) / 8
     optimizer_ops = OPS_OPTIMIZER_BASE + OPS_OPTIMIZER_PER_BLOCK * len(layers)
     optimizer_time = (28 * opt_shard + 12 * buffer_elems) / bandwidth + optimizer_ops * overhead
@@ -606,6 +629,7 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
         "pp_p2p": m * pp_time,
         "pp_bubble": bubble,
         "dp_comm": dp_time,
+        "sync_wait": sync_calls * hw.sync_wait(t.world_size),
         "optimizer": optimizer_time,
     }
 
