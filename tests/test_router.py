@@ -92,16 +92,22 @@ def test_hash_router_sends_every_occurrence_of_an_id_to_its_experts_with_equal_g
         assert list(router.parameters()) == []
 
 
-def test_hash_layer_has_no_routing_losses_and_needs_ids() -> None:
-    import pytest
-
+def _hash_layer(top_k: int) -> torch.nn.Module:
+    """A hash-routed MoE layer (D=8, E=4, vocabulary 30) with weights large enough to matter."""
     from moe.config import MoEConfig
     from moe.layer import MoELayer
 
-    cfg = MoEConfig(num_experts=4, top_k=1, router="hash", normalize_weights=False, expert_ffn_dim=16)
+    cfg = MoEConfig(num_experts=4, top_k=top_k, router="hash", normalize_weights=top_k > 1, expert_ffn_dim=16)
     layer = MoELayer(8, cfg, vocab_size=30)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+def test_hash_layer_has_no_routing_losses_and_needs_ids() -> None:
+    import pytest
+
+    layer = _hash_layer(top_k=1)
     x_BSD = torch.randn(2, 5, 8)
     ids_BS = torch.randint(0, 30, (2, 5))
     y_BSD, stats = layer(x_BSD, ids_BS=ids_BS)
@@ -118,13 +124,7 @@ def test_hash_layer_has_no_routing_losses_and_needs_ids() -> None:
 
 
 def test_top2_hash_layer_averages_its_two_experts() -> None:
-    from moe.config import MoEConfig
-    from moe.layer import MoELayer
-
-    cfg = MoEConfig(num_experts=4, top_k=2, router="hash", normalize_weights=True, expert_ffn_dim=16)
-    layer = MoELayer(8, cfg, vocab_size=30)
-    for p in layer.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    layer = _hash_layer(top_k=2)
     x_BSD = torch.randn(1, 5, 8)
     ids_BS = torch.randint(0, 30, (1, 5))
     y_BSD, stats = layer(x_BSD, ids_BS=ids_BS)
