@@ -8,6 +8,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from parallel.checkpoint import write_atomic_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -58,4 +60,4 @@ def truncate_after(run_dir: Path, step: int) -> None:
     """Drop records past ``step``: a resumed run recomputes them, and keeping both would
     leave two values for one step in the log."""
     kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_atomic_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))

@@ -55,7 +55,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
+def write_atomic_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a process killed at any point leaves either
+    the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -154,12 +156,12 @@ def write_atomically(
     write(tmp)
     barrier()  # nobody still reads or writes the temp directory when rank 0 renames it
     if rank == 0:
-        _write_atomic_text(tmp / COMPLETE_FILE, complete)
+        write_atomic_text(tmp / COMPLETE_FILE, complete)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
-        _write_atomic_text(ckpt_dir / LATEST_FILE, final.name)
+        write_atomic_text(ckpt_dir / LATEST_FILE, final.name)
         _prune(ckpt_dir, keep)
     barrier()
     return final

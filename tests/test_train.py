@@ -178,3 +178,26 @@ def test_duplicated_expert_shards_are_refused() -> None:
     check_expert_shards([manifest(0, 0, 11), manifest(1, 1, 22), manifest(2, 0, 11), manifest(3, 1, 22)])  # replicas agree
     with pytest.raises(CheckpointError, match="'e.w' is identical on expert-parallel ranks 0 and 1 \\(ranks 0 and 1\\)"):
         check_expert_shards([manifest(0, 0, 11), manifest(1, 1, 11)])
+
+
+def test_metrics_truncation_on_resume_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed run drops the log records past its checkpoint by replacing the file whole:
+    killed before the replace, the old log is intact (never a half-written one)."""
+    import parallel.checkpoint
+    from launch.metrics import METRICS_FILE, truncate_after
+
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in (10, 20, 30)))
+
+    class Killed(Exception):
+        pass
+
+    def killed(src: str, dst: str) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(parallel.checkpoint.os, "replace", killed)
+        with pytest.raises(Killed):
+            truncate_after(tmp_path, 20)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20, 30]
+    truncate_after(tmp_path, 20)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20]
