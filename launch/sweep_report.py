@@ -206,9 +206,10 @@ def equal_total_pairs(rows: list[dict[str, Any]], loss_key: str, tolerance: floa
     non-embedding parameter count (within ``tolerance``), mean losses over seeds.
 
     At equal E the two differ in total parameters when their top-k does: under
-    ``hold: active_params`` a top-2 expert is half as wide as a top-1 (hash) expert, so
-    learned top-2 at 2E has the total (and active) parameters of hash top-1 at E, which is
-    how Clark et al. compare routers (top-1 throughout, equal E).
+    ``hold: active_params`` a top-2 expert is half as wide as a top-1 expert, so learned
+    top-2 at 2E has the total (and active) parameters of hash top-1 at E, which is how
+    Clark et al. compare routers (top-1 throughout, equal E). With the same top-k (hash
+    top-2 is multi-hash) the pair is at equal E.
     """
     means = _means(rows, loss_key)
     totals = {(r["N"], r["routing"], r["experts"]): r["params_non_embedding_total"] for r in rows}
