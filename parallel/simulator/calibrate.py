@@ -142,18 +142,18 @@ def _gloo_worker(rank: int, port: int, out: Any) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
     # Two passes over the sizes, the faster median of each kept: a pass that ran while the
     # machine was busy (a peer's start-up, another process) is not what the link costs.
-    results: dict[str, list[tuple[int, float]]] = {}
-    for n_bytes in A2A_BYTES:
-        for name, fn in _collectives(2 * n_bytes).items():
-            if name != "all_to_all" and n_bytes != A2A_BYTES[-1]:
-                continue
-            results.setdefault(name, []).append((n_bytes, float("inf")))
+    best: dict[tuple[str, int], float] = {}
     for _ in range(2):
-        for name, points in results.items():
-            for i, (n_bytes, best) in enumerate(points):
-                fn = _collectives(2 * n_bytes)[name]
+        for n_bytes in A2A_BYTES:
+            for name, fn in _collectives(2 * n_bytes).items():
+                if name != "all_to_all" and n_bytes != A2A_BYTES[-1]:
+                    continue
                 dist.barrier()
-                points[i] = (n_bytes, min(best, _median_time(fn, 9, time.perf_counter)))  # waiting counts
+                seconds = _median_time(fn, 9, time.perf_counter)  # waiting counts
+                best[(name, n_bytes)] = min(best.get((name, n_bytes), seconds), seconds)
+    results: dict[str, list[tuple[int, float]]] = {}
+    for (name, n_bytes), seconds in best.items():  # sizes ascending, as first timed
+        results.setdefault(name, []).append((n_bytes, seconds))
     if rank == 0:
         out.put(results)
     dist.barrier()

@@ -7,7 +7,8 @@ operation (``op_overhead_s``: kernel launch on a GPU, Python/ATen dispatch on a 
 ``kernel_efficiency`` (optional): the experts' grouped GEMM and attention as shares of the
 matmul rate (1 when absent). ``collective_efficiency`` (optional): the bandwidth a
 reduce-scatter, all-gather or all-reduce achieves under the ring model, as a share of the
-link's (1 when absent; gloo on a CPU reaches a quarter to two thirds of its all-to-all rate). Links follow the alpha-beta model: moving ``n`` bytes costs ``latency_s + n / bandwidth``,
+link's (1 when absent; gloo on a CPU reaches a quarter to two thirds of its all-to-all
+rate). Links follow the alpha-beta model: moving ``n`` bytes costs ``latency_s + n / bandwidth``,
 with ``intra_node`` links between devices of one node and ``inter_node`` links between
 nodes (per device: each GPU of an H100 node has its own 400G NIC).
 
@@ -151,10 +152,14 @@ def parse_hardware(raw: Any, where: str) -> Hardware:
         cores=cores,
         kernel_efficiency=efficiency_of,
         collective_efficiency=collective_of,
-        sync_wait_s=_number(raw, "sync_wait_s", where, strict=False) if "sync_wait_s" in raw else 0.0,
-        sync_wait_oversubscribed_s=(_number(raw, "sync_wait_oversubscribed_s", where, strict=False)
-                                    if "sync_wait_oversubscribed_s" in raw else 0.0),
+        sync_wait_s=_optional_number(raw, "sync_wait_s", where),
+        sync_wait_oversubscribed_s=_optional_number(raw, "sync_wait_oversubscribed_s", where),
     )
+
+
+def _optional_number(raw: dict[str, Any], key: str, where: str) -> float:
+    """A non-negative field that may be absent (0: not modelled)."""
+    return _number(raw, key, where, strict=False) if key in raw else 0.0
 
 
 def _shares(raw: dict[str, Any], key: str, names: tuple[str, ...], of: str, where: str) -> dict[str, float]:

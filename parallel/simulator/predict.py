@@ -615,7 +615,7 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
     # calls plus the engine's 4 small all-reduces (loss, gradient norm, statistics).
     dp_calls = ((4 if t.world_size > 1 else 0) + (1 + optimizers if t.dp > 1 and comm.dp_reduce_scatter else 0)
                 + (1 + optimizers if t.edp > 1 and comm.edp_reduce_scatter else 0))
-    sync_calls = (m * ((a2a_calls / m if t.ep > 1 else 0) + (tp_calls if t.tp > 1 else 0) + (2 if t.pp > 1 else 0))
+    sync_calls = ((a2a_calls if t.ep > 1 else 0) + m * ((tp_calls if t.tp > 1 else 0) + (2 if t.pp > 1 else 0))
                   + dp_calls)
     buffer_elems = (memory.params + memory.grads) / 8
     optimizer_ops = OPS_OPTIMIZER_BASE + OPS_OPTIMIZER_PER_BLOCK * len(layers)

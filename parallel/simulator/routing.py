@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moe.layer import MoELayer
+from parallel.checkpoint import write_atomic_text
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,7 @@ def truncate_routing(path: Path, step: int) -> None:
     checkpoint records the later steps again)."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and ForwardRouting.from_json(line).step < step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)  # a process killed here leaves the old file whole
+        write_atomic_text(path, "".join(line + "\n" for line in kept))  # killed: the old file stays whole
 
 
 def read_routing(paths: list[Path]) -> list[ForwardRouting]:
