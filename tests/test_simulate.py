@@ -278,3 +278,9 @@ def test_timed_run_trains_plainly_and_predicts_with_its_routing(tmp_path: Path) 
     steps = {json.loads(line)["step"] for line in (tmp_path / "run" / "routing" / "routing-rank-0.jsonl").open()}
     assert steps == set(range(6))
     assert record["step_predicted_s"] > 0
+    # The prediction is this machine's, for the run's layout and threads, replaying its routing.
+    layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
+                          threads=cfg.launch.threads)
+    routing = read_routing([tmp_path / "run" / "routing" / "routing-rank-0.jsonl"])
+    expected = predict(cfg.model, cfg.moe, layout, load_hardware(HARDWARE / "this-machine.yaml"), "megatron", routing)
+    assert record["step_predicted_s"] == expected.summary["step_time_s"]
