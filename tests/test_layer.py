@@ -124,7 +124,9 @@ def test_aux_loss_scope_invariance_under_batch_splitting(scope: str, invariant: 
 
 @pytest.mark.parametrize("capacity_factor, top_k", [(None, 2), (1.0, 2), (0.5, 1)], ids=["dropless-k2", "capacity-k2", "drops-k1"])
 def test_fused_kernels_equal_torch_path(capacity_factor: float | None, top_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole layer with moe.kernels=fused (Triton, interpreted on CPU) against torch."""
+    """The whole layer with moe.kernels=fused (Triton: compiled on a GPU, interpreted on CPU)
+    against torch. On a CUDA machine the layers and input go to the GPU: conftest sets
+    TRITON_INTERPRET only without CUDA, so CPU tensors there would take the torch path."""
     import moe.kernels.gating as gating
     import moe.kernels.permute as permute
 
@@ -132,10 +134,11 @@ def test_fused_kernels_equal_torch_path(capacity_factor: float | None, top_k: in
     for module, name in ((gating, "gating_forward_triton"), (permute, "permute_triton")):
         kernel = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: (launched.append(_n), _k(*a, **kw))[1])
-    torch_layer = _layer(top_k=top_k, normalize_weights=top_k > 1, capacity_factor=capacity_factor, kernels="torch")
-    fused_layer = MoELayer(8, dataclasses.replace(torch_layer.cfg, kernels="fused"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_layer = _layer(top_k=top_k, normalize_weights=top_k > 1, capacity_factor=capacity_factor, kernels="torch").to(device)
+    fused_layer = MoELayer(8, dataclasses.replace(torch_layer.cfg, kernels="fused")).to(device)
     fused_layer.load_state_dict(torch_layer.state_dict())
-    x = torch.randn(2, 9, 8)
+    x = torch.randn(2, 9, 8, device=device)
     results = []
     for layer in (torch_layer, fused_layer):
         xi = x.clone().requires_grad_()
