@@ -250,13 +250,23 @@ def megatron_moe_layer(spec: LayerSpec) -> torch.nn.Module:
 def _megatron(spec: LayerSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     from megatron.core import parallel_state
 
-    from parallel.megatron_compat import apply_cpu_compat
+    from parallel.megatron_compat import apply_cpu_compat, patch_moe_utils_missing_te_gemm
 
     _init_single_rank()
     apply_cpu_compat()
+    patch_moe_utils_missing_te_gemm()  # not a CPU matter: a GPU without TransformerEngine needs it too
     parallel_state.initialize_model_parallel()
-    layer = megatron_moe_layer(spec).to(device)
-    return lambda x: layer(x.unsqueeze(1))[0].squeeze(1)
+    # megatron runs bf16 with bf16 parameters (its Float16Module), not under autocast: its
+    # router's autograd function computes in bf16 under autocast and then fails its backward
+    # (bf16 grad against the fp32 weight; seen on an H200). So: cast, and autocast off.
+    dtype = getattr(torch, spec.dtype)
+    layer = megatron_moe_layer(spec).to(device=device, dtype=dtype)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, enabled=False):
+            return layer(x.to(dtype).unsqueeze(1))[0].squeeze(1)
+
+    return run
 
 
 def _deepspeed(spec: LayerSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -258,8 +258,10 @@ def patch_moe_utils_missing_te_gemm() -> None:
     ``RouterGatingLinearFunction.forward`` tests ``te_general_gemm is not None``, but the
     name is bound only when TransformerEngine imports, so without TE every router forward
     raises ``NameError``. Bound to ``None``, the value the test expects (upstream then takes
-    its plain ``torch.mm`` branch). A GPU without TransformerEngine has the same bug; this
-    module does nothing there (see the rules above), so megatron's MoELayer fails there.
+    its plain ``torch.mm`` branch). A GPU without TransformerEngine has the same bug, and
+    :func:`apply_cpu_compat` does nothing there, so ``moe bench layer`` calls this directly
+    (idempotent; a no-op where TransformerEngine bound the name). Seen on an H200 without
+    TransformerEngine (2026-12-04): megatron's MoELayer raised this ``NameError``.
     """
     from megatron.core.transformer.moe import moe_utils
 
