@@ -9,9 +9,10 @@ Grouping: a trial's *base size* is its overrides without the expert count, the r
 and the expert width (which ``hold`` may adjust per E). Its ``N`` for
 the fit is the non-embedding active parameter count of the base size's dense trial
 (E = 1, learned router) when there is one, else the group's median. A trial's *routing*
-is ``hash`` or ``learned`` (``topk`` or ``sinkhorn``: a sweep may pick the router per E,
-one learned router per (base, E)). Only learned-router trials enter the fit; hash-routed
-ones are compared with them at equal (base, E).
+is ``learned`` (``topk`` or ``sinkhorn``: a sweep may pick the router per E, one learned
+router per (base, E)), ``hash`` (top-1, Clark et al.'s baseline) or ``hash-topK`` (Roller et
+al.'s multi-hash with K experts per token, the same expert widths as learned top-K). Only
+learned-router trials enter the fit; each hash routing is compared with them at equal (base, E).
 
 Legend: rows are dicts, one per finished trial.
 """
@@ -67,6 +68,13 @@ def _row(trial_dir: Path) -> dict[str, Any] | None:
     }
 
 
+def routing_of(router: str, top_k: int) -> str:
+    """``learned`` for any learned router; ``hash`` (top-1) or ``hash-topK`` for hash routing."""
+    if router != "hash":
+        return "learned"
+    return "hash" if top_k == 1 else f"hash-top{top_k}"
+
+
 def collect(out_dir: Path) -> list[dict[str, Any]]:
     """Finished trials, each with its base-size label (``base``) and ``N``."""
     rows = [r for d in sorted((Path(out_dir) / "trials").glob("*")) if (r := _row(d)) is not None]
@@ -74,7 +82,7 @@ def collect(out_dir: Path) -> list[dict[str, Any]]:
     varying = [k for k in size_keys if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1]
     for r in rows:
         r["base"] = ", ".join(f"{k}={r['overrides'].get(k)}" for k in varying) or "base"
-        r["routing"] = "hash" if r["router"] == "hash" else "learned"
+        r["routing"] = routing_of(r["router"], r["top_k"])
     _check_one_learned_router(rows)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -186,9 +194,13 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
         }
     versus = []
     for (n, routing, e), (loss, _) in sorted(means.items()):
-        if routing == "hash" and (n, "learned", e) in means:
-            versus.append({"N": n, "experts": e, "learned": means[(n, "learned", e)][0], "hash": loss})
+        if routing != "learned" and (n, "learned", e) in means:
+            versus.append({"N": n, "experts": e, "routing": routing, "learned": means[(n, "learned", e)][0], "hash": loss})
     big = [v for v in versus if v["experts"] >= 8]
+    by_routing = {}
+    for routing in sorted({v["routing"] for v in big}):
+        wins = [v["learned"] < v["hash"] for v in big if v["routing"] == routing]
+        by_routing[routing] = {"all": all(wins), "wins": sum(wins), "points": len(wins)}
     matched = equal_total_pairs(rows, loss_key)
     return {
         "monotone_in_E": monotone,
@@ -197,6 +209,7 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
         "b_negative": None if b is None else b < 0,
         "learned_vs_hash": versus,
         "learned_beats_hash_at_E_ge_8": all(v["learned"] < v["hash"] for v in big) if big else None,
+        "learned_beats_hash_at_E_ge_8_by_routing": by_routing,
         "learned_vs_hash_equal_total_params": matched,
     }
 
@@ -215,13 +228,13 @@ def equal_total_pairs(rows: list[dict[str, Any]], loss_key: str, tolerance: floa
     totals = {(r["N"], r["routing"], r["experts"]): r["params_non_embedding_total"] for r in rows}
     pairs = []
     for (n, routing, e), total in sorted(totals.items()):
-        if routing != "hash":
+        if routing == "learned":
             continue
         near = [(abs(t / total - 1), ee, t) for (nn, rr, ee), t in totals.items() if nn == n and rr == "learned"]
         if not near or min(near)[0] > tolerance:
             continue
         _, e_learned, t_learned = min(near)
-        pairs.append({"N": n, "hash_experts": e, "hash": means[(n, "hash", e)][0], "hash_total": total,
+        pairs.append({"N": n, "routing": routing, "hash_experts": e, "hash": means[(n, routing, e)][0], "hash_total": total,
                       "learned_experts": e_learned, "learned": means[(n, "learned", e_learned)][0],
                       "learned_total": t_learned})
     return pairs
@@ -275,6 +288,8 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
     loss_key = analysis["loss"]
     means = _means(rows, loss_key)
     sizes = sorted({k[0] for k in means})
+    hashes = sorted({k[1] for k in means} - {"learned"})
+    styles = {"learned": "o-", **{h: m + ":" for h, m in zip(hashes, "s^vD")}}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     names = []
 
@@ -282,12 +297,12 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
     law = ExpertLaw(**analysis["fit"]["coefficients"]) if analysis["fit"] else None
     for i, n in enumerate(sizes):
         color = colors[i % len(colors)]
-        for routing, style in (("learned", "o-"), ("hash", "s:")):
+        for routing, style in styles.items():
             es = sorted(e for (nn, rr, e) in means if nn == n and rr == routing)
             if es:
                 label = f"N={_si(n)} {routing}"
                 ax.plot(es, [means[(n, routing, e)][0] for e in es], style, color=color, label=label,
-                        mfc="none" if routing == "hash" else color)
+                        mfc=color if routing == "learned" else "none")
         if law is not None:
             grid = np.geomspace(1, max(e for (_, _, e) in means), 100)
             ax.plot(grid, law.loss(np.full_like(grid, n), grid), "--", color=color, lw=1)
@@ -372,7 +387,7 @@ def _markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], plots: list[
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         out.append(
-            f"| {r['base']} | {r['router']} | {r['experts']} | {r['seed']} | {_si(r['N'])} | "
+            f"| {r['base']} | {r['router']} k={r['top_k']} | {r['experts']} | {r['seed']} | {_si(r['N'])} | "
             f"{_si(r['params_non_embedding_active'])} / {_si(r['params_active'])} | "
             f"{_si(r['params_non_embedding_total'])} | {_si(r['flops_per_token'])} | {_si(r['tokens_seen'])} | "
             f"{_fmt(r[loss_key])} | {_si(r['n_bar']) if 'n_bar' in r else '-'} |"
@@ -411,15 +426,17 @@ def _markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], plots: list[
                    f"each drop > 2 sigma: {m['beyond_noise']} (drops {drops})")
     out.append(f"- fit has b < 0: {chk['b_negative']}")
     for v in chk["learned_vs_hash"]:
-        out.append(f"- N={_si(v['N'])} E={v['experts']}: learned {v['learned']:.4f} vs hash {v['hash']:.4f}")
+        out.append(f"- N={_si(v['N'])} E={v['experts']}: learned {v['learned']:.4f} vs {v['routing']} {v['hash']:.4f}")
     out.append(f"- learned beats hash at every E >= 8: {chk['learned_beats_hash_at_E_ge_8']}")
+    for routing, tally in chk["learned_beats_hash_at_E_ge_8_by_routing"].items():
+        out.append(f"  - against {routing}: {tally['all']} (learned better at {tally['wins']} of {tally['points']})")
     matched = chk["learned_vs_hash_equal_total_params"]
     if matched:
         wins = sum(m["learned"] < m["hash"] for m in matched)
         out.append(f"- at equal total (and active) parameters, learned beats hash in {wins} of {len(matched)} pairs:")
         for m in matched:
             out.append(f"  - N={_si(m['N'])}: learned E={m['learned_experts']} ({_si(m['learned_total'])} params) "
-                       f"{m['learned']:.4f} vs hash E={m['hash_experts']} ({_si(m['hash_total'])}) {m['hash']:.4f}")
+                       f"{m['learned']:.4f} vs {m['routing']} E={m['hash_experts']} ({_si(m['hash_total'])}) {m['hash']:.4f}")
     walls = sorted(r["wall_seconds"] for r in rows)
     speeds = sorted(r["tokens_per_s"] for r in rows)
     out.append(f"\n## Timing\n\nPer trial, training loop only (summary.json `wall_seconds`, without process start, "

@@ -168,13 +168,15 @@ def test_tiny_sweep_through_ray_tune_then_resume(
 # -- the report ---------------------------------------------------------------------------
 
 
-def _fake_trial(out: Path, key: str, dim: int, n: int, experts: int, router: str, seed: int, loss: float) -> None:
+def _fake_trial(
+    out: Path, key: str, dim: int, n: int, experts: int, router: str, seed: int, loss: float, top_k: int = 1
+) -> None:
     trial_dir = out / "trials" / key
     trial_dir.mkdir(parents=True)
     overrides = {"model.dim": dim, "moe.num_experts": experts, "moe.router": router, "train.seed": seed}
     (trial_dir / "trial.json").write_text(json.dumps({"key": key, "axes": overrides, "overrides": overrides}))
     (trial_dir / "config.yaml").write_text(yaml.safe_dump(
-        {"moe": {"num_experts": experts, "router": router, "top_k": 1, "expert_ffn_dim": 4 * dim},
+        {"moe": {"num_experts": experts, "router": router, "top_k": top_k, "expert_ffn_dim": 4 * dim},
          "train": {"seed": seed}}))
     shares = (np.ones((2, experts)) / experts).tolist()
     (trial_dir / "summary.json").write_text(json.dumps({
@@ -251,7 +253,7 @@ def test_sinkhorn_trials_are_the_learned_line_beside_a_topk_dense_baseline(tmp_p
     _fake_trial(out, "h8", 32, 20000, 8, "hash", 1, 1.95)
     chk = analyse(collect(out), "final_val_loss", delta=1e-3, bootstrap=0)["checks"]
     assert chk["monotone_in_E"]["20000"]["experts"] == [1, 2, 8] and chk["all_monotone"]
-    assert chk["learned_vs_hash"] == [{"N": 20000, "experts": 8, "learned": 1.92, "hash": 1.95}]
+    assert chk["learned_vs_hash"] == [{"N": 20000, "experts": 8, "routing": "hash", "learned": 1.92, "hash": 1.95}]
     assert chk["learned_beats_hash_at_E_ge_8"]
 
 
@@ -271,5 +273,30 @@ def test_equal_total_pairs_match_hash_with_the_learned_trial_of_its_size() -> No
     rows = [row("learned", 8, 72_000, 1.60), row("learned", 16, 132_000, 1.56), row("learned", 16, 132_000, 1.58),
             row("hash", 8, 139_000, 1.58), row("hash", 32, 533_000, 1.52), row("hash", 8, 139_000, 1.0, n=2e4)]
     pairs = equal_total_pairs(rows, "final_val_loss")
-    assert pairs == [{"N": 1e4, "hash_experts": 8, "hash": 1.58, "hash_total": 139_000,
+    assert pairs == [{"N": 1e4, "routing": "hash", "hash_experts": 8, "hash": 1.58, "hash_total": 139_000,
                       "learned_experts": 16, "learned": pytest.approx(1.57), "learned_total": 132_000}]
+
+
+def test_hash_top1_and_multi_hash_are_separate_baselines(tmp_path: Path) -> None:
+    """Hash top-1 and multi-hash top-2 at one (size, E) are two baselines, each compared with
+    the learned trial there (not averaged as if they were seeds); multi-hash pairs with the
+    learned top-2 trial of the same total size."""
+    out = tmp_path / "out"
+    _fake_trial(out, "d1", 32, 20000, 1, "topk", 1, 2.0)
+    _fake_trial(out, "l8", 32, 20000, 8, "topk", 1, 1.90, top_k=2)
+    _fake_trial(out, "h8", 32, 20000, 8, "hash", 1, 1.95)
+    _fake_trial(out, "m8", 32, 20000, 8, "hash", 1, 1.85, top_k=2)
+    rows = collect(out)
+    assert {r["key"]: r["routing"] for r in rows} == {"d1": "learned", "l8": "learned", "h8": "hash", "m8": "hash-top2"}
+    chk = analyse(rows, "final_val_loss", delta=1e-3, bootstrap=0)["checks"]
+    assert chk["learned_vs_hash"] == [
+        {"N": 20000, "experts": 8, "routing": "hash", "learned": 1.90, "hash": 1.95},
+        {"N": 20000, "experts": 8, "routing": "hash-top2", "learned": 1.90, "hash": 1.85},
+    ]
+    assert chk["learned_beats_hash_at_E_ge_8_by_routing"] == {
+        "hash": {"all": True, "wins": 1, "points": 1}, "hash-top2": {"all": False, "wins": 0, "points": 1}}
+    assert chk["learned_beats_hash_at_E_ge_8"] is False
+    pairs = {p["routing"]: p["learned_experts"] for p in chk["learned_vs_hash_equal_total_params"]}
+    assert pairs == {"hash": 8, "hash-top2": 8}
+    report = write_report(out).read_text()
+    assert "learned 1.9000 vs hash-top2 1.8500" in report and "against hash-top2: False (learned better at 0 of 1)" in report
