@@ -19,6 +19,7 @@ Legend: rows are dicts, one per finished trial.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -208,7 +209,7 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
         "all_beyond_noise": (all(m["beyond_noise"] for m in monotone.values()) if monotone and sigma else None),
         "b_negative": None if b is None else b < 0,
         "learned_vs_hash": versus,
-        "learned_beats_hash_at_E_ge_8": all(v["learned"] < v["hash"] for v in big) if big else None,
+        "learned_beats_hash_at_E_ge_8": all(t["all"] for t in by_routing.values()) if by_routing else None,
         "learned_beats_hash_at_E_ge_8_by_routing": by_routing,
         "learned_vs_hash_equal_total_params": matched,
     }
@@ -289,7 +290,7 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
     means = _means(rows, loss_key)
     sizes = sorted({k[0] for k in means})
     hashes = sorted({k[1] for k in means} - {"learned"})
-    styles = {"learned": "o-", **{h: m + ":" for h, m in zip(hashes, "s^vD")}}
+    styles = {"learned": "o-", **{h: m + ":" for h, m in zip(hashes, itertools.cycle("s^vD"))}}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     names = []
 
