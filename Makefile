@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 # The layout `make train` uses: 2 ranks on the local Ray cluster, experts split over them
-# (gloo on CPU). LAYOUT= trains in one process without Ray; see README: Launching.
+# (gloo on CPU). LAYOUT= trains in one process without Ray; see docs/launching.md.
 LAYOUT ?= parallel.dp=2 parallel.ep=2
 
 .PHONY: setup train test clean
