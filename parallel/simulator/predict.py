@@ -697,19 +697,40 @@ def predict(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, en
             rows_mean = layout.routed_tokens * moe.top_k
             rows_time = rows_mean * imbalance
             rows_layers = [rows_time] * n_moe
-        in_flight = t.pp - coords["pp"] if t.pp > 1 else 1
-        moe_ordinal = {i: j for j, i in enumerate(i for i in stage_layers_ if model.is_moe_layer(i))}
-        act = sum(activation_elements(model, moe, layout, i, rows_layers[moe_ordinal[i]] if i in moe_ordinal else 0)
-                  for i in stage_layers_)
-        head = head_elements(model, layout) if coords["pp"] == t.pp - 1 else 0
-        memory.activations = int((in_flight * act + head) * _dtype_bytes(layout))
-        # Largest transient: the loss's gradient over the logits (2·T·V) at the start of
-        # the backward, or AdamW's temporaries (one shard-sized buffer) in the update.
-        logits_grad = 2 * layout.tokens * model.vocab_size / t.tp * 4 if coords["pp"] == t.pp - 1 else 0
-        memory.transient = int(max(logits_grad, 4 * shard))
+        add_activations(memory, model, moe, layout, coords["pp"], rows_layers, shard)
         time_ = rank_time(model, moe, layout, hw, rank, comm, memory, shard, rows_time, rows_mean)
         ranks.append(RankPrediction(rank, coords, memory, comm, time_, rows_time))
     return Prediction(layout, hw, ranks, _summary(model, moe, layout, hw, ranks, imbalance))
+
+
+def add_activations(memory: Memory, model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int,
+                    rows_layers: list[float], shard: int) -> None:
+    """Fill ``memory``'s activations and largest transient for a rank of pipeline ``stage``
+    whose experts compute ``rows_layers[j]`` rows in its j-th MoE layer; ``shard`` is its
+    optimizer shard's numel (``state_memory``)."""
+    t = layout.topology
+    layers = stage_layers(model, layout, stage)
+    in_flight = t.pp - stage if t.pp > 1 else 1
+    moe_ordinal = {i: j for j, i in enumerate(i for i in layers if model.is_moe_layer(i))}
+    act = sum(activation_elements(model, moe, layout, i, rows_layers[moe_ordinal[i]] if i in moe_ordinal else 0)
+              for i in layers)
+    last = stage == t.pp - 1
+    head = head_elements(model, layout) if last else 0
+    memory.activations = int((in_flight * act + head) * _dtype_bytes(layout))
+    # Largest transient: the loss's gradient over the logits (2·T·V) at the start of
+    # the backward, or AdamW's temporaries (one shard-sized buffer) in the update.
+    logits_grad = 2 * layout.tokens * model.vocab_size / t.tp * 4 if last else 0
+    memory.transient = int(max(logits_grad, 4 * shard))
+
+
+def uniform_memory(model: ModelConfig, moe: MoEConfig, layout: Layout, engine: str, rank: int) -> Memory:
+    """Global ``rank``'s predicted bytes under uniform routing: model states (exact), the
+    activations and the largest transient (see the module doc)."""
+    memory, shard = state_memory(model, moe, layout, engine, rank)
+    stage = rank_coords(layout.topology, rank)["pp"]
+    n_moe = sum(model.is_moe_layer(i) for i in stage_layers(model, layout, stage))
+    add_activations(memory, model, moe, layout, stage, [layout.routed_tokens * moe.top_k] * n_moe, shard)
+    return memory
 
 
 def _imbalance(routing: list[ForwardRouting], ep: int, moe: MoEConfig) -> float:
