@@ -3,7 +3,7 @@
     moe train configs/tiny.yaml                          a Ray cluster on this machine, for this run
     moe train configs/glam-64e.yaml --address auto       an existing cluster (ray start, ray up, KubeRay)
 
-Plain actors rather than Ray Train's TorchTrainer (README: Launching): the rank code is the
+Plain actors rather than Ray Train's TorchTrainer (docs/launching.md): the rank code is the
 same function the local launcher runs (``launch/rank.py``), so both launchers share one
 rendezvous, one log layout and one failure report; restarts resume from this project's
 sharded, atomic checkpoints rather than through a second checkpoint system; and the
@@ -14,7 +14,7 @@ Every step before training fails with one message (``LaunchError``):
 
 1. connect: to ``launch.address`` (checked to be reachable first), or start a local
    cluster that listens on 127.0.0.1 only, keeps its files under ``run_dir/ray`` (or
-   ``launch.ray_temp_dir``) and uses a token of its own; it is shut down afterwards;
+   ``launch.ray_temp_dir``) and uses this process's token; it is shut down afterwards;
 2. check that ``world × (cpus_per_rank CPU, gpus_per_rank GPU, gpu_type)`` fits the
    cluster (a local cluster cannot grow: at once; a remote one may be autoscaling: after
    ``launch.start_timeout_s``);
@@ -24,6 +24,14 @@ Every step before training fails with one message (``LaunchError``):
    once per node (by the driver when the cluster is this machine, else by the first actor
    on each node); rank 0's actor picks MASTER_ADDR (its node's address) and MASTER_PORT,
    which the driver hands to the others.
+
+One process may start any number of local clusters, one after the other (``moe
+check-layouts`` and ``moe bench layouts`` start one per multi-rank layout, a Python caller
+one per call). They share one token, drawn when the process starts its first and kept for
+the process's life: Ray reads a token once per process and keeps it, so a second cluster
+with a fresh token would refuse this process (``InvalidAuthToken``). A cluster per run,
+rather than one held for a whole command, keeps each run's Ray files in its own run
+directory and leaves nothing running between runs.
 
 Supervision: the driver waits on every actor and echoes rank 0's log (progress bar,
 metrics) to its console; when one fails it kills the whole group at once, names the rank
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -186,21 +195,29 @@ def _has_token() -> bool:
     return in_environment or (Path.home() / ".ray" / "auth_token").is_file()
 
 
+@functools.cache
+def _process_token() -> str:
+    """The token of every local cluster this process starts. Ray reads a token once per
+    process and keeps it (its token loader caches the first one it finds), so a second
+    local cluster with a token of its own would reject this process as its client."""
+    return secrets.token_hex(32)
+
+
 def _local_env() -> dict[str, str]:
     """Loopback only (Ray's own switch for single-machine clusters, read when ray is
-    imported), and a fresh token in the environment for the token authentication Ray
-    turns on for new local clusters, so ~/.ray/auth_token is neither needed nor written.
+    imported), and this process's token in the environment for the token authentication
+    Ray turns on for new local clusters, so ~/.ray/auth_token is neither needed nor written.
     RAY_AUTH_MODE is Ray's to set (it refreshes its cached mode when it does)."""
     env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     if not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
-        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        env["RAY_AUTH_TOKEN"] = _process_token()
     return env
 
 
 @contextmanager
 def _quiet(logger_name: str) -> Iterator[None]:
     """Silence one logger's warnings for the block (Ray's notice that token
-    authentication is on: the README says so once, not every run)."""
+    authentication is on: docs/launching.md says so once, not every run)."""
     logger = logging.getLogger(logger_name)
     level = logger.level
     logger.setLevel(logging.ERROR)

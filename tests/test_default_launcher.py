@@ -1,0 +1,56 @@
+"""The commands that train several layouts in one process, through the default (Ray)
+launcher: ``moe check-layouts`` and ``moe bench layouts`` start one local Ray cluster per
+multi-rank layout, one after the other, in the same process.
+
+They run as the real command line in a subprocess, without the test session's Ray
+cluster (which the launcher would reuse, starting none) and without its token in the
+environment: each local cluster is started by the command itself, as a user's would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.data import prepare, stdlib_sources
+from test_layouts import SMALL
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+TIMEOUT_S = 420
+# Set by a Ray cluster this test session may hold: the command must find none of them.
+RAY_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "stdlib-small"
+    prepare(stdlib_sources()[:20], out, val_fraction=0.2)
+    return out
+
+
+def _moe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``moe ARGS`` in a fresh process that holds no Ray cluster or token."""
+    env = {k: v for k, v in os.environ.items() if k not in RAY_VARIABLES}
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+
+
+def test_check_layouts_runs_four_multi_rank_layouts_through_the_default_launcher(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    done = _moe("check-layouts", str(TINY), *SMALL, f"data.path={corpus}", "--layouts", "dp=1;dp=2;ep=2;tp=2;pp=2",
+                "--steps", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr
+    assert "all layouts agree" in done.stdout
+    result = json.loads((out / "check-layouts.json").read_text())
+    assert result["ok"] and result["engines"] == ["local", "megatron", "megatron", "megatron", "megatron"]
+    assert all(len(records) == 2 for records in result["records"])
+    # Each multi-rank layout started a local Ray cluster of its own, with its files in its run.
+    runs = sorted(p.name for p in out.iterdir() if (p / "ray").is_dir())
+    assert runs == ["1-dp2", "2-ep2", "3-tp2", "4-pp2"]
