@@ -27,12 +27,21 @@ Activation = Literal["gelu", "swiglu"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer: RMSNorm, RoPE, causal attention, dense or MoE MLPs."""
+    """A decoder-only transformer: RMSNorm, RoPE, causal attention, dense or MoE MLPs.
+
+    Attention: ``n_heads`` query heads of ``head_dim`` (None: ``dim / n_heads``) sharing
+    ``n_kv_heads`` key/value heads (None: ``n_heads``, multi-head; fewer: grouped-query
+    attention, Ainslie et al. 2023, as in Mixtral and Qwen3-MoE); ``qk_norm`` adds a
+    learned RMSNorm over each head's query and key before RoPE (Qwen3, OLMoE).
+    """
 
     vocab_size: int = 257
     dim: int = 192
     n_layers: int = 4
     n_heads: int = 6
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qk_norm: bool = False
     seq_len: int = 256
     ffn_dim: int = 768
     activation: Activation = "gelu"
@@ -46,18 +55,7 @@ class ModelConfig:
         for key in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len", "ffn_dim"):
             value = getattr(self, key)
             require(value >= 1, f"model.{key}", value, "must be >= 1")
-        require(
-            self.dim % self.n_heads == 0,
-            "model.n_heads",
-            self.n_heads,
-            f"must divide model.dim={self.dim}",
-        )
-        require(
-            (self.dim // self.n_heads) % 2 == 0,
-            "model.n_heads",
-            self.n_heads,
-            f"head size model.dim/model.n_heads={self.dim}/{self.n_heads} must be even for RoPE",
-        )
+        self._check_attention()
         require(
             0 <= self.moe_every <= self.n_layers,
             "model.moe_every",
@@ -67,6 +65,51 @@ class ModelConfig:
         require(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "must be > 0")
         require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be > 0")
         require(self.init_std > 0, "model.init_std", self.init_std, "must be > 0")
+
+    def _check_attention(self) -> None:
+        if self.head_dim is None:
+            require(
+                self.dim % self.n_heads == 0,
+                "model.n_heads",
+                self.n_heads,
+                f"must divide model.dim={self.dim} (or set model.head_dim)",
+            )
+            require(
+                (self.dim // self.n_heads) % 2 == 0,
+                "model.n_heads",
+                self.n_heads,
+                f"head size model.dim/model.n_heads={self.dim}/{self.n_heads} must be even for RoPE",
+            )
+        else:
+            require(
+                self.head_dim >= 2 and self.head_dim % 2 == 0,
+                "model.head_dim",
+                self.head_dim,
+                "must be even and >= 2: RoPE rotates pairs of a head's dimensions (null = model.dim/model.n_heads)",
+            )
+        if self.n_kv_heads is not None:
+            require(
+                self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0,
+                "model.n_kv_heads",
+                self.n_kv_heads,
+                f"must divide model.n_heads={self.n_heads}: each key/value head serves an equal group of "
+                "query heads (null = model.n_heads, multi-head attention)",
+            )
+
+    @property
+    def head_size(self) -> int:
+        """Dh: ``head_dim``, or ``dim / n_heads`` when it is null."""
+        return self.dim // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """G: ``n_kv_heads``, or ``n_heads`` when it is null."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def qkv_width(self) -> int:
+        """Output features of the fused projection: H query heads and G key and value heads."""
+        return (self.n_heads + 2 * self.kv_heads) * self.head_size
 
     def is_moe_layer(self, layer: int) -> bool:
         """Layer ``layer`` (0-based) is MoE when ``(layer + 1) % moe_every == 0``.

@@ -1,7 +1,9 @@
 """A decoder-only transformer language model with MoE feed-forward layers.
 
-Legend: B batch, S sequence, D model dim, H heads, Dh head dim (D/H), V vocab,
-L layers, E experts, K experts per token.
+Legend: B batch, S sequence, D model dim, H query heads, G key/value heads (query
+groups), R = H/G query heads per group, Dh head dim (``model.head_dim``, by default D/H),
+W = (H + 2G)·Dh the fused projection's width, V vocab, L layers, E experts, K experts
+per token.
 
 Read top to bottom: RoPE -> attention -> block (attention + dense MLP or MoE) ->
 the model, which returns the LM loss and the sum of every MoE layer's routing losses.
@@ -41,28 +43,46 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention through ``scaled_dot_product_attention``.
+    """Causal self-attention, multi-head or grouped-query, through ``scaled_dot_product_attention``.
 
-    The fused projection's rows are head-major, ``[H][q, k, v][Dh]``, so a contiguous
-    slice of rows (a tensor-parallel shard) holds whole heads; the number of heads is
-    read off the projection's output width, which is how a sharded copy runs its heads.
+    The fused projection's rows are group-major: for each of the G key/value groups, its R
+    query heads, then its key head, then its value head, ``[G][R + 2][Dh]``
+    (``moe.hf_weights.fuse_qkv`` builds it from separate q, k, v weights). A contiguous
+    slice of rows (a tensor-parallel shard) thus holds whole groups; the number of groups
+    is read off the projection's output width, which is how a sharded copy runs its heads.
+    With G = H (R = 1) this is the multi-head layout ``[H][q, k, v][Dh]``. Query head
+    ``g·R + r`` attends with key/value head ``g`` (the ``repeat_interleave`` pairing of
+    ``enable_gqa``, and of transformers' ``repeat_kv``); ``out`` reads the heads in that order.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.head_dim = cfg.head_size
+        self.group_size = cfg.n_heads // cfg.kv_heads
+        self.qkv = nn.Linear(cfg.dim, cfg.qkv_width, bias=False)
+        # One gain of Dh per projection, shared by all heads (Qwen3, OLMoE).
+        self.q_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.out = nn.Linear(cfg.n_heads * cfg.head_size, cfg.dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor) -> torch.Tensor:
-        qkv_BS3D = self.qkv(x_BSD)
+        qkv_BSW = self.qkv(x_BSD)
         # B and S are read off the projection's output, which may hold more rows than its
         # input (a sequence-parallel projection gathers the batch first).
-        batch, seq, _ = qkv_BS3D.shape
-        # [B, S, H*3*Dh] -> [B, S, H, 3, Dh] -> 3 x [B, H, S, Dh]
-        q, k, v = qkv_BS3D.view(batch, seq, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
-        o_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        batch, seq, _ = qkv_BSW.shape
+        r = self.group_size
+        # [B, S, G*(R+2)*Dh] -> [B, S, G, R+2, Dh]
+        qkv_BSGRDh = qkv_BSW.view(batch, seq, -1, r + 2, self.head_dim)
+        # query head h = g·R + r: [B, S, G, R, Dh] -> [B, S, H, Dh]
+        q_BSHDh = qkv_BSGRDh[:, :, :, :r].flatten(2, 3)
+        k_BSGDh, v_BSGDh = qkv_BSGRDh[:, :, :, r], qkv_BSGRDh[:, :, :, r + 1]
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BSHDh, k_BSGDh = self.q_norm(q_BSHDh), self.k_norm(k_BSGDh)
+        q_BHSDh = apply_rope(q_BSHDh.transpose(1, 2), cos_SF, sin_SF)
+        k_BGSDh = apply_rope(k_BSGDh.transpose(1, 2), cos_SF, sin_SF)
+        o_BHSDh = F.scaled_dot_product_attention(
+            q_BHSDh, k_BGSDh, v_BSGDh.transpose(1, 2), is_causal=True, enable_gqa=r > 1
+        )
         # [B, H, S, Dh] -> [B, S, H*Dh]
         return self.out(o_BHSDh.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -146,7 +166,7 @@ class Transformer(nn.Module):
         self.loss_fn: nn.Module = CrossEntropy()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos_SF, sin_SF = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        cos_SF, sin_SF = rope_tables(cfg.seq_len, cfg.head_size, cfg.rope_theta)
         self.register_buffer("rope_cos_SF", cos_SF, persistent=False)
         self.register_buffer("rope_sin_SF", sin_SF, persistent=False)
         self.reset_parameters()

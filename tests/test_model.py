@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe.accounting import param_counts, train_flops_per_token
-from moe.config import ModelConfig, MoEConfig
+from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.layer import MoELayer
 from moe.model import Transformer
 
@@ -68,3 +68,24 @@ def test_causal_future_tokens_do_not_change_past_logits() -> None:
 def test_sequence_longer_than_context_is_rejected() -> None:
     with pytest.raises(ValueError, match="model.seq_len=16"):
         Transformer(SMALL, SMALL_MOE)(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "model_kw, message",
+    [
+        ({"n_kv_heads": 3}, "model.n_kv_heads=3: must divide model.n_heads=4"),
+        ({"n_kv_heads": 0}, "model.n_kv_heads=0: must divide model.n_heads=4"),
+        ({"head_dim": 7}, "model.head_dim=7: must be even and >= 2: RoPE rotates pairs"),
+        ({"n_heads": 5}, r"model.n_heads=5: must divide model.dim=32 \(or set model.head_dim\)"),
+    ],
+)
+def test_attention_shape_is_validated(model_kw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(SMALL, **model_kw)
+
+
+def test_head_dim_frees_the_head_count_from_dim() -> None:
+    """5 heads of 8 on a 32-wide model: q is 40 wide, the output projection maps 40 back to 32."""
+    cfg = dataclasses.replace(SMALL, n_heads=5, head_dim=8, n_kv_heads=1)
+    attn = Transformer(cfg, SMALL_MOE).blocks["0"].attn
+    assert attn.qkv.weight.shape == ((5 + 2) * 8, 32) and attn.out.weight.shape == (32, 40)
