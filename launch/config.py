@@ -49,6 +49,7 @@ class TrainConfig:
     resume: bool = False
     peak_tflops: float | None = None
     record_routing: bool = False
+    max_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
@@ -69,6 +70,13 @@ class TrainConfig:
             value = getattr(self, key)
             require(0 <= value < 1, f"train.{key}", value, "must be in [0, 1)")
         require(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
+        require(
+            self.max_nonfinite_steps >= 0,
+            "train.max_nonfinite_steps",
+            self.max_nonfinite_steps,
+            "must be >= 0: the steps with a non-finite loss or gradient norm to skip (no update) before "
+            "training stops; 0 stops at the first",
+        )
         require(
             self.peak_tflops is None or self.peak_tflops > 0,
             "train.peak_tflops",
