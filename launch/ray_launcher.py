@@ -176,7 +176,6 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def _short_path(path: Path) -> Iterator[Path]:
     """``path``, or a short symbolic link to it when Ray's socket paths under it would
     exceed the Unix limit (a run directory deep inside a project or a pytest tmp dir)."""
-    path.mkdir(parents=True, exist_ok=True)
     if len(str(path)) <= MAX_TEMP_DIR_CHARS:
         yield path
         return
@@ -227,18 +226,46 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _make_temp_dir(temp_dir: Path) -> None:
+    """Create the local cluster's directory, or one ``LaunchError`` naming the setting."""
+    try:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LaunchError(
+            f"cannot create the local Ray cluster's directory {temp_dir} ({err.strerror}): set "
+            "launch.ray_temp_dir (by default <train.run_dir>/ray) to a writable directory"
+        ) from None
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to its first full stop, without it (Ray's errors go on with generic advice)."""
+    end = text.find(". ")
+    return (text if end < 0 else text[:end]).rstrip(".")
+
+
 @contextmanager
 def local_cluster(temp_dir: Path) -> Iterator[None]:
     """A Ray cluster on this machine for the duration of the block: listening on
-    127.0.0.1 only, its session files under ``temp_dir``, shut down afterwards."""
+    127.0.0.1 only, its session files under ``temp_dir``, shut down afterwards. A
+    cluster that does not start is one ``LaunchError``."""
+    _make_temp_dir(temp_dir)
     with _environment(_local_env()), _short_path(temp_dir.resolve()) as short:
         import ray
 
-        with _quiet("ray._private.authentication.authentication_token_setup"):
-            ray.init(
-                "local", include_dashboard=False, _temp_dir=str(short),
-                log_to_driver=False, logging_level=logging.WARNING,
-            )
+        try:
+            with _quiet("ray._private.authentication.authentication_token_setup"):
+                ray.init(
+                    "local", include_dashboard=False, _temp_dir=str(short),
+                    log_to_driver=False, logging_level=logging.WARNING,
+                )
+        except Exception as err:  # noqa: BLE001 (whatever stopped Ray: one message)
+            ray.shutdown()  # the part of the cluster that did start
+            raise LaunchError(
+                f"the local Ray cluster did not start ({_first_sentence(_error_line(err))}); fix what Ray names "
+                f"(its logs: {temp_dir}/session_latest/logs; with neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH "
+                "set, the launcher gives the cluster a token of its own), or run the ranks without Ray: "
+                "launch.launcher=local"
+            ) from None
         try:
             address = ray.util.get_node_ip_address()
             if address != "127.0.0.1":

@@ -142,6 +142,32 @@ def test_cli_reports_an_unreachable_address_in_one_line(capsys: pytest.CaptureFi
     assert not (tmp_path / "run").exists()
 
 
+def test_a_local_cluster_that_does_not_start_is_one_message(tmp_path: Path) -> None:
+    """Ray refusing to start (here: a token file that does not exist) is one line naming
+    what failed and what to do, in a process that holds no Ray cluster."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no-token")
+    cmd = [sys.executable, "-m", "launch.cli", "train", str(TINY), *SMALL, f"train.run_dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: the local Ray cluster did not start (AuthenticationError: RAY_AUTH_TOKEN_PATH is "
+                          f"set but file cannot be opened or is empty: {tmp_path / 'no-token'}); fix what Ray names")
+    assert err.endswith("or run the ranks without Ray: launch.launcher=local")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_local_cluster_directory_that_cannot_be_made_is_one_message(tmp_path: Path) -> None:
+    from launch.ray_launcher import local_cluster
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(LaunchError, match=rf"cannot create the local Ray cluster's directory {blocker}/ray \(.*\): "
+                                          r"set launch.ray_temp_dir \(by default <train.run_dir>/ray\) to a writable"):
+        with local_cluster(blocker / "ray"):
+            pass
+
+
 # -- on the session's local cluster --------------------------------------------------------
 
 
