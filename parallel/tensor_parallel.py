@@ -2,16 +2,21 @@
 parallelism (Korthikanti et al. 2022), applied to the plain ``moe.model.Transformer``.
 
 Legend: B batch (sequences of one micro-batch), S sequence, D model dim, V vocab,
-Vp vocab padded to a multiple of tp, v = Vp/P this rank's vocabulary slice, H heads,
-F hidden dim, E experts, P = tp ranks.
+Vp vocab padded to a multiple of tp, v = Vp/P this rank's vocabulary slice, H query heads,
+G key/value heads, R = H/G, Dh head dim, F hidden dim, E experts, P = tp ranks.
 
 What :func:`apply_tensor_parallel` changes (every parameter keeps its fully-qualified
 name: the names are the distributed-checkpoint keys):
 
 - ``attn.qkv``, dense ``ffn.w_in`` and ``lm_head`` become megatron-core
-  ``ColumnParallelLinear``s (rows split: whole heads, whole SwiGLU (gate, up) pairs, a
-  vocabulary slice); ``attn.out`` and ``ffn.w_out`` become ``RowParallelLinear``s
-  (columns split, outputs summed over tp). ``embed`` becomes a ``VocabParallelEmbedding``
+  ``ColumnParallelLinear``s (rows split: whole key/value groups, whole SwiGLU (gate, up)
+  pairs, a vocabulary slice); ``attn.out`` and ``ffn.w_out`` become ``RowParallelLinear``s
+  (columns split, outputs summed over tp). The qkv rows are group-major,
+  ``[G][R + 2][Dh]`` (``moe.model.Attention``), so rank r's contiguous rows are groups
+  ``[r·G/P, (r+1)·G/P)``: their query heads ``[r·H/P, (r+1)·H/P)`` with their keys and
+  values, and ``attn.out``'s columns ``[r·H·Dh/P, (r+1)·H·Dh/P)`` are those heads' outputs.
+  G must be divisible by tp (``parallel/topology.py``); megatron's replication of KV heads
+  when tp > G is not supported. ``embed`` becomes a ``VocabParallelEmbedding``
   and ``loss_fn`` megatron's ``vocab_parallel_cross_entropy``. V is padded to Vp; the
   padded logits are masked to -inf inside the loss, so the loss equals the unpadded one.
   With tied embeddings ``lm_head`` shares the embedding's shard. ``ModelOutput.logits_BSV``
@@ -28,7 +33,9 @@ name: the names are the distributed-checkpoint keys):
   collectives split dim 0, which is B in this batch-first model), so the per-sequence
   aux loss still sees whole sequences; B must be divisible by tp (topology checks it).
 - Parameters that see only this rank's tokens (routers, shared experts and, with
-  sequence parallelism, the RMSNorm gains) are marked ``sequence_parallel = True``:
+  sequence parallelism, the RMSNorm gains) or only its heads (the q/k RMSNorm gains of
+  ``model.qk_norm``, replicated, applied to every head: megatron's ``qk_layernorm`` rule)
+  are marked ``sequence_parallel = True``:
   megatron's ``finalize_model_grads`` sums their gradients over tp (the engine passes
   ``sequence_parallel=True`` to it whenever tp > 1). Expert weights are marked
   ``allreduce = False``: their gradients are reduced over the expert-data-parallel group,
@@ -339,6 +346,9 @@ def apply_tensor_parallel(model: Transformer, groups: ParallelGroups, sequence_p
     for block in model.blocks.values():
         block.attn.qkv = _column(block.attn.qkv, config, group)
         block.attn.out = _row(block.attn.out, config, group)
+        for norm in (block.attn.q_norm, block.attn.k_norm):
+            if norm is not None:
+                _mark_sequence_parallel(norm)
         if isinstance(block.ffn, MoELayer):
             block.ffn.__class__ = TensorParallelMoELayer
             block.ffn.tp_group = group

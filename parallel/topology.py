@@ -104,6 +104,13 @@ def _check_tensor_parallel(p: ParallelConfig, model: ModelConfig, moe: MoEConfig
     for key, value in (("model.n_heads", model.n_heads), ("model.ffn_dim", model.ffn_dim)):
         if value % p.tp:
             _fail(f"{key}={value} is not divisible by parallel.tp={p.tp}; tensor parallelism splits it evenly")
+    if model.kv_heads % p.tp:
+        divisors = [d for d in range(1, model.kv_heads + 1) if model.kv_heads % d == 0]
+        _fail(
+            f"model.n_kv_heads={model.kv_heads} is not divisible by parallel.tp={p.tp}; each tensor-parallel rank "
+            f"takes whole key/value groups (their query heads with them): parallel.tp must be one of {divisors}, "
+            "or raise model.n_kv_heads"
+        )
     if moe.expert_ffn_dim % p.etp:
         _fail(
             f"moe.expert_ffn_dim={moe.expert_ffn_dim} is not divisible by parallel.etp={p.etp}; "

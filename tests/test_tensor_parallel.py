@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe.config import ModelConfig, MoEConfig
+from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.model import Transformer
 from multirank import RankPool
 from parallel.config import ParallelConfig
@@ -31,6 +31,9 @@ from parallel.topology import BatchShape, Topology
 DENSE = ModelConfig(dim=32, n_layers=2, n_heads=4, seq_len=16, ffn_dim=64, vocab_size=64, moe_every=0,
                     activation="swiglu", tie_embeddings=False)
 MOE_MODEL = replace(DENSE, moe_every=2)  # block 0 dense, block 1 MoE
+# Qwen3-like attention: 2 key/value groups of 2 query heads (one group per TP rank),
+# heads of 12 (4·12 = 48 wide on a 32-wide model), q/k RMSNorm gains shared by all heads.
+GQA_MODEL = replace(MOE_MODEL, n_heads=4, n_kv_heads=2, head_dim=12, qk_norm=True)
 MOE = MoEConfig(num_experts=4, top_k=2, normalize_weights=True, expert_ffn_dim=32, num_shared_experts=1,
                 aux_loss_coeff=0.1, z_loss_coeff=0.01, activation="swiglu")
 BATCH = 4  # sequences per data-parallel rank
@@ -134,13 +137,21 @@ def _check(results: list[dict[str, float]]) -> None:
         (replace(MOE_MODEL, vocab_size=63, tie_embeddings=True), MOE, {"tp": 2}),
         (MOE_MODEL, replace(MOE, aux_loss_scope="sequence"), {"tp": 2, "sequence_parallel": True}),
         (MOE_MODEL, replace(MOE, router="hash", top_k=1, normalize_weights=False), {"tp": 2, "sequence_parallel": True}),
+        (GQA_MODEL, MOE, {"tp": 2}),
+        (GQA_MODEL, MOE, {"tp": 2, "sequence_parallel": True}),
     ],
-    ids=["dense", "moe", "moe-sp", "vocab63-tied", "sequence-aux-sp", "hash-router-sp"],
+    ids=["dense", "moe", "moe-sp", "vocab63-tied", "sequence-aux-sp", "hash-router-sp", "gqa-qknorm", "gqa-qknorm-sp"],
 )
 def test_tp2_matches_single_process(
     rank_pool: Callable[[int], RankPool], model_cfg: ModelConfig, moe: MoEConfig, degrees: dict
 ) -> None:
     _check(rank_pool(2).run(tp_matches_single_process, model_cfg, moe, degrees))
+
+
+def test_tp_must_divide_the_key_value_heads() -> None:
+    """tp=4 divides the 4 query heads but would split one of the 2 key/value groups."""
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads=2 is not divisible by parallel.tp=4; .* one of \[1, 2\]"):
+        Topology.build(ParallelConfig(tp=4), GQA_MODEL, MOE, BatchShape(BATCH, BATCH), 4)
 
 
 def test_tp2_ep2_matches_single_process(rank_pool: Callable[[int], RankPool]) -> None:
