@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,16 +229,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), key)
     elif tp is float and isinstance(value, str):
         # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it spells.
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return _finite(number, key)
     elif tp is str and isinstance(value, str):
         return value
     raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+
+
+def _finite(value: float, key: str) -> float:
+    """inf passes range checks such as ``> 0`` and fails a run hours in; nan fails them with
+    a misleading message ("must be > 0"). Refused here, once for every float-typed key of
+    every section, with a message that says what is wrong."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: must be a finite number, not nan or inf")
+    return value
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:
@@ -278,7 +290,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = dotted.strip().split(".")
         node = raw
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a YAML section left empty (`model:`)
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
             node = child
@@ -286,17 +300,113 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the
+    last one silently, so a section pasted twice would override the first unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be repeated
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: PyYAML's own message spans several, with context."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    return str(err).replace("\n", " ")
+
+
+def shipped_configs() -> Path:
+    """The ``configs/`` directory shipped with the package, found from this module's own
+    location, so that ``configs/tiny.yaml`` or ``--cluster h100-ib`` work from any
+    directory, not only the repository's root."""
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def locate(path: str | Path, kind: str) -> Path:
+    """``path`` as given if it exists; else, for a relative path, the shipped file it names:
+    ``configs/tiny.yaml`` under the package, or a bare name (``h100-ib``, ``.yaml`` optional)
+    in ``configs/<kind>/``. A path found nowhere is returned as given (the caller's
+    reader then says where it looked, see ``searched``)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    for candidate in _candidates(path, kind):
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def _candidates(path: Path, kind: str) -> list[Path]:
+    """Where ``locate`` looks for a relative path after the current directory."""
+    shipped = shipped_configs()
+    names = [path] if path.suffix else [path, path.with_suffix(".yaml")]
+    return [shipped.parent / path, *(shipped / kind / name for name in names)]
+
+
+def searched(path: str | Path, kind: str) -> str:
+    """The places ``locate`` tried, for a not-found message."""
+    path = Path(path)
+    if path.is_absolute():
+        return str(path)
+    places = [str(Path.cwd() / path), *(str(c) for c in _candidates(path, kind))]
+    return ", ".join(dict.fromkeys(places))
+
+
+def read_yaml(path: str | Path, what: str, kind: str = "") -> dict[str, Any]:
+    """The top-level mapping of a YAML file the user named (``what``: "config file",
+    "sweep config", ...), looked up as ``locate`` does; anything else is one
+    ``ConfigError`` saying what is wrong with the file and where it was looked for."""
+    found = locate(path, kind)
+    name = repr(str(path))
+    if found.is_dir():
+        raise ConfigError(f"{what} {name} is a directory; give a YAML file in it (e.g. {_example(found)})")
+    if not found.is_file():
+        shipped = shipped_configs() / kind
+        raise ConfigError(f"{what} {name} not found (looked in: {searched(path, kind)}); shipped ones are in {shipped}/")
+    try:
+        data = found.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{what} {name} cannot be read: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} {name} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{what} {name}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {name} is not valid YAML: {_yaml_problem(err)}") from None
+    if raw is None:
+        raise ConfigError(f"{what} {name} is empty (or only comments): nothing to load; is it the file you meant?")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {name}: expected a mapping of keys at the top, got a {type(raw).__name__}")
+    return raw
+
+
+def _example(directory: Path) -> str:
+    """A YAML file inside ``directory`` to suggest, or a placeholder."""
+    files = sorted(directory.glob("*.yaml"))
+    return str(files[0]) if files else f"{directory}/NAME.yaml"
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
     """Read a YAML config, apply overrides, validate everything; raise ``ConfigError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; ship-with configs are in configs/")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top")
+    raw = read_yaml(path, "config file")
     return build(Config, apply_overrides(raw, list(overrides)), "")
 
 
