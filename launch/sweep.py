@@ -46,9 +46,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from launch.config import Config, LaunchConfig, TrainConfig, build, load_config
+from launch.config import Config, LaunchConfig, TrainConfig, build, load_config, locate, read_yaml, searched
 from launch.data import DataConfig
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError, ModelConfig, MoEConfig, require
@@ -164,14 +162,7 @@ def _check_grid(grid: Any, where: str) -> dict[str, list[Any]]:
 def load_sweep(path: str | Path) -> SweepConfig:
     """Read and check a sweep config's own keys (not yet the trials: see ``plan``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config {str(path)!r} not found; shipped ones are in configs/sweeps/")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"sweep config {str(path)!r} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep config {str(path)!r}: expected a mapping at the top")
+    raw = read_yaml(path, "sweep config", "sweeps")
     names = [f.name for f in dataclasses.fields(SweepConfig)]
     for key in raw:
         if key not in names:
@@ -283,8 +274,11 @@ def plan(sweep: SweepConfig) -> list[Trial]:
     naming the first bad trial before anything runs."""
     from launch.train import check_layout
 
-    if not Path(sweep.base).is_file():
-        raise ConfigError(f"base={sweep.base!r}: no such training config file (e.g. configs/tiny.yaml)")
+    if not locate(sweep.base, "").is_file():
+        raise ConfigError(
+            f"base={sweep.base!r}: no such training config file (looked in: {searched(sweep.base, '')}); "
+            "e.g. base: configs/tiny.yaml"
+        )
     points = [p for g in [sweep.grid, *sweep.extra_grids] for p in _expand(g)]
     trials: dict[str, Trial] = {}
     for point in points:
@@ -441,11 +435,11 @@ def run_sweep(sweep: SweepConfig, address: str | None = None) -> list[Trial]:
     """Run every unfinished trial through Ray Tune; return the trials that failed. Every
     trial's config is checked before the first trial starts."""
     from launch.ray_launcher import _session
-    from launch.sweep_report import write_results_table
+    from launch.sweep_report import make_sweep_dir, write_results_table
 
     trials = plan(sweep)
     out_dir = Path(str(sweep.out_dir)).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_sweep_dir(out_dir)
     pending = [t for t in trials if not finished(t)]
     (out_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=2))
     print(f"[sweep] {len(trials)} trials, {len(trials) - len(pending)} already finished, {len(pending)} to run "
@@ -471,11 +465,7 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv[1:])
         from launch.sweep_report import write_report
 
-        try:
-            report = write_report(args.dir)
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        report = write_report(args.dir)
         print(f"report in {report}")
         return 0
     parser = argparse.ArgumentParser(

@@ -22,7 +22,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import numpy as np
 import yaml
 
 from launch.scaling_fit import COEFFS, ExpertLaw, fit_power_law, fit_with_uncertainty
+from moe.config import ConfigError
 
 NOT_SIZE = {
     "moe.num_experts", "moe.router", "moe.top_k", "moe.normalize_weights", "train.seed", "train.steps", "moe.expert_ffn_dim"
@@ -37,9 +40,21 @@ NOT_SIZE = {
 
 
 def _row(trial_dir: Path) -> dict[str, Any] | None:
+    """A finished trial's row, None for an unfinished one; a trial whose files cannot be
+    read is one error naming it (a report silently missing a trial would mislead)."""
     summary_path = trial_dir / "summary.json"
     if not summary_path.is_file() or not (trial_dir / "trial.json").is_file():
         return None
+    try:
+        return _read_row(trial_dir, summary_path)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{trial_dir}: unreadable trial files ({type(err).__name__}: {err}); fix them, or delete the "
+            "directory and run the sweep again to rerun that trial"
+        ) from None
+
+
+def _read_row(trial_dir: Path, summary_path: Path) -> dict[str, Any]:
     trial = json.loads((trial_dir / "trial.json").read_text())
     summary = json.loads(summary_path.read_text())
     cfg = yaml.safe_load((trial_dir / "config.yaml").read_text())
@@ -107,7 +122,7 @@ def _check_one_learned_router(rows: list[dict[str, Any]]) -> None:
     clash = {k: sorted(v) for k, v in routers.items() if len(v) > 1}
     if clash:
         (base, e), names = next(iter(clash.items()))
-        raise ValueError(
+        raise ConfigError(
             f"base size '{base}', E={e} has trials of the learned routers {names}: a report compares "
             "one learned router with hash routing; put each learned router in its own sweep (out_dir)"
         )
@@ -126,9 +141,71 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def is_sweep_dir(path: Path) -> bool:
+    """Whether ``path`` was made by ``moe sweep``, which writes sweep.json and trials/ first."""
+    return (path / "sweep.json").is_file() or (path / "trials").is_dir()
+
+
+def check_sweep_dir(out_dir: Path) -> None:
+    """``moe sweep report DIR`` writes results.md, report.md, fit.json and plots into DIR:
+    only into a directory ``moe sweep`` made, and never a new one, so a mistyped DIR can
+    neither overwrite a user's files nor leave a directory behind."""
+    hint = "give a sweep's out_dir (e.g. runs/sweeps/experts)"
+    if not out_dir.exists():
+        raise ConfigError(f"{out_dir}: no such directory; {hint}")
+    if not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: is a file, not a sweep directory; {hint}")
+    if not is_sweep_dir(out_dir):
+        raise ConfigError(
+            f"{out_dir}: not a sweep directory (no sweep.json or trials/ in it); a report writes results.md, "
+            f"report.md and fit.json only into a directory made by `moe sweep`: {hint}"
+        )
+
+
+def make_sweep_dir(out_dir: Path) -> None:
+    """Create ``moe sweep``'s out_dir, or reuse an earlier run's (the sweep resumes); an
+    existing directory of other files is refused before anything is written into it."""
+    where = f"out_dir={str(out_dir)!r}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{where} is a file; choose a new or empty directory")
+    if out_dir.is_dir() and not is_sweep_dir(out_dir):
+        foreign = sorted(path.name for path in out_dir.iterdir())
+        if foreign:
+            raise ConfigError(
+                f"{where} is not a sweep directory (it holds {foreign[0]}, which `moe sweep` did not write); "
+                "choose a new or empty directory"
+            )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot create it ({err.strerror}); choose a writable location") from None
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` into a temporary file beside ``path``, then rename it over ``path``: a
+    reader (or a killed report) never sees half a file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot write it ({err.strerror}); is {path.parent} writable?") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_atomically(path, lambda temporary: temporary.write_text(text))
+
+
 def write_results_table(out_dir: Path) -> int:
     """``results.md`` and ``results.jsonl`` from the finished trials; their number."""
     rows = collect(out_dir)
+    _write_table(Path(out_dir), rows)
+    return len(rows)
+
+
+def _write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     lines = [
         "| trial | base size | router | E | seed | params total (non-emb) | active (non-emb) | embedding "
         "| FLOPs/token | tokens | final val loss | best val loss | tokens/s | expert share min-max |",
@@ -142,13 +219,9 @@ def write_results_table(out_dir: Path) -> int:
             f"{_si(r['params_embedding'])} | {_si(r['flops_per_token'])} | {_si(r['tokens_seen'])} | "
             f"{_fmt(r['final_val_loss'])} | {_fmt(r['best_val_loss'])} | {r['tokens_per_s']:.0f} | {share} |"
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.md").write_text("# Sweep results (finished trials)\n\n" + "\n".join(lines) + "\n")
-    with (out_dir / "results.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "load_shares"}) + "\n")
-    return len(rows)
+    _write_text(out_dir / "results.md", "# Sweep results (finished trials)\n\n" + "\n".join(lines) + "\n")
+    records = "".join(json.dumps({k: v for k, v in r.items() if k != "load_shares"}) + "\n" for r in rows)
+    _write_text(out_dir / "results.jsonl", records)
 
 
 # -- analysis ---------------------------------------------------------------------------
@@ -280,6 +353,10 @@ def analyse(rows: list[dict[str, Any]], loss_key: str, delta: float, bootstrap: 
 # -- plots ------------------------------------------------------------------------------
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    _write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
+
+
 def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -313,7 +390,7 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
     ax.set_title("loss vs experts (dashed: Clark et al. Eq. 1 fit)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "loss_vs_experts.png", dpi=110)
+    _save_png(fig, out_dir / "loss_vs_experts.png")
     plt.close(fig)
     names.append("loss_vs_experts.png")
 
@@ -329,7 +406,7 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
     ax.set_title("loss vs active parameters, one line per E (learned routing)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "loss_vs_active_params.png", dpi=110)
+    _save_png(fig, out_dir / "loss_vs_active_params.png")
     plt.close(fig)
     names.append("loss_vs_active_params.png")
 
@@ -345,7 +422,7 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
         ax.set_title(f"expert load, E={top['experts']}, N={_si(top['N'])} (last 10% of steps)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out_dir / "expert_load.png", dpi=110)
+        _save_png(fig, out_dir / "expert_load.png")
         plt.close(fig)
         names.append("expert_load.png")
     return names
@@ -356,25 +433,32 @@ def _plots(rows: list[dict[str, Any]], analysis: dict[str, Any], out_dir: Path) 
 
 def _fit_settings(out_dir: Path) -> tuple[str, float, int]:
     """The fit options recorded by ``moe sweep`` in ``sweep.json`` (defaults otherwise)."""
+    from launch.config import build
     from launch.sweep import FitConfig
 
     path = out_dir / "sweep.json"
-    fit = FitConfig(**json.loads(path.read_text())["fit"]) if path.is_file() else FitConfig()
+    fit = FitConfig()
+    if path.is_file():
+        try:
+            fit = build(FitConfig, json.loads(path.read_text())["fit"], "fit")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path}: unreadable fit settings ({err}); delete it to use the defaults") from None
     return fit.loss, fit.huber_delta, fit.bootstrap
 
 
 def write_report(out_dir: Path) -> Path:
     """``report.md``, ``fit.json`` and the plots in ``out_dir``; the report's path."""
     out_dir = Path(out_dir)
-    write_results_table(out_dir)
+    check_sweep_dir(out_dir)
     rows = collect(out_dir)
     if not rows:
-        raise FileNotFoundError(f"{out_dir}: no finished trials (trials/*/summary.json)")
+        raise ConfigError(f"{out_dir}: no finished trials yet (no trials/*/summary.json); wait for one, or run the sweep")
     loss_key, delta, bootstrap = _fit_settings(out_dir)
+    _write_table(out_dir, rows)
     analysis = analyse(rows, loss_key, delta, bootstrap)
-    (out_dir / "fit.json").write_text(json.dumps(analysis, indent=2))
+    _write_text(out_dir / "fit.json", json.dumps(analysis, indent=2))
     plots = _plots(rows, analysis, out_dir)
-    (out_dir / "report.md").write_text(_markdown(rows, analysis, plots))
+    _write_text(out_dir / "report.md", _markdown(rows, analysis, plots))
     return out_dir / "report.md"
 
 
