@@ -14,7 +14,12 @@ each writes its own file into the temp directory; after a barrier rank 0 writes
 ``COMPLETE`` and renames. A process killed at any point leaves either the previous
 checkpoint or the new one complete, never a half-written directory under a final name.
 
-Integrity: each rank's manifest records a CRC-32 of every tensor it saved. Before a
+Pruning keeps the newest ``keep`` checkpoints, the one ``latest`` names always among them
+(never a dangling ``latest``). A damaged ``latest`` (not a step name) is ignored: the newest
+complete checkpoint is taken.
+
+Integrity: each rank's manifest records a CRC-32 of every tensor it saved (and the run's
+config, which a resume compares without reading the state). Before a
 checkpoint is published every rank checks that the expert shards differ across
 expert-parallel ranks (identical shards mean experts were duplicated, not sharded: the
 silent failure peers shipped); on load each rank recomputes its tensors' checksums. Either
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -37,6 +43,7 @@ import torch
 STATE_FILE = "state.pt"
 COMPLETE_FILE = "COMPLETE"
 LATEST_FILE = "latest"
+STEP_NAME = re.compile(r"step-\d{8,}")  # what ``latest`` holds
 
 
 class CheckpointError(ValueError):
@@ -45,6 +52,19 @@ class CheckpointError(ValueError):
 
 def _step_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def read_json(file: Path) -> Any:
+    """A checkpoint's JSON file (manifest, metadata). Damaged (truncated, not JSON, not
+    text) it is a ``CheckpointError`` naming the file and the fix, as every reader of a
+    checkpoint (a resume, ``moe ckpt inspect``) reports it."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint file {str(file)!r} is damaged (not valid JSON: {err}); delete {str(file.parent)!r} to "
+            "resume from the previous checkpoint, or start a new run if it is the only one"
+        ) from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,14 +122,16 @@ def tensor_checksums(state: Any, prefix: str = "") -> dict[str, dict[str, Any]]:
 
 
 def _write_manifest(directory: Path, step: int, rank: int, world_size: int, shard: ShardInfo, state: dict[str, Any]) -> None:
-    manifest = {"step": step, "rank": rank, "world_size": world_size, "shard": asdict(shard), "tensors": tensor_checksums(state)}
+    """Layout, checksums and ``state["config"]`` (the run's config, if the state holds one)."""
+    manifest = {"step": step, "rank": rank, "world_size": world_size, "shard": asdict(shard),
+                "tensors": tensor_checksums(state), "config": state.get("config", {})}
     (directory / manifest_file(rank)).write_text(json.dumps(manifest))
 
 
 def read_manifests(path: Path) -> list[dict[str, Any]]:
     """Every rank's manifest of a checkpoint directory, by rank."""
     files = sorted(path.glob("manifest-rank*.json"), key=lambda f: int(f.stem.removeprefix("manifest-rank")))
-    return [json.loads(f.read_text()) for f in files]
+    return [read_json(f) for f in files]
 
 
 def check_expert_shards(manifests: list[dict[str, Any]]) -> None:
@@ -144,8 +166,8 @@ def write_atomically(
     """The atomic-directory protocol every checkpoint format shares: rank 0 makes
     ``step-XXXXXXXX.tmp``; every rank runs ``write(tmp)`` (its files and checks; it may
     use collectives); then rank 0 writes ``COMPLETE`` (text ``complete``), renames the
-    directory into place, rewrites ``latest`` and keeps the newest ``keep``. A process
-    killed at any point leaves the previous checkpoint the latest complete one."""
+    directory into place, rewrites ``latest`` and keeps the newest ``keep``, this one among
+    them. A process killed at any point leaves the previous checkpoint the latest complete one."""
     final = ckpt_dir / _step_name(step)
     tmp = ckpt_dir / f"{final.name}.tmp"
     if rank == 0:
@@ -162,7 +184,7 @@ def write_atomically(
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
         write_atomic_text(ckpt_dir / LATEST_FILE, final.name)
-        _prune(ckpt_dir, keep)
+        _prune(ckpt_dir, keep, final)
     barrier()
     return final
 
@@ -201,8 +223,13 @@ def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted((p for p in ckpt_dir.glob("step-*") if _is_complete(p)), key=lambda p: p.name)
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    for old in _complete_checkpoints(ckpt_dir)[:-keep]:
+def _prune(ckpt_dir: Path, keep: int, latest: Path) -> None:
+    """Keep ``latest`` (the checkpoint just published) and the newest ``keep - 1`` others.
+    By name alone a checkpoint of a later step left in the directory (copied in, another
+    run's) would outrank ``latest``, which would then name a deleted directory, and a
+    resume would fall back to that other checkpoint."""
+    others = [p for p in _complete_checkpoints(ckpt_dir) if p != latest]
+    for old in others[: max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_dir.glob("step-*.tmp*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -212,9 +239,9 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The checkpoint ``latest`` names, or the newest complete one if that file is gone."""
     pointer = ckpt_dir / LATEST_FILE
     if pointer.is_file():
-        named = ckpt_dir / pointer.read_text().strip()
-        if _is_complete(named):
-            return named
+        name = pointer.read_text(errors="replace").strip()
+        if STEP_NAME.fullmatch(name) and _is_complete(ckpt_dir / name):
+            return ckpt_dir / name
     complete = _complete_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
     return complete[-1] if complete else None
 
@@ -223,7 +250,7 @@ def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> dict[str,
     """Read this rank's part of a checkpoint written by ``save_checkpoint``."""
     if not _is_complete(path):
         raise CheckpointError(f"checkpoint {str(path)!r} has no {COMPLETE_FILE} marker; it is not a complete checkpoint")
-    saved_world = int((path / COMPLETE_FILE).read_text().strip() or 0)
+    saved_world = saved_world_size(path)
     if saved_world != world_size:
         raise CheckpointError(
             f"checkpoint {str(path)!r} was written by {saved_world} ranks but this run has {world_size}; "
@@ -241,12 +268,24 @@ def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> dict[str,
     return state
 
 
+def saved_world_size(path: Path) -> int:
+    """The number of ranks that wrote a complete checkpoint (its ``COMPLETE`` marker)."""
+    marker = path / COMPLETE_FILE
+    text = marker.read_text(errors="replace").strip()
+    if not text.isdigit():
+        raise CheckpointError(
+            f"checkpoint file {str(marker)!r} is damaged (it holds {text[:20]!r}, not the number of ranks that "
+            f"wrote the checkpoint); delete {str(path)!r} to resume from the previous checkpoint"
+        )
+    return int(text)
+
+
 def _verify(path: Path, rank: int, state: dict[str, Any]) -> None:
     """Recompute every tensor's checksum and compare with the manifest written beside it."""
     manifest_path = path / manifest_file(rank)
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {manifest_file(rank)}; it cannot be verified")
-    recorded = json.loads(manifest_path.read_text())["tensors"]
+    recorded = read_json(manifest_path)["tensors"]
     actual = tensor_checksums(state)
     if recorded.keys() != actual.keys():
         missing = sorted(recorded.keys() ^ actual.keys())[:3]

@@ -56,7 +56,9 @@ bits), and the CRC-32 of every file. On load the files are checked against their
 model tensor's content hash is recomputed from the shards the ranks now hold and compared
 (optimizer tensors are covered by the file CRCs; their content hashes are recorded, so two
 checkpoints of one state under different layouts can be compared tensor by tensor).
-A model config that differs from the saved one fails before anything is read.
+A model config that differs from the saved one fails before anything is read; a damaged
+manifest is a ``CheckpointError`` naming it. Pruning keeps the checkpoint ``latest`` names
+(``parallel.checkpoint.write_atomically``).
 
 Legend: E experts; V vocabulary, Vp padded to a multiple of tp, D model dim;
 ``*_N`` flattened elements.
@@ -79,6 +81,7 @@ from parallel.checkpoint import (
     COMPLETE_FILE,
     CheckpointError,
     check_expert_shards,
+    read_json,
     resolve_checkpoint,
     write_atomically,
 )
@@ -473,13 +476,15 @@ def _write_manifest(tmp: Path, step: int, layout: SavedLayout, config: dict[str,
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a complete checkpoint in this format."""
+    """The manifest of a complete checkpoint in this format (a damaged one: ``CheckpointError``).
+    megatron's own metadata files (``metadata.json``, ``.metadata``) are covered by the
+    manifest's file CRC-32s, checked before a load reads them."""
     if not (path / COMPLETE_FILE).is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {COMPLETE_FILE} marker; it is not a complete checkpoint")
     file = path / MANIFEST_FILE
     if not file.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {MANIFEST_FILE}; it is not a sharded (dist) checkpoint")
-    return json.loads(file.read_text())
+    return read_json(file)
 
 
 def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

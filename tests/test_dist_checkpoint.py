@@ -248,6 +248,51 @@ def test_inspect_prints_layout_step_tensors_and_checksums(saved_ep2: Path, capsy
     assert "verified" not in text and "optimizer.state.exp_avg.embed.weight" in text
 
 
+def test_a_damaged_manifest_is_one_clear_error_on_load_and_inspect(
+    rank_pool: Callable[[int], RankPool], saved_ep2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / saved_ep2.name
+    shutil.copytree(saved_ep2, broken)
+    manifest = broken / MANIFEST_FILE
+    manifest.write_text(manifest.read_text()[:100])  # truncated
+    errors = rank_pool(2).run(_load_error, str(broken), CONFIG)
+    assert errors[0] == errors[1]
+    assert errors[0].startswith(f"checkpoint file '{manifest}' is damaged (not valid JSON")
+    assert f"delete '{broken}' to resume from the previous checkpoint" in errors[0]
+    assert cli(["ckpt", "inspect", str(broken)]) == 2
+    assert capsys.readouterr().err == f"error: {errors[0]}\n"
+
+
+def test_damaged_megatron_metadata_fails_its_crc_on_load(
+    rank_pool: Callable[[int], RankPool], saved_ep2: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / saved_ep2.name
+    shutil.copytree(saved_ep2, broken)
+    metadata = broken / "metadata.json"
+    metadata.write_text(metadata.read_text()[:-5])
+    errors = rank_pool(2).run(_load_error, str(broken), CONFIG)
+    assert errors[0] == errors[1]
+    assert f"checkpoint file '{metadata}' does not match its recorded CRC-32" in errors[0]
+    assert "delete this checkpoint to resume from the previous one" in errors[0]
+
+
+def _save_at(rank: int, world: int, ckpt: str, steps: list[int], keep: int) -> None:
+    """Save the same state as the checkpoint of each of ``steps`` in turn."""
+    groups, net, engine = _setup(world, 2)
+    for step in steps:
+        save_dist_checkpoint(Path(ckpt), step, engine, net, groups, {"step": step, "config": CONFIG}, keep=keep)
+
+
+def test_keep_one_never_prunes_the_checkpoint_latest_names(rank_pool: Callable[[int], RankPool], tmp_path: Path) -> None:
+    """A checkpoint of a later step already in the directory is pruned, not the one just
+    published: ``latest`` never names a deleted checkpoint."""
+    ckpt = tmp_path / "checkpoints"
+    rank_pool(2).run(_save_at, str(ckpt), [5, 3], 1)
+    assert (ckpt / "latest").read_text() == "step-00000003"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-00000003"]
+    assert latest_checkpoint(ckpt) == ckpt / "step-00000003"
+
+
 def _save_duplicated_experts(rank: int, world: int, ckpt: str) -> str:
     """Every EP rank holds the same expert values (the silent failure of Megatron-LM #5844,
     DeepSpeed #6589, megablocks #160): the save must refuse to publish."""
