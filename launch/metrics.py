@@ -1,8 +1,14 @@
-"""Where training metrics go: a JSONL file (the record), TensorBoard (for looking)."""
+"""Where training metrics go: a JSONL file (the record), TensorBoard (for looking).
+
+Everything a run writes as JSON is JSON (``to_json``): a non-finite number is written as
+null, never as the bare ``NaN``/``Infinity`` Python's json module would write, which other
+readers (``jq``, browsers, most JSON libraries) refuse.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +17,22 @@ from torch.utils.tensorboard import SummaryWriter
 from parallel.checkpoint import write_atomic_text
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float, however deep in dicts and lists, replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``value`` (non-finite numbers as null)."""
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False)
 
 
 class MetricsLog:
@@ -23,7 +45,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json(record) + "\n")
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
@@ -60,4 +82,4 @@ def truncate_after(run_dir: Path, step: int) -> None:
     """Drop records past ``step``: a resumed run recomputes them, and keeping both would
     leave two values for one step in the log."""
     kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
-    write_atomic_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+    write_atomic_text(run_dir / METRICS_FILE, "".join(to_json(r) + "\n" for r in kept))
