@@ -91,19 +91,28 @@ def launch_local(cfg: Config, config_name: str, world_size: int) -> dict[str, An
 def start(cfg: Config, config_name: str) -> dict[str, Any]:
     """Train under ``cfg``'s layout with the configured launcher; return the summary.
 
-    The run directory is settled here, once, before any rank starts (each rank computing
-    its own timestamped directory would scatter the run), and made absolute: ranks may
-    not share the driver's working directory.
+    The run directory is settled here, once, for every layout, before any work starts
+    (each rank computing its own timestamped directory would scatter the run): a directory
+    that holds another run is refused unless resuming, one that cannot be created and
+    written is one error, and a resume's checkpoint is found and its config checked
+    (``launch.train.check_resume``) before any rank starts. A run that fails before it
+    recorded anything leaves no outputs behind (``launch.train.claimed_run_dir``). Across
+    ranks the directory is made absolute: ranks may not share the driver's working directory.
     """
-    from launch.train import check_layout, resolve_run_dir, train
+    from launch.train import check_layout, check_resume, claimed_run_dir, resolve_run_dir, train
 
     topology = check_layout(cfg)
-    if topology.world_size == 1 and cfg.launch.address is None:
-        return train(cfg, config_name)
-    run_dir = resolve_run_dir(cfg.train, config_name).resolve()
+    one_process = topology.world_size == 1 and cfg.launch.address is None
+    run_dir = resolve_run_dir(cfg.train, config_name)
+    run_dir = run_dir if one_process else run_dir.resolve()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run_dir)))
-    if cfg.launch.launcher == "local":
-        return launch_local(cfg, config_name, topology.world_size)
-    from launch.ray_launcher import launch_ray
+    if cfg.train.resume:
+        check_resume(cfg, run_dir)
+    with claimed_run_dir(run_dir, cfg.train.resume):
+        if one_process:
+            return train(cfg, config_name)
+        if cfg.launch.launcher == "local":
+            return launch_local(cfg, config_name, topology.world_size)
+        from launch.ray_launcher import launch_ray
 
-    return launch_ray(cfg, config_name, topology.world_size)
+        return launch_ray(cfg, config_name, topology.world_size)

@@ -12,7 +12,8 @@ Each launcher waits on its ranks in its own way; when one fails it stops the who
 and asks :func:`first_failure` which rank failed first: once one rank is gone, its peers
 fail too (their collectives lose a peer), and the report must name the cause, not the
 loudest casualty. :func:`with_restarts` then starts the group again from the latest
-complete checkpoint, up to ``launch.max_restarts`` times.
+complete checkpoint, up to ``launch.max_restarts`` times; except after a :class:`NonFiniteStop`,
+which a restart would only reach again.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class LaunchError(RuntimeError):
 class RankFailure(LaunchError):
     """A rank failed after the group started: what a restart from a checkpoint can get past
     (a start-up problem such as a port in use would only fail again)."""
+
+
+class NonFiniteStop(LaunchError):
+    """Training stopped at a non-finite loss or gradient norm (``launch/train.py``). Every
+    rank stops at the same step, and a restart would reach it again (resuming is bit-exact):
+    the launchers report it as it is, without restarting."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +183,14 @@ def _failure_file(run_dir: Path, rank: int) -> Path:
 
 
 def _record_failure(run_dir: Path, rank: int, err: BaseException) -> None:
-    _failure_file(run_dir, rank).write_text(json.dumps({"time": time.time(), "error": f"{type(err).__name__}: {err}"}))
+    record = {"time": time.time(), "error": f"{type(err).__name__}: {err}", "restartable": not isinstance(err, NonFiniteStop)}
+    _failure_file(run_dir, rank).write_text(json.dumps(record))
+
+
+def _recorded(run_dir: Path, rank: int) -> dict[str, Any] | None:
+    """``rank``'s failure record (time, error, restartable), if it wrote one."""
+    file = _failure_file(run_dir, rank)
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def clear_failures(run_dir: Path, world_size: int) -> None:
@@ -196,7 +210,7 @@ def first_failure(run_dir: Path, world_size: int, died: dict[int, str], exited: 
     if died:
         rank = min(died)
         return rank, died[rank]
-    recorded = [(json.loads(f.read_text()), r) for r in range(world_size) if (f := _failure_file(run_dir, r)).is_file()]
+    recorded = [(record, r) for r in range(world_size) if (record := _recorded(run_dir, r)) is not None]
     if recorded:
         first, rank = min(recorded, key=lambda item: item[0]["time"])
         return rank, first["error"].splitlines()[0][:300]
@@ -204,9 +218,14 @@ def first_failure(run_dir: Path, world_size: int, died: dict[int, str], exited: 
     return rank, exited[rank]
 
 
-def group_failure(run_dir: Path, world_size: int, died: dict[int, str], exited: dict[int, str]) -> RankFailure:
-    """The error a supervisor raises once it has stopped every rank."""
+def group_failure(run_dir: Path, world_size: int, died: dict[int, str], exited: dict[int, str]) -> LaunchError:
+    """The error a supervisor raises once it has stopped every rank: a ``RankFailure``
+    (restartable), or the ``NonFiniteStop`` every rank agreed on."""
     rank, why = first_failure(run_dir, world_size, died, exited)
+    record = None if rank in died else _recorded(run_dir, rank)
+    if record is not None and not record.get("restartable", True):
+        stop = record["error"].removeprefix(f"{NonFiniteStop.__name__}: ")
+        return NonFiniteStop(f"{stop} (on every rank; their logs: {log_path(run_dir, rank).parent})")
     return RankFailure(
         f"rank {rank} of {world_size} failed first ({why}); the other ranks were stopped. "
         f"Its log: {log_path(run_dir, rank)}"

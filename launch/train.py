@@ -14,24 +14,40 @@ Everything a run writes lives under its run directory::
     run_dir/summary.json         final figures
     run_dir/loss_curve.png, run_dir/expert_load.png
 
+A run directory holds one run (``claimed_run_dir``, entered by ``launch.local_launcher.start``
+for every layout): a new run is refused where another run's outputs are, and a run that
+fails before it recorded anything removes the outputs it made (and the directory, if it
+made it), so the retry is not refused in turn.
+
 Resuming is bit-exact: the batch of step s is a pure function of (seed, s), and a
 checkpoint holds the model, the optimizer, the RNG state and the load statistics, so
-the loss at step k+1 after resuming from step k equals the uninterrupted run's.
+the loss at step k+1 after resuming from step k equals the uninterrupted run's. A resume
+continues the same run: the config may differ from the checkpoint's only in
+``RESUMABLE_KEYS`` (and the layout, for reshardable checkpoints).
+
+Non-finite training stops: before each update every rank checks the step's losses and
+its local gradients, and the ranks agree (an all-reduce of the flags) whether the step is
+non-finite. Such a step applies no update; up to ``train.max_nonfinite_steps`` of them are
+skipped, the next one stops the run with ``NonFiniteStop``, as does a non-finite
+validation loss, or non-finite weights before a save: a checkpoint never holds them, and
+``latest`` stays the last finite one.
 
 Legend: B batch, S sequence, L MoE layers, E experts.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
+import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -43,12 +59,21 @@ import torch.distributed as dist
 from launch.config import Config, TrainConfig, to_dict
 from launch.data import TokenStream, ensure_dataset, load_split
 from launch.memory import memory_kind, peak_memory_per_rank
-from launch.metrics import MetricsLog, NullLog, read_metrics, truncate_after
+from launch.metrics import METRICS_FILE, MetricsLog, NullLog, read_metrics, to_json, truncate_after
 from launch.plots import plot_expert_load, plot_loss_curve
+from launch.rank import NonFiniteStop
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 from moe.model import Transformer
-from parallel.checkpoint import CheckpointError, ShardInfo, latest_checkpoint, load_checkpoint, save_checkpoint
+from parallel.checkpoint import (
+    CheckpointError,
+    ShardInfo,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifests,
+    save_checkpoint,
+    write_atomic_text,
+)
 from parallel.engine import OptimSettings
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.simulator.routing import RoutingRecorder, truncate_routing
@@ -56,6 +81,20 @@ from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.local_engine import LocalEngine
 from parallel.reduce import mean_over, sum_over
 from parallel.topology import BatchShape, Topology
+
+# What a run writes into its run directory. A directory holding any of these holds a run:
+# a new run is refused there. The launchers' ``logs/`` (and a local Ray cluster's ``ray/``)
+# are not run outputs: they explain a failed start, and every attempt appends to them.
+RUN_OUTPUTS = ("config.yaml", METRICS_FILE, "summary.json", "checkpoints", "tensorboard", "routing",
+               "loss_curve.png", "expert_load.png")
+# The keys a resume may change (why these: ``config_changes``).
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.micro_batch_size", "train.device", "train.log_every", "train.eval_every",
+    "train.ckpt_every", "train.keep_checkpoints", "train.run_dir", "train.resume", "train.peak_tflops",
+    "train.record_routing", "train.max_nonfinite_steps", "data.path", "data.cache_dir",
+})
+RESUMABLE_SECTIONS = ("launch",)
+LAYOUT_SECTION = "parallel"
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -101,6 +140,12 @@ def check_layout(cfg: Config) -> Topology:
         from parallel.deepspeed_engine import check_zero_stage
 
         check_zero_stage(p.zero_stage)
+        if cfg.train.max_nonfinite_steps:
+            raise ConfigError(
+                f"train.max_nonfinite_steps={cfg.train.max_nonfinite_steps} with parallel.engine=deepspeed: ZeRO "
+                "reduces gradients during the backward, so a step cannot be skipped once it ran (DeepSpeed's own "
+                "overflow check fails it); set train.max_nonfinite_steps=0, or parallel.engine=megatron to skip steps"
+            )
     return topology
 
 
@@ -118,6 +163,143 @@ def resolve_run_dir(cfg: TrainConfig, config_name: str) -> Path:
             )
         return candidates[-1]
     return Path("runs") / f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], reshardable: bool) -> list[str]:
+    """Each key a resume may not change whose value differs from the checkpoint's, as
+    "KEY=SAVED but the config has KEY=NOW".
+
+    A resume continues the same run, so what defines the run stays: the model (model.*,
+    moe.*), the optimizer and its schedule (train.lr, min_lr_ratio, warmup_steps,
+    weight_decay, beta1, beta2, grad_clip), the batch and its order (train.batch_size,
+    train.seed), the numerics (train.dtype), the data split and the validation set
+    (data.val_fraction, data.val_tokens). A resume may change (``RESUMABLE_KEYS``,
+    ``RESUMABLE_SECTIONS``): how long the run goes on (train.steps; the cosine schedule then
+    spans the new total), how a batch is split into micro-batches (train.micro_batch_size),
+    the device (train.device), what it logs and keeps (train.log_every, eval_every,
+    ckpt_every, keep_checkpoints, peak_tflops, record_routing), where its files are
+    (train.run_dir, train.resume; data.path and data.cache_dir, for the same data moved),
+    how many non-finite steps it may skip (train.max_nonfinite_steps), and how it is
+    launched (every launch.* key). With a ``reshardable`` checkpoint (megatron's sharded
+    format, ``parallel/dist_checkpoint.py``) the layout (every parallel.* key) may change
+    too; a per-rank checkpoint loads under the layout that saved it only.
+
+    Keys the checkpoint did not record (added since it was saved; checkpoints from before
+    this check recorded model.* and moe.* only) are not compared."""
+    changes = []
+    for section, values in current.items():
+        if section in RESUMABLE_SECTIONS or (reshardable and section == LAYOUT_SECTION):
+            continue
+        recorded = saved.get(section, {})
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name not in RESUMABLE_KEYS and key in recorded and recorded[key] != value:
+                changes.append(f"{name}={recorded[key]!r} but the config has {name}={value!r}")
+    return changes
+
+
+def check_resume_config(path: Path, saved: dict[str, Any], cfg: Config, reshardable: bool) -> None:
+    """Refuse to resume from the checkpoint at ``path`` (saved under config ``saved``) under
+    a config that makes it another run; name every changed key."""
+    changes = config_changes(saved, to_dict(cfg), reshardable)
+    if changes:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was saved with {'; '.join(changes)}. A resume continues the same run: set "
+            "the saved value(s), or start a new run in another train.run_dir (without train.resume)"
+        )
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a resume in ``run_dir`` starts from: its latest complete one."""
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        raise CheckpointError(f"train.resume=true but {str(run_dir / 'checkpoints')!r} holds no complete checkpoint")
+    return found
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """Refuse a resume in ``run_dir`` that has no checkpoint, or whose checkpoint's config
+    (read from its manifest: no state is loaded) makes ``cfg`` another run."""
+    from parallel.dist_checkpoint import is_dist_checkpoint, read_manifest
+
+    found = resume_checkpoint(run_dir)
+    reshardable = is_dist_checkpoint(found)
+    manifests = [read_manifest(found)] if reshardable else read_manifests(found)
+    check_resume_config(found, manifests[0].get("config", {}) if manifests else {}, cfg, reshardable)
+
+
+def _refuse_reuse(run_dir: Path) -> None:
+    held = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if held:
+        raise ConfigError(
+            f"train.run_dir={str(run_dir)!r} already holds a run ({', '.join(held)}); a run directory holds one run: "
+            "continue that run with train.resume=true, or start this one in another train.run_dir"
+        )
+
+
+def _make_run_dir(run_dir: Path) -> Path | None:
+    """Create ``run_dir`` (and its missing parents) and check that a file can be written
+    there; return the outermost directory this created (None: ``run_dir`` existed)."""
+    created = next((d for d in reversed((run_dir, *run_dir.parents)) if not d.exists()), None)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        blocking = next((d for d in (run_dir, *run_dir.parents) if d.exists()), None)
+        why = f"{str(blocking)!r} is a file" if blocking is not None and not blocking.is_dir() else err.strerror
+        raise ConfigError(
+            f"train.run_dir={str(run_dir)!r} cannot hold a run ({why}); set train.run_dir to a directory "
+            "this user can create and write"
+        ) from None
+    return created
+
+
+def _has_records(run_dir: Path) -> bool:
+    """Whether a run recorded anything: a metrics record or a complete checkpoint."""
+    metrics = run_dir / METRICS_FILE
+    return (metrics.is_file() and metrics.stat().st_size > 0) or latest_checkpoint(run_dir / "checkpoints") is not None
+
+
+def _discard_outputs(run_dir: Path, created: Path | None) -> None:
+    """Remove the run outputs in ``run_dir``, then the directories up to ``created`` that
+    this left empty."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if created is None:
+        return
+    for directory in (run_dir, *run_dir.parents):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: the launchers' logs of the failed start stay
+            return
+        if directory == created:
+            return
+
+
+@contextmanager
+def claimed_run_dir(run_dir: Path, resume: bool) -> Iterator[None]:
+    """Hold ``run_dir`` for the run in the block, which starts a new run there or (``resume``)
+    continues the one there. Refused, before anything is written, when a new run would
+    share the directory with another run's outputs or the directory cannot be created and
+    written (``ConfigError``). A new run that fails before it recorded anything (a metrics
+    record or a checkpoint) removes its outputs and the directories it made: a run
+    directory is never left half-made, and the retry is not refused."""
+    if not resume:
+        _refuse_reuse(run_dir)
+    created = _make_run_dir(run_dir)
+    try:
+        yield
+    except BaseException:
+        if not resume and not _has_records(run_dir):
+            _discard_outputs(run_dir, created)
+        raise
 
 
 @dataclass
@@ -140,20 +322,25 @@ class LoadTracker:
 
 @dataclass
 class Interval:
-    """Sums over the steps since the last train record."""
+    """Sums over the steps since the last train record. A skipped (non-finite) step counts
+    in ``steps`` and ``skipped`` but not in the sums: the means are over the steps that
+    updated the model (None when every step was skipped)."""
 
     steps: int = 0
+    skipped: int = 0
     tokens: int = 0
     seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)
 
-    def add(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+    def add(self, values: dict[str, float], skipped: bool) -> None:
         self.steps += 1
+        self.skipped += skipped
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + (0.0 if skipped else value)
 
-    def means(self) -> dict[str, float]:
-        return {key: value / max(self.steps, 1) for key, value in self.sums.items()}
+    def means(self) -> dict[str, float | None]:
+        counted = self.steps - self.skipped
+        return {key: value / counted if counted else None for key, value in self.sums.items()}
 
 
 @dataclass(frozen=True)
@@ -223,6 +410,7 @@ class Run:
         self.tail_load = LoadTracker.zeros(n_moe, n_exp)
         self.step = 0
         self.best_val = math.inf
+        self.nonfinite_steps = 0  # skipped so far (train.max_nonfinite_steps), kept in checkpoints
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.moe)
         self.local_batch = cfg.train.batch_size // self.topology.dp
         micro = self.local_batch // self.topology.micro_batches
@@ -288,7 +476,8 @@ class Run:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "tail_load": self.tail_load.counts_LE,
             "best_val": self.best_val,
-            "config": {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]},
+            "nonfinite_steps": self.nonfinite_steps,
+            "config": to_dict(self.cfg),
         }
 
     def _shard_info(self) -> ShardInfo:
@@ -314,13 +503,13 @@ class Run:
         from parallel.dist_checkpoint import save_dist_checkpoint
 
         extras = {"step": self.step, "tail_load": self.tail_load.counts_LE, "best_val": self.best_val,
-                  "config": {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]}}
+                  "nonfinite_steps": self.nonfinite_steps, "config": to_dict(self.cfg)}
         save_dist_checkpoint(ckpt_dir, self.step, self.engine, self.net, self.info.groups, extras,
                              self.tcfg.keep_checkpoints)
 
     def _restore_dist(self, path: Path) -> None:
         """Load a sharded checkpoint under this run's layout, whatever layout saved it."""
-        from parallel.dist_checkpoint import load_dist_checkpoint
+        from parallel.dist_checkpoint import load_dist_checkpoint, read_manifest
 
         if not self._dist_checkpoints:
             raise CheckpointError(
@@ -328,10 +517,11 @@ class Run:
                 f"into megatron-engine runs across ranks, not this one (parallel.engine={self.cfg.parallel.engine!r}, "
                 f"{self.info.world_size} rank(s)); resume with parallel.engine=megatron and a layout of 2 or more ranks"
             )
-        current = {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]}
-        extras = load_dist_checkpoint(path, self.engine, self.net, self.info.groups, current)
+        check_resume_config(path, read_manifest(path)["config"], self.cfg, reshardable=True)
+        extras = load_dist_checkpoint(path, self.engine, self.net, self.info.groups, to_dict(self.cfg))
         self.tail_load.counts_LE = extras["tail_load"]
         self.best_val = extras["best_val"]
+        self.nonfinite_steps = extras.get("nonfinite_steps", 0)
         self.step = extras["step"]
 
     def restore(self, path: Path) -> None:
@@ -341,21 +531,14 @@ class Run:
             self._restore_dist(path)
             return
         state = load_checkpoint(path, self.info.rank, self.info.world_size)
-        saved = state["config"]
-        current = {"model": to_dict(self.cfg)["model"], "moe": to_dict(self.cfg)["moe"]}
-        for section in ("model", "moe"):
-            for key, value in current[section].items():
-                if saved[section].get(key) != value:
-                    raise CheckpointError(
-                        f"checkpoint {str(path)!r} was saved with {section}.{key}={saved[section].get(key)!r} "
-                        f"but the config has {section}.{key}={value!r}; resume with the same model config"
-                    )
+        check_resume_config(path, state["config"], self.cfg, reshardable=False)
         self.engine.load_state_dict(state["engine"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.tail_load.counts_LE = state["tail_load"]
         self.best_val = state["best_val"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)  # absent from checkpoints saved before it existed
         self.step = state["step"]
 
     # -- one step ------------------------------------------------------------------
@@ -411,8 +594,10 @@ class Run:
         # Under tensor parallelism each TP rank routed its own sequences: sum over tp first.
         return float(mean_over(sum_over(local, self.info.tp_group), self.info.dp_group).norm())
 
-    def train_step(self) -> tuple[dict[str, float], torch.Tensor]:
-        """One optimizer update over this rank's share of the global batch.
+    def train_step(self) -> tuple[dict[str, float], torch.Tensor, str | None]:
+        """One optimizer update over this rank's share of the global batch: the step's
+        metrics, routed-token counts, and None; or, when the step is non-finite on any rank,
+        no update and what went non-finite (the same on every rank).
 
         Each micro-batch's loss is divided by the number of micro-batches before backward;
         the engine averages over data-parallel ranks: the update is the global-batch one.
@@ -438,12 +623,42 @@ class Run:
                 if out.moe_stats:
                     counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
         router_grad_norm = self._router_grad_norm()
-        grad_norm = self.engine.step(lr)
-        self.step += 1
         lm, aux, z, dropped = mean_over(sums_4, self.info.dp_group).tolist()
+        problem = self._nonfinite({"lm_loss": lm, "aux_loss": aux, "z_loss": z})
+        grad_norm = math.nan if problem else self.engine.step(lr)
+        if problem is None and not math.isfinite(grad_norm):  # finite on every rank, not once reduced
+            problem = f"the gradient norm is non-finite ({grad_norm}, after the update)"
+        self.step += 1
         values = {"lm_loss": lm, "aux_loss": aux, "z_loss": z, "dropped_fraction": dropped,
                   "grad_norm": grad_norm, "router_grad_norm": router_grad_norm, "lr": lr}
-        return values, sum_over(counts_LE, self.info.dp_group)
+        return values, sum_over(counts_LE, self.info.dp_group), problem
+
+    def _on_any_rank(self, flags: list[bool]) -> list[bool]:
+        """Each flag, true where it is true on some rank: every rank takes the same decision."""
+        flags_N = torch.tensor(flags, dtype=torch.float32)
+        if self.info.world_size > 1:
+            flags_N = sum_over(flags_N, dist.group.WORLD)
+        return [bool(flag) for flag in flags_N]
+
+    def _local_grads_finite(self) -> bool:
+        """Whether this rank's gradients, before any reduction, have a finite norm (a norm
+        that overflows counts as non-finite, as the engine's clipping norm would). DeepSpeed
+        frees them as it reduces them (ZeRO-2); there its own overflow check refuses the
+        update (and fails the step)."""
+        if self.info.groups is not None and self.cfg.parallel.engine == "deepspeed":
+            return True
+        grads = [self.engine.local_grad(p) for chunk in self.chunks for p in chunk.parameters()]
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+    def _nonfinite(self, losses: dict[str, float]) -> str | None:
+        """What went non-finite in this step, on any rank (losses, as reduced; gradients);
+        None when nothing did. Decided before the update, which a non-finite step skips."""
+        *bad_losses, bad_grads = self._on_any_rank([not math.isfinite(v) for v in losses.values()]
+                                                   + [not self._local_grads_finite()])
+        named = ", ".join(f"{name}={value}" for (name, value), bad in zip(losses.items(), bad_losses) if bad)
+        parts = ([f"the loss is non-finite ({named})"] if named else []) + (
+            ["the gradient norm is non-finite"] if bad_grads else [])
+        return " and ".join(parts) or None
 
     def _on_device(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(x.to(self.device), y.to(self.device)) for x, y in micro]
@@ -510,6 +725,8 @@ class Run:
     def _train_record(self, interval: Interval, load: LoadTracker) -> dict[str, Any]:
         tokens_per_s = interval.tokens / max(interval.seconds, 1e-9)
         record: dict[str, Any] = {"kind": "train", "step": self.step, **interval.means()}
+        if interval.skipped:
+            record["skipped_steps"] = interval.skipped
         record["tokens_per_s"] = tokens_per_s
         record["flops_per_token"] = self.flops_per_token
         if self.tcfg.peak_tflops is not None:
@@ -529,36 +746,47 @@ class Run:
 
     def fit(self) -> dict[str, Any]:
         tcfg, main = self.tcfg, self.info.is_main
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_dir = self.run_dir / "checkpoints"
         if tcfg.resume:
-            found = latest_checkpoint(ckpt_dir)
-            if found is None:
-                raise CheckpointError(f"train.resume=true but {str(ckpt_dir)!r} holds no complete checkpoint")
+            found = resume_checkpoint(self.run_dir)
             self.restore(found)
             if main:
                 truncate_after(self.run_dir, self.step)
                 tqdm.write(f"resumed from {found} at step {self.step}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             self._log_start()
         log = MetricsLog(self.run_dir) if main else NullLog()
+        bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", mininterval=1.0,
+                   dynamic_ncols=True, disable=not main)
+        start_wall = time.perf_counter()
+        try:
+            train_seconds, train_tokens = self._loop(log, bar)
+        finally:
+            bar.close()
+            log.close()
+        peak_memory = peak_memory_per_rank(self.device, self.info.world_size)  # a collective: every rank
+        summary = self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens, peak_memory) if main else {}
+        self.info.barrier()
+        return summary
+
+    def _loop(self, log: MetricsLog | NullLog, bar: tqdm) -> tuple[float, int]:
+        """Train from ``self.step`` to ``train.steps``, logging, validating and checkpointing
+        at their intervals; the seconds spent in training steps and the tokens they took."""
+        tcfg = self.tcfg
         recorder, routing_path = self._routing_recorder()
         n_moe, n_exp = self.n_moe_layers, self.cfg.moe.num_experts
         interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
         train_seconds, train_tokens = 0.0, 0
         tokens_per_step = tcfg.batch_size * self.cfg.model.seq_len
-        start_wall = time.perf_counter()
-        bar = tqdm(total=tcfg.steps, initial=self.step, desc="train", unit="step", mininterval=1.0,
-                   dynamic_ncols=True, disable=not main)
         postfix: dict[str, str] = {}
         while self.step < tcfg.steps:
             if recorder is not None:
                 recorder.step = self.step
             t0 = time.perf_counter()
-            values, counts_LE = self.train_step()
+            values, counts_LE, problem = self.train_step()
             seconds = time.perf_counter() - t0
-            interval.add(values)
+            interval.add(values, skipped=problem is not None)
             interval.tokens += tokens_per_step
             interval.seconds += seconds
             train_seconds += seconds
@@ -567,34 +795,73 @@ class Run:
             if self.step > self.tail_start:
                 self.tail_load.add(counts_LE)
             bar.update(1)
+            stop = None if problem is None else self._skip_or_stop(problem)
             final = self.step == tcfg.steps
-            if self.step % tcfg.log_every == 0 or final:
+            if self.step % tcfg.log_every == 0 or final or stop:
                 record = self._train_record(interval, load)
                 log.write(record)
-                postfix.update(loss=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if record["lm_loss"] is not None:  # None when every step of the interval was skipped
+                    postfix.update(loss=f"{record['lm_loss']:.3f}")
+                postfix.update(tok_s=f"{record['tokens_per_s']:.0f}")
                 bar.set_postfix(postfix)
                 interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
                 if recorder is not None:
                     recorder.append_to(routing_path)
+            if stop is not None:
+                self._stop(stop, skippable=True)
             if self.step % tcfg.eval_every == 0 or final:
                 with nullcontext() if recorder is None else recorder.paused():
-                    val_loss = self.evaluate()
-                self.best_val = min(self.best_val, val_loss)
-                log.write({"kind": "val", "step": self.step, "val_loss": val_loss, "best_val_loss": self.best_val})
+                    val_loss = self._validate(log)
                 postfix.update(val=f"{val_loss:.3f}")
                 bar.set_postfix(postfix)
             if self.step % tcfg.ckpt_every == 0 or final:
                 if recorder is not None:
                     recorder.append_to(routing_path)  # a resume keeps every step before its checkpoint
-                self._save(ckpt_dir)
-        bar.close()
-        log.close()
+                self._save_finite()
         if recorder is not None:
             recorder.remove()
-        peak_memory = peak_memory_per_rank(self.device, self.info.world_size)  # a collective: every rank
-        summary = self._finish(time.perf_counter() - start_wall, train_seconds, train_tokens, peak_memory) if main else {}
+        return train_seconds, train_tokens
+
+    def _validate(self, log: MetricsLog | NullLog) -> float:
+        """Evaluate and log the validation loss; stop the run if it is non-finite."""
+        val_loss = self.evaluate()
+        self.best_val = min(self.best_val, val_loss)
+        log.write({"kind": "val", "step": self.step, "val_loss": val_loss, "best_val_loss": self.best_val})
+        if self._on_any_rank([not math.isfinite(val_loss)])[0]:
+            self._stop(f"the validation loss is non-finite ({val_loss})", skippable=False)
+        return val_loss
+
+    def _save_finite(self) -> None:
+        """Checkpoint this step, unless a weight is non-finite on some rank: then stop, so
+        that a checkpoint never holds non-finite weights."""
+        local = all(bool(torch.isfinite(p).all()) for chunk in self.chunks for p in chunk.parameters())
+        if self._on_any_rank([not local])[0]:
+            self._stop("the weights are non-finite (the checkpoint of this step was not saved)", skippable=False)
+        self._save(self.run_dir / "checkpoints")
+
+    def _skip_or_stop(self, problem: str) -> str | None:
+        """Count a non-finite step (``train_step`` applied no update): None while within
+        ``train.max_nonfinite_steps``, else why the run stops."""
+        self.nonfinite_steps += 1
+        allowed = self.tcfg.max_nonfinite_steps
+        if self.nonfinite_steps > allowed:
+            return f"{problem} (non-finite step {self.nonfinite_steps} of this run; train.max_nonfinite_steps={allowed})"
+        if self.info.is_main:
+            tqdm.write(f"step {self.step}: {problem}; skipped without an update "
+                       f"({self.nonfinite_steps} of train.max_nonfinite_steps={allowed})")
+        return None
+
+    def _stop(self, why: str, skippable: bool) -> NoReturn:
+        """End the run at this step, on every rank (all call this at the same step, once
+        rank 0 has written its records); the latest checkpoint stays the last finite one."""
         self.info.barrier()
-        return summary
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        kept = f"latest checkpoint: {latest.name}, the last with finite weights" if latest else "no checkpoint was saved"
+        skip = "resume with a larger train.max_nonfinite_steps to skip such steps, or " if skippable else ""
+        raise NonFiniteStop(
+            f"training stopped at step {self.step}: {why}; {kept}. To go on, {skip}start a new run (another "
+            "train.run_dir) with a lower train.lr or loss coefficients"
+        )
 
     def _routing_recorder(self) -> tuple[RoutingRecorder | None, Path]:
         """``train.record_routing``: every rank records the routing of its MoE layers to
@@ -659,7 +926,7 @@ class Run:
             },
             "outputs": outputs,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomic_text(self.run_dir / "summary.json", to_json(summary, indent=2))
         return summary
 
 
