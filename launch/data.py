@@ -13,6 +13,7 @@ neither.
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import importlib
 import json
@@ -152,23 +153,63 @@ def stdlib_sources() -> list[Path]:
 
 def collect_sources(paths: Sequence[Path]) -> list[Path]:
     """Expand directories into their text files (hidden directories skipped, so a repository's
-    .git or .venv is not swallowed); files named explicitly are kept whatever their suffix."""
+    .git or .venv is not swallowed); files named explicitly are kept whatever their suffix.
+
+    The byte tokenizer would turn a binary file into tokens without complaint, so every file
+    is checked to be text: one named explicitly is refused (the user meant it: say so), one
+    found in a directory is skipped with a warning naming it (one stray file should not
+    block a corpus)."""
     found: dict[Path, Path] = {}
+    skipped: list[str] = []
     for path in paths:
         if not path.exists():
             raise DataError(f"source not found: {path}; check the path")
         if path.is_dir():
             files = _walk_text_files(path)
-            if not files:
+            kept = [file for file in files if not _note_if_not_text(file, skipped)]
+            if not kept:
                 raise DataError(
-                    f"{path}: no {' '.join(SOURCE_SUFFIXES)} files found; pass files directly "
+                    f"{path}: no {' '.join(SOURCE_SUFFIXES)} text files found; pass files directly "
                     "or a directory that contains some"
                 )
+            files = kept
         else:
+            reason = _not_text(path)
+            if reason is not None:
+                raise DataError(f"source {path}: {reason}; only text is tokenized, remove it from PATHS")
             files = [path]
         for file in files:
             found.setdefault(file.resolve(), file)
+    if skipped:
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        print(f"warning: skipped {len(skipped)} file(s) that are not text: {'; '.join(skipped[:10])}{more}", file=sys.stderr)
     return sorted(found.values(), key=lambda path: path.as_posix())
+
+
+def _note_if_not_text(path: Path, skipped: list[str]) -> bool:
+    """Whether ``path`` is not text; if so, it is added to ``skipped`` with the reason."""
+    reason = _not_text(path)
+    if reason is not None:
+        skipped.append(f"{path} ({reason})")
+    return reason is not None
+
+
+def _not_text(path: Path) -> str | None:
+    """Why ``path`` is not UTF-8 text, judged on its first 8 KiB as git and grep judge
+    binary files, or None when it is text."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(8192)
+    except OSError as err:
+        raise DataError(f"source {path}: cannot be read ({err.strerror})") from None
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"binary, a NUL byte at offset {nul}"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 text, byte 0x{head[err.start]:02x} at offset {err.start}"
+    return None
 
 
 def _walk_text_files(directory: Path) -> list[Path]:
@@ -323,19 +364,41 @@ def _meta_dict(prepared: PreparedData) -> dict[str, Any]:
     }
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    """Only an empty directory or an earlier prepared dataset may be replaced: a mistyped
-    output path must never delete someone's files."""
+def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """Only an empty directory, or an earlier prepared dataset when ``overwrite`` says so,
+    may be replaced: a mistyped output path must never delete someone's files."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a directory; choose another output path")
-    foreign = sorted({path.name for path in out_dir.iterdir()} - set(DATASET_FILES))
+    names = {path.name for path in out_dir.iterdir()}
+    foreign = sorted(names - set(DATASET_FILES))
     if foreign:
         raise DataError(
             f"{out_dir}: exists and is not a prepared dataset (it holds {foreign[0]}); "
             "choose a new or empty output directory"
         )
+    if names and not overwrite:
+        raise DataError(
+            f"{out_dir}: already holds a prepared dataset; pass --overwrite to replace it, "
+            "or choose another output directory"
+        )
+
+
+def _make_parent(out_dir: Path, fix: str) -> None:
+    """Create ``out_dir``'s parent, or say in one line why it cannot be (a file on the
+    path, no permission, a read-only file system), before any tokenizing starts."""
+    existing = out_dir.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"{out_dir}: {existing} is a file, not a directory; {fix}")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{out_dir}: cannot create {out_dir.parent} ({err.strerror}); {fix}") from None
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise DataError(f"{out_dir}: {out_dir.parent} is not writable; {fix}")
 
 
 def _publish(built: Path, out_dir: Path) -> None:
@@ -350,21 +413,29 @@ def _publish(built: Path, out_dir: Path) -> None:
         os.rename(built, out_dir)
 
 
-def prepare(sources: list[Path], out_dir: Path, val_fraction: float) -> PreparedData:
-    """Tokenize ``sources`` into a dataset at ``out_dir``, split by document.
+def prepare(
+    sources: list[Path], out_dir: Path, val_fraction: float, overwrite: bool = False,
+    fix: str = "choose a writable output directory",
+) -> PreparedData:
+    """Tokenize ``sources`` into a dataset at ``out_dir``, split by document; an earlier
+    dataset there is replaced only with ``overwrite``. ``fix``: what to tell the user when
+    ``out_dir`` cannot be written.
 
     Everything is built in a temporary directory beside ``out_dir`` and renamed into place,
     so a killed prepare leaves only a dot-named temp directory, never a dataset that looks valid.
     """
     _check_val_fraction(val_fraction, "val_fraction")
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # "." and "x/.." name a directory: give them a name
     doc_ids = _document_ids(sources)
     fingerprint = _fingerprint(sources, doc_ids)
-    _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(out_dir, overwrite)
+    _make_parent(out_dir, fix)
     # mkdir (not mkdtemp) so the published directory gets the umask's permissions, not 0700.
     building = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    building.mkdir()
+    try:
+        building.mkdir()
+    except OSError as err:
+        raise DataError(f"{out_dir}: cannot create {building} ({err.strerror}); {fix}") from None
     try:
         stats = _write_splits(_documents(sources, doc_ids), building, val_fraction)
         _check_splits(stats, len(sources), val_fraction)
@@ -373,6 +444,9 @@ def prepare(sources: list[Path], out_dir: Path, val_fraction: float) -> Prepared
         )
         (building / "meta.json").write_text(json.dumps(_meta_dict(prepared), indent=2) + "\n")
         _publish(building, out_dir)
+    except OSError as err:
+        shutil.rmtree(building, ignore_errors=True)
+        raise DataError(f"{out_dir}: writing the dataset failed ({err.strerror}: {err.filename}); {fix}") from None
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -432,11 +506,13 @@ def ensure_dataset(cfg: DataConfig) -> Path:
     if _is_current(out_dir, _fingerprint(sources, _document_ids(sources)), cfg.val_fraction):
         return out_dir
     megabytes = sum(path.stat().st_size for path in sources) / 1e6
+    fix = f"set data.cache_dir (now {cfg.cache_dir!r}) to a writable directory"
+    _make_parent(Path(os.path.abspath(out_dir)), fix)
     print(
         f"preparing embedded corpus: {len(sources)} files, {megabytes:.1f} MB -> {out_dir}",
         file=sys.stderr,
     )
-    prepare(sources, out_dir, cfg.val_fraction)
+    prepare(sources, out_dir, cfg.val_fraction, overwrite=True, fix=fix)
     return out_dir
 
 
@@ -615,6 +691,13 @@ class TokenStream:
         ]
 
 
+def _out_path(text: str) -> Path:
+    """``--out``: ``Path("")`` would silently mean the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give the dataset's directory, e.g. --out data/mycorpus")
+    return Path(text)
+
+
 def _parse_prepare_args(argv: list[str]) -> argparse.Namespace:
     """`moe data prepare` arguments."""
     parser = argparse.ArgumentParser(
@@ -624,7 +707,12 @@ def _parse_prepare_args(argv: list[str]) -> argparse.Namespace:
         'taken from their "text" field.',
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATHS", help="files or directories")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="dataset directory")
+    parser.add_argument("--out", required=True, type=_out_path, metavar="DIR", help="dataset directory")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier prepared dataset at --out (a directory of other files is never replaced)",
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -642,7 +730,7 @@ def prepare_main(argv: list[str]) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         _check_val_fraction(args.val_fraction, "--val-fraction")
-        prepared = prepare(collect_sources(args.paths), args.out, args.val_fraction)
+        prepared = prepare(collect_sources(args.paths), args.out, args.val_fraction, args.overwrite)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

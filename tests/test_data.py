@@ -378,6 +378,33 @@ def test_refuses_to_replace_a_directory_that_is_not_a_dataset(
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_binary_sources_are_refused_when_named_and_skipped_with_a_warning_when_found(
+    tmp_path: Path, corpus: tuple[list[Path], dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "src"
+    (root / "pkg0" / "blob.py").write_bytes(b"import x\n\x00\x01\x02")
+    (root / "pkg1" / "latin.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    found = collect_sources([root])
+    assert {p.name for p in found} == {p.name for p in corpus[0]}
+    warning = capsys.readouterr().err
+    assert "warning: skipped 2 file(s) that are not text" in warning
+    assert "blob.py (binary, a NUL byte at offset 9)" in warning and "latin.txt (not UTF-8 text, byte 0xe9" in warning
+    with pytest.raises(DataError, match=r"source .*blob.py: binary, a NUL byte at offset 9; only text is tokenized"):
+        collect_sources([root / "pkg0" / "blob.py", root])
+
+
+def test_an_unwritable_output_fails_before_tokenizing(
+    tmp_path: Path, corpus: tuple[list[Path], dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match=r"afile is a file, not a directory; choose a writable output directory"):
+        prepare(corpus[0], tmp_path / "afile" / "sub" / "ds", 0.3)
+    monkeypatch.setattr(data, "stdlib_sources", lambda: corpus[0])
+    cfg = DataConfig(cache_dir=str(tmp_path / "afile" / "cache"), val_fraction=0.3)
+    with pytest.raises(DataError, match=r"set data.cache_dir \(now '.*afile/cache'\) to a writable directory"):
+        ensure_dataset(cfg)
+
+
 # --- atomicity and reuse -----------------------------------------------------------------
 
 
@@ -387,7 +414,10 @@ def test_prepare_leaves_no_temp_dir_and_replaces_old_dataset(
     sources, _ = corpus
     out = tmp_path / "out" / "ds"
     prepare(sources, out, 0.3)
-    prepare(sources[:12], out, 0.3)
+    with pytest.raises(DataError, match="already holds a prepared dataset; pass --overwrite"):
+        prepare(sources[:12], out, 0.3)
+    assert json.loads((out / "meta.json").read_text())["sources"] == len(sources)
+    prepare(sources[:12], out, 0.3, overwrite=True)
     assert [p.name for p in out.parent.iterdir()] == ["ds"]
     assert sorted(p.name for p in out.iterdir()) == [
         "meta.json", "train.bin", "train.idx", "val.bin", "val.idx"
@@ -447,3 +477,12 @@ def test_prepare_main_exit_codes(
     assert prepare_main([str(tmp_path / "src"), "--out", str(out), "--val-fraction", "0.9"]) == 2
     assert "error: --val-fraction=0.9" in capsys.readouterr().err
     assert prepare_main(["--out", str(out)]) == 2
+    capsys.readouterr()
+
+    meta = (out / "meta.json").read_text()
+    assert prepare_main([str(tmp_path / "src" / "pkg0"), "--out", str(out), "--val-fraction", "0.3"]) == 2
+    assert "already holds a prepared dataset; pass --overwrite" in capsys.readouterr().err
+    assert (out / "meta.json").read_text() == meta
+    argv = [str(tmp_path / "src" / "pkg0"), "--out", str(out), "--val-fraction", "0.3", "--overwrite"]
+    assert prepare_main(argv) == 0
+    assert json.loads((out / "meta.json").read_text())["sources"] == 8
