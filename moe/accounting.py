@@ -45,16 +45,30 @@ def num_moe_layers(cfg: ModelConfig) -> int:
     return sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
 
 
+def attention_width(cfg: ModelConfig) -> int:
+    """``H·Dh``: the width of the queries, of the attention output, and of ``out``'s input."""
+    return cfg.n_heads * cfg.head_size
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    """Fused qkv ``D·(H + 2G)·Dh`` + output ``H·Dh·D`` (``4·D²`` for multi-head with Dh = D/H)."""
+    return cfg.dim * cfg.qkv_width + attention_width(cfg) * cfg.dim
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    """RMSNorm gains: two of D per block, the q and k gains of Dh with ``qk_norm``, the final norm."""
+    qk = 2 * cfg.head_size if cfg.qk_norm else 0
+    return cfg.n_layers * (2 * cfg.dim + qk) + cfg.dim
+
+
 def _non_embedding(cfg: ModelConfig, moe: MoEConfig, experts_per_moe_layer: int) -> int:
     n_moe = num_moe_layers(cfg)
     n_dense = cfg.n_layers - n_moe
-    attention = 4 * cfg.dim * cfg.dim
-    norms = 2 * cfg.dim
     return (
-        cfg.n_layers * (attention + norms)
+        cfg.n_layers * _attention_params(cfg)
         + n_dense * _mlp_params(cfg.dim, cfg.ffn_dim, cfg.activation)
         + n_moe * _moe_layer_params(cfg.dim, moe, experts_per_moe_layer)
-        + cfg.dim  # final norm
+        + _norm_params(cfg)
     )
 
 
@@ -69,15 +83,16 @@ def param_counts(cfg: ModelConfig, moe: MoEConfig) -> ParamCounts:
 
 
 def train_flops_per_token(cfg: ModelConfig, moe: MoEConfig) -> float:
-    """Model FLOPs per trained token: ``6 · P_matmul + 6 · L · S · D``.
+    """Model FLOPs per trained token: ``6 · P_matmul + 6 · L · S · H·Dh``.
 
     ``P_matmul`` is the active matmul weights a token meets: attention projections, the
     dense MLP or the router plus K routed experts plus shared experts, and the LM head
-    (``V·D``). The second term is attention scores and values: ``2·2·D`` FLOPs per key,
-    ``S/2`` keys on average under the causal mask, times 3 for forward + backward.
-    Norms and softmaxes are left out, as in Kaplan et al. and Megatron's count.
+    (``V·D``). The second term is attention scores and values: ``2·2·H·Dh`` FLOPs per key
+    (``H·Dh = D`` by default; grouped-query attention shares keys and values between query
+    heads but every query head still computes its own scores), ``S/2`` keys on average under
+    the causal mask, times 3 for forward + backward. Norms and softmaxes are left out, as
+    in Kaplan et al. and Megatron's count.
     """
     active = param_counts(cfg, moe).non_embedding_active
-    norms = cfg.n_layers * 2 * cfg.dim + cfg.dim
-    matmul = active - norms + cfg.vocab_size * cfg.dim
-    return 6.0 * matmul + 6.0 * cfg.n_layers * cfg.seq_len * cfg.dim
+    matmul = active - _norm_params(cfg) + cfg.vocab_size * cfg.dim
+    return 6.0 * matmul + 6.0 * cfg.n_layers * cfg.seq_len * attention_width(cfg)

@@ -73,11 +73,14 @@ class Attention(nn.Module):
         r = self.group_size
         # [B, S, G*(R+2)*Dh] -> [B, S, G, R+2, Dh]
         qkv_BSGRDh = qkv_BSW.view(batch, seq, -1, r + 2, self.head_dim)
-        # query head h = g·R + r: [B, S, G, R, Dh] -> [B, S, H, Dh]
-        q_BSHDh = qkv_BSGRDh[:, :, :, :r].flatten(2, 3)
+        q_BSGRDh = qkv_BSGRDh[:, :, :, :r]
         k_BSGDh, v_BSGDh = qkv_BSGRDh[:, :, :, r], qkv_BSGRDh[:, :, :, r + 1]
         if self.q_norm is not None and self.k_norm is not None:
-            q_BSHDh, k_BSGDh = self.q_norm(q_BSHDh), self.k_norm(k_BSGDh)
+            # Normed before the flatten below, which copies when G, R > 1: the norm then
+            # keeps a view of the projection's output, not a copy, for the backward.
+            q_BSGRDh, k_BSGDh = self.q_norm(q_BSGRDh), self.k_norm(k_BSGDh)
+        # query head h = g·R + r: [B, S, G, R, Dh] -> [B, S, H, Dh]
+        q_BSHDh = q_BSGRDh.flatten(2, 3)
         q_BHSDh = apply_rope(q_BSHDh.transpose(1, 2), cos_SF, sin_SF)
         k_BGSDh = apply_rope(k_BSGDh.transpose(1, 2), cos_SF, sin_SF)
         o_BHSDh = F.scaled_dot_product_attention(

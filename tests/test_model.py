@@ -20,6 +20,7 @@ SMALL_MOE = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32)
         ({"moe_every": 0}, {}),
         ({}, {"router": "sinkhorn", "aux_loss_coeff": 0.0}),
         ({}, {"router": "hash", "top_k": 1, "normalize_weights": False}),
+        ({"n_kv_heads": 2, "head_dim": 12, "qk_norm": True, "moe_every": 2}, {}),
     ],
 )
 def test_param_counts_match_the_model(model_kw: dict, moe_kw: dict) -> None:
@@ -40,6 +41,16 @@ def test_flops_per_token_formula() -> None:
     d, f, v, s, layers = 32, 64, 50, 16, 4
     expected = 6 * (layers * (4 * d * d + 2 * d * f) + v * d) + 6 * layers * s * d
     assert train_flops_per_token(dense, SMALL_MOE) == expected
+
+
+def test_flops_per_token_with_grouped_query_attention() -> None:
+    """4 query heads of 12 sharing 2 key/value heads: qkv 32 -> (4+2+2)·12, out 48 -> 32;
+    scores and values over 4·12 per key; the q/k norm gains are not matmul weights."""
+    gqa = dataclasses.replace(SMALL, moe_every=0, n_kv_heads=2, head_dim=12, qk_norm=True)
+    d, f, v, s, layers = 32, 64, 50, 16, 4
+    attention = d * 8 * 12 + 48 * d
+    expected = 6 * (layers * (attention + 2 * d * f) + v * d) + 6 * layers * s * 48
+    assert train_flops_per_token(gqa, SMALL_MOE) == expected
 
 
 def test_moe_every_places_moe_layers() -> None:

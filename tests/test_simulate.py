@@ -17,7 +17,8 @@ from multirank import RankPool
 from parallel.config import ParallelConfig
 from parallel.simulator.hardware import hardware_dict, load_hardware, parse_hardware
 from parallel.simulator.predict import (
-    Layout, comm_bytes, megatron_buffer_layout, measured_categories, predict, recorded_comm, state_memory,
+    Layout, activation_elements, comm_bytes, megatron_buffer_layout, measured_categories, predict, recorded_comm,
+    state_memory,
 )
 from parallel.simulator.routing import group_rows, load_imbalance, read_routing
 
@@ -66,6 +67,35 @@ def test_states_follow_the_distributed_optimizer_formula() -> None:
     single, _ = state_memory(*_layout(), "megatron", rank=0)
     n = single.params // 4
     assert single.optimizer == 8 * n + 4 * (1 + 4 * 7 + 1)  # AdamW moments + one step per parameter
+
+
+@pytest.mark.parametrize("attention", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 2, "head_dim": 12, "qk_norm": True},
+                                       {"n_kv_heads": 1, "head_dim": 6, "qk_norm": True}],
+                         ids=["mha", "gqa", "gqa-wide-heads-qknorm", "one-kv-head-qknorm"])
+def test_dense_block_activations_are_what_autograd_keeps(attention: dict[str, Any]) -> None:
+    """``activation_elements`` of a dense (GeLU) block equals the elements of the distinct
+    storages autograd saves in its forward (the block's input included, weights and RoPE
+    tables not), for multi-head, grouped-query and q/k-normed attention."""
+    import torch
+
+    from moe.model import Block, rope_tables
+
+    model = ModelConfig(dim=32, n_layers=2, n_heads=4, seq_len=16, ffn_dim=64, vocab_size=64, moe_every=0, **attention)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32)
+    block = Block(model, moe, is_moe=False)
+    cos_SF, sin_SF = rope_tables(model.seq_len, model.head_size, model.rope_theta)
+    not_activations = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos_SF, sin_SF]}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in not_activations:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(torch.randn(2, model.seq_len, model.dim, requires_grad=True), cos_SF, sin_SF)
+    layout = Layout.build(ParallelConfig(), model, moe, batch_size=2, micro_batch_size=None)
+    assert activation_elements(model, moe, layout, layer=0, rows=0) == sum(kept.values())
 
 
 def test_pipeline_bubble_share() -> None:
@@ -195,7 +225,8 @@ def _emulate(rank: int, world: int, cfg: Any, out: str) -> dict[str, Any]:
     ["parallel.tp=2"],
     ["parallel.tp=2", "parallel.sequence_parallel=true"],
     ["parallel.pp=2", "parallel.vpp=2", "parallel.dp=2", "parallel.ep=2", "model.n_layers=4", "train.micro_batch_size=2"],
-], ids=["dp2", "dp2-ep2-micro2-capacity", "dp4-ep2", "tp2", "tp2-sp", "pp2-vpp2-dp2-ep2"])
+    ["parallel.tp=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", "model.qk_norm=true"],
+], ids=["dp2", "dp2-ep2-micro2-capacity", "dp4-ep2", "tp2", "tp2-sp", "pp2-vpp2-dp2-ep2", "tp2-gqa-qknorm"])
 def test_emulated_bytes_and_states_equal_prediction(
     rank_pool: Callable[[int], RankPool], corpus: Path, tmp_path: Path, layout: list[str]
 ) -> None:

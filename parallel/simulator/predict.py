@@ -1,6 +1,7 @@
 """The predictor: per-rank memory, communication bytes and step time of a layout.
 
-Legend: T tokens per micro-batch on a rank (b·S), S sequence, D model dim, H heads, V vocab,
+Legend: T tokens per micro-batch on a rank (b·S), S sequence, D model dim, H query heads,
+G key/value heads, Dh head dim, V vocab,
 E experts, El = E/ep experts per rank, K experts per token, F expert hidden, Fin its input
 projection width (2F for SwiGLU), N rows a rank keeps for dispatch (T·K dropless), R rows its
 experts compute, m micro-batches per step, p pipeline stages, v virtual stages, L layers.
@@ -44,7 +45,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moe.accounting import num_moe_layers, train_flops_per_token
+from moe.accounting import attention_width, num_moe_layers, train_flops_per_token
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.mlp import input_width
 from parallel.config import ParallelConfig
@@ -117,6 +118,7 @@ def rank_params(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int =
     is a second copy on the last stage when pp > 1 (megatron's rule)."""
     t = layout.topology
     d, tp = model.dim, t.tp
+    hd = attention_width(model)  # H·Dh
     vocab_shard = -(-model.vocab_size // tp)  # parallel.tensor_parallel.padded_vocab_size / tp
     expert_buffer = t.ep > 1 or t.tp > 1 or t.etp > 1
     chunk_layers = model.n_layers // (t.pp * t.vpp)
@@ -126,8 +128,12 @@ def rank_params(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int =
         out.append(ParamSpec("embed.weight", vocab_shard * d, False, 0))
     for i in stage_layers(model, layout, stage):
         p, c = f"blocks.{i}.", i // (t.pp * chunk_layers)
-        out += [ParamSpec(p + "attn_norm.weight", d, False, c), ParamSpec(p + "attn.qkv.weight", 3 * d * d // tp, False, c),
-                ParamSpec(p + "attn.out.weight", d * d // tp, False, c), ParamSpec(p + "ffn_norm.weight", d, False, c)]
+        out += [ParamSpec(p + "attn_norm.weight", d, False, c),
+                ParamSpec(p + "attn.qkv.weight", model.qkv_width * d // tp, False, c)]
+        if model.qk_norm:  # replicated over tp
+            out += [ParamSpec(p + "attn.q_norm.weight", model.head_size, False, c),
+                    ParamSpec(p + "attn.k_norm.weight", model.head_size, False, c)]
+        out += [ParamSpec(p + "attn.out.weight", d * hd // tp, False, c), ParamSpec(p + "ffn_norm.weight", d, False, c)]
         if model.is_moe_layer(i):
             local, f = moe.num_experts // t.ep, moe.expert_ffn_dim // t.etp
             out += [ParamSpec(p + "ffn.router.weight_ED", moe.num_experts * d, False, c),
@@ -267,7 +273,12 @@ def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, laye
         return T * D
     Tn = T // tp if layout.sequence_parallel else T  # tokens a norm sees
     norm = 3 * Tn * D + Tn  # input, input·rsqrt, output (RMSNorm is composite), rsqrt
-    attn = norm + 7 * T * D / tp + layout.micro_batch * model.n_heads / tp * layout.seq_len
+    q, kv = attention_width(model), model.kv_heads * model.head_size  # H·Dh, G·Dh
+    # qkv output, rotated q and k, attention output and its contiguous copy (7·T·D for
+    # multi-head with Dh = D/H); the logsumexp per query head and token
+    attn = norm + T * (4 * q + 3 * kv) / tp + layout.micro_batch * model.n_heads / tp * layout.seq_len
+    if model.qk_norm:  # q and k norms: input·rsqrt and rsqrt (their input is a view of qkv)
+        attn += T * (q + kv + model.n_heads + model.kv_heads) / tp
     if model.is_moe_layer(layer):
         f = moe.expert_ffn_dim / t.etp
         Tr = layout.routed_tokens
@@ -393,8 +404,9 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
     - the loss: 3 all-reduces of T floats (vocab-parallel cross-entropy); MoE statistics
       ``(3 + E)`` floats per layer, and ``E`` more for the micro-batch aux loss's counts;
     - per step: gradients of parameters every TP rank computes on its own tokens (routers;
-      with SP also the RMSNorm gains) all-reduced in ``finalize_model_grads``, and the
-      routers' again for the logged router gradient norm.
+      with SP also the RMSNorm gains) or heads (the q/k norm gains of ``model.qk_norm``)
+      all-reduced in ``finalize_model_grads``, and the routers' again for the logged router
+      gradient norm.
     """
     t = layout.topology
     x = layout.tokens * model.dim * 4
@@ -405,6 +417,7 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
     stats = n_moe * 4 * (3 + moe.num_experts + (moe.num_experts if moe.aux_loss_scope == "micro_batch" else 0))
     loss = 3 * layout.tokens * 4 if last else 0
     routers = n_moe * moe.num_experts * model.dim * 4
+    qk_norms = len(layers) * 2 * model.head_size * 4 if model.qk_norm else 0
     if layout.sequence_parallel:
         linears = 2 * len(layers) + 2 * n_dense  # qkv and out in every layer, w_in and w_out in dense ones
         # + column-parallel layers gather their input again in the backward (for the weight
@@ -413,10 +426,10 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
         comm.tp_all_gather = steps * m * (linears + last + regather + first) * x
         comm.tp_reduce_scatter = steps * m * (linears + first + last) * x
         norms = (2 * len(layers) + last) * model.dim * 4
-        comm.tp_all_reduce = steps * (m * (loss + stats) + 2 * routers + norms)
+        comm.tp_all_reduce = steps * (m * (loss + stats) + 2 * routers + norms + qk_norms)
     else:
         ar = 2 * len(layers) + 2 * n_dense + first + last  # attention 2, dense MLP 2, embed, head
-        comm.tp_all_reduce = steps * (m * (ar * x + loss + stats) + 2 * routers)
+        comm.tp_all_reduce = steps * (m * (ar * x + loss + stats) + 2 * routers + qk_norms)
         comm.tp_all_gather = steps * m * 2 * n_moe * x
 
 
@@ -507,10 +520,11 @@ def micro_batch_flops(model: ModelConfig, moe: MoEConfig, layout: Layout, stage:
     projections, router, head; ``grouped_mm``: experts; ``attention``); backward = 2x."""
     t = layout.topology
     T, D, S, tp = layout.tokens, model.dim, layout.seq_len, t.tp
+    hd = attention_width(model)  # H·Dh
     flops = {"matmul": 0.0, "grouped_mm": 0.0, "attention": 0.0}
     for i in stage_layers(model, layout, stage):
-        flops["matmul"] += 2 * T * D * 4 * D / tp  # qkv + out
-        flops["attention"] += 2 * T * S * D / tp  # causal QK^T and AV
+        flops["matmul"] += 2 * T * D * (model.qkv_width + hd) / tp  # qkv + out
+        flops["attention"] += 2 * T * S * hd / tp  # causal QK^T and AV
         if model.is_moe_layer(i):
             f = moe.expert_ffn_dim / t.etp
             flops["matmul"] += 2 * layout.routed_tokens * D * moe.num_experts
