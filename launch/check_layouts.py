@@ -20,6 +20,12 @@ layout runnable on its own:
   unset, micro-batches of ``batch_size / (dp·pp)`` sequences: ``pp`` micro-batches per
   step, the fewest a pipeline (and the interleaved schedule) accepts.
 
+Under ``moe.aux_loss_scope=micro_batch`` (the default) the aux loss is taken over each
+forward's tokens, so layouts whose micro-batches differ (``dp``, ``micro``, a pipeline's
+micro-batches) cannot agree, whatever the parallelism does: the command says so before
+training (a warning naming the layouts' micro-batches and ``moe.aux_loss_scope=global_batch``,
+the scope that does not depend on them), then runs as asked.
+
 The engine column names what trained each layout: ``local`` (one process, torch AdamW),
 ``megatron`` (megatron-core DDP + distributed optimizer) or ``deepspeed-z<stage>``.
 
@@ -141,6 +147,42 @@ def pipeline_micro_batches(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(train, micro_batch_size=micro))
 
 
+def micro_batch(cfg: Config) -> int:
+    """The sequences one forward of one data-parallel replica routes (its micro-batch)."""
+    return cfg.train.micro_batch_size or cfg.train.batch_size // cfg.parallel.dp
+
+
+def aux_scope_warning(layouts: list[Layout], configs: list[Config]) -> str | None:
+    """Why the layouts' aux losses cannot agree, when they cannot: under
+    ``moe.aux_loss_scope=micro_batch`` the aux loss is taken over each forward's tokens,
+    so layouts whose micro-batches differ (dp, micro, a pipeline's micro-batching) differ
+    by definition, however right the parallelism is. None when nothing differs."""
+    moe, model = configs[0].moe, configs[0].model
+    if moe.aux_loss_scope != "micro_batch" or moe.aux_loss_coeff == 0 or moe.router == "hash" or model.moe_every == 0:
+        return None
+    by_size: dict[int, list[str]] = {}
+    for layout, cfg in zip(layouts, configs):
+        by_size.setdefault(micro_batch(cfg), []).append(layout.name)
+    if len(by_size) < 2:
+        return None
+    groups = "; ".join(f"{size} under {', '.join(names)}" for size, names in by_size.items())
+    return (
+        f"warning: moe.aux_loss_scope=micro_batch takes the aux loss over each forward's tokens, and these layouts' "
+        f"forwards route different sequences (sequences per micro-batch: {groups}): their aux losses, and through them the "
+        "router gradients and later losses, differ by definition, not by a fault. To compare the layouts, set "
+        "moe.aux_loss_scope=global_batch (the same for every dp, ep and micro-batch size)"
+    )
+
+
+def check_arguments(steps: int, rtol: float) -> None:
+    """``--steps`` and ``--rtol``, before anything is loaded or run."""
+    if steps < 1:
+        raise ConfigError(f"--steps {steps}: must be >= 1 (the steps each layout trains and compares)")
+    if not math.isfinite(rtol) or rtol < 0:
+        raise ConfigError(f"--rtol {rtol:g}: must be a finite number >= 0 (the largest relative difference "
+                          "allowed; the default 1e-5 fits fp32)")
+
+
 def train_records(run_dir: Path) -> list[dict[str, Any]]:
     """The ``train`` records a layout's run wrote (one per step with ``log_every=1``)."""
     return [r for r in read_metrics(run_dir) if r["kind"] == "train"]
@@ -181,9 +223,13 @@ def main(argv: list[str]) -> int:
                         help="largest relative difference allowed (fp32: layouts differ by ~1e-7 to 5e-7)")
     parser.add_argument("--out", type=Path, default=None, help="where the runs go (default: a temporary directory)")
     args = parser.parse_args(argv)
+    check_arguments(args.steps, args.rtol)
     layouts = parse_layouts(args.layouts)
     out = args.out or Path(tempfile.mkdtemp(prefix="check-layouts-"))
     layouts, configs = layout_configs(args.config, args.overrides, layouts, args.steps, out)
+    warning = aux_scope_warning(layouts, configs)
+    if warning:
+        print(warning, file=sys.stderr)
     results = []
     for layout, cfg in zip(layouts, configs):
         print(f"running layout {layout.name} on {cfg.parallel.world_size} rank(s), engine {layout.engine} "
@@ -193,6 +239,8 @@ def main(argv: list[str]) -> int:
     lines, ok = compare(results, layouts, args.rtol)
     print("\n".join(lines))
     verdict = "all layouts agree" if ok else "layouts DISAGREE"
+    if warning and not ok:
+        verdict += " (moe.aux_loss_scope=micro_batch: see the warning above)"
     print(f"{verdict} (rtol {args.rtol:g}); runs in {out}")
     (out / "check-layouts.json").write_text(json.dumps({"layouts": [l.name for l in layouts], "engines": [l.engine for l in layouts], "ok": ok, "records": results}))
     return 0 if ok else 1

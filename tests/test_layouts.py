@@ -114,3 +114,68 @@ def test_pipeline_layouts_default_to_pp_micro_batches() -> None:
     for layout, micro in (("pp=2", 4), ("pp=2,ep=2", 2), ("pp=2,vpp=2", 4), ("pp=2,micro=2", 2), ("dp=2", None)):
         cfg = load_config(TINY, [*SMALL, *parse_layouts(layout)[0].overrides])
         assert pipeline_micro_batches(cfg).train.micro_batch_size == micro, layout
+
+
+@pytest.mark.parametrize(
+    "scope, layouts, groups",
+    [
+        ("micro_batch", "dp=1;dp=2;ep=2", "8 under dp=1; 4 under dp=2, ep=2"),
+        ("micro_batch", "dp=2;dp=1,micro=4;pp=2", None),  # the same micro-batches, however split over ranks
+        ("micro_batch", "dp=1;pp=2", "8 under dp=1; 4 under pp=2"),
+        ("micro_batch", "dp=2,micro=2;tp=2", "2 under dp=2,micro=2; 8 under tp=2"),
+        ("global_batch", "dp=1;dp=2;dp=2,micro=2;pp=2", None),
+        ("sequence", "dp=1;dp=2", None),
+    ],
+)
+def test_micro_batch_aux_scope_is_named_when_the_micro_batches_differ(
+    scope: str, layouts: str, groups: str | None, corpus: Path, runs: Path
+) -> None:
+    from launch.check_layouts import aux_scope_warning
+
+    named, configs = layout_configs(TINY, [*SMALL, f"moe.aux_loss_scope={scope}", f"data.path={corpus}"],
+                                    parse_layouts(layouts), STEPS, runs / "scope")
+    warning = aux_scope_warning(named, configs)
+    if groups is None:
+        assert warning is None
+        return
+    assert warning is not None and f"(sequences per micro-batch: {groups})" in warning
+    assert "differ by definition" in warning
+    assert warning.endswith("set moe.aux_loss_scope=global_batch (the same for every dp, ep and micro-batch size)")
+
+
+def test_check_layouts_warns_about_micro_batch_scope_before_training(
+    corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One-process layouts (they train in this process): dp=1 against 4-sequence
+    micro-batches, whose aux losses differ at the first step, as the warning says."""
+    from launch.check_layouts import main
+
+    argv = [str(TINY), *SMALL, "moe.aux_loss_scope=micro_batch", f"data.path={corpus}",
+            "--layouts", "dp=1;micro=4", "--steps", "1", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    warning = captured.err.index("warning: moe.aux_loss_scope=micro_batch")
+    assert warning < captured.err.index("running layout dp=1")
+    assert "(sequences per micro-batch: 8 under dp=1; 4 under micro=4)" in captured.err
+    assert "layouts DISAGREE (moe.aux_loss_scope=micro_batch: see the warning above)" in captured.out
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--rtol", "-1"], "--rtol -1: must be a finite number >= 0"),
+        (["--rtol", "nan"], "--rtol nan: must be a finite number >= 0"),
+        (["--rtol", "inf"], "--rtol inf: must be a finite number >= 0"),
+        (["--steps", "0"], "--steps 0: must be >= 1"),
+        (["--steps", "-3"], "--steps -3: must be >= 1"),
+    ],
+)
+def test_check_layouts_refuses_bad_rtol_and_steps(
+    option: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from launch.cli import main
+
+    assert main(["check-layouts", str(TINY), "--layouts", "dp=1;dp=2", *option, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
