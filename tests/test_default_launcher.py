@@ -1,6 +1,7 @@
-"""The commands that train several layouts in one process, through the default (Ray)
-launcher: ``moe check-layouts`` and ``moe bench layouts`` start one local Ray cluster per
-multi-rank layout, one after the other, in the same process.
+"""Commands that train more than once per process, through the default (Ray) launcher:
+``moe check-layouts`` starts one local Ray cluster per multi-rank layout, one after the
+other, in the same process (as ``moe bench layouts`` does: tests/test_bench.py), and
+``moe sweep`` starts one for the sweep, on which a multi-rank trial's ranks are actors.
 
 They run as the real command line in a subprocess, without the test session's Ray
 cluster (which the launcher would reuse, starting none) and without its token in the
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launch.data import prepare, stdlib_sources
 from test_layouts import SMALL
@@ -54,3 +56,24 @@ def test_check_layouts_runs_four_multi_rank_layouts_through_the_default_launcher
     # Each multi-rank layout started a local Ray cluster of its own, with its files in its run.
     runs = sorted(p.name for p in out.iterdir() if (p / "ray").is_dir())
     assert runs == ["1-dp2", "2-ep2", "3-tp2", "4-pp2"]
+
+
+def test_a_sweep_trains_a_multi_rank_trial_through_the_default_launcher(corpus: Path, tmp_path: Path) -> None:
+    """``moe sweep`` starts its local cluster; the trial's ranks are actors on it."""
+    fixed = {
+        "model.n_layers": 1, "model.n_heads": 2, "model.dim": 32, "moe.expert_ffn_dim": 64, "model.seq_len": 32,
+        "train.batch_size": 4, "train.warmup_steps": 1, "train.eval_every": 1000, "train.ckpt_every": 1000,
+        "train.log_every": 1, "data.val_tokens": 256, "data.path": str(corpus), "launch.threads": 1,
+        "parallel.dp": 2, "parallel.ep": 2,
+    }
+    sweep = {"base": str(TINY), "out_dir": str(tmp_path / "out"), "tokens": 2 * 4 * 32, "fixed": fixed,
+             "grid": {"moe.num_experts": [4]}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    done = _moe("sweep", str(path))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "[sweep] done:" in done.stdout and "(1/1 finished)" in done.stdout
+    [trial] = (tmp_path / "out" / "trials").iterdir()
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["layout"]["world_size"] == 2
+    assert sorted(p.name for p in (trial / "logs").glob("rank-*.log")) == ["rank-0.log", "rank-1.log"]
