@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launch.config import Config, load_config
+from launch.config import Config, load_config, locate, read_yaml, shipped_configs
 from moe.config import ConfigError
 
 
@@ -73,7 +73,7 @@ def emulate_rank(cfg: Config, steps: int, out_dir: Path, memory_step: int = 1) -
                     values = box["values"]
                 else:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    values, _ = run.train_step()
+                    values, _, _ = run.train_step()
                     if step > 0:
                         times.append(time.perf_counter() - t0)
                         cpu_times.append(time.process_time() - c0)
@@ -183,7 +183,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("config", help="a YAML config, or 'calibrate'")
     parser.add_argument("overrides", nargs="*", help="section.key=value; anything that scales the model down is listed")
-    parser.add_argument("--cluster", default="configs/hardware/h100-ib.yaml", help="hardware file to predict for")
+    parser.add_argument("--cluster", default="h100-ib",
+                        help="hardware file to predict for: a path, or a name in the shipped configs/hardware/ "
+                        "(default %(default)s)")
     parser.add_argument("--steps", type=int, default=5,
                         help="emulated steps (step 0 warms up, step 1 measures memory, the rest are timed)")
     parser.add_argument("--no-emulate", action="store_true", help="predict only (uniform routing unless --routing)")
@@ -199,8 +201,10 @@ def _calibrate(argv: list[str]) -> int:
     from parallel.simulator.calibrate import calibrate
 
     cal = argparse.ArgumentParser(prog="moe simulate calibrate")
-    cal.add_argument("--out", type=Path, default=Path(THIS_MACHINE))
+    cal.add_argument("--out", type=Path, default=_this_machine_path(),
+                     help="the hardware file to write (default %(default)s)")
     path = cal.parse_args(argv).out
+    _check_writable_file(path)
     hw = calibrate(path)
     print(f"wrote {path}: matmul {hw.peak_flops['float32'] / 1e9:.1f} GFLOP/s per core, memory "
           f"{hw.memory_bandwidth / 1e9:.1f} GB/s, op overhead {hw.op_overhead_s * 1e6:.1f} us, gloo all-to-all "
@@ -208,12 +212,98 @@ def _calibrate(argv: list[str]) -> int:
     return 0
 
 
-def _this_machine() -> Any:
-    from parallel.simulator.hardware import load_hardware
+def _this_machine_path() -> Path:
+    """Where this machine's hardware file is read and written: configs/hardware/ under the
+    current directory if it has one, else the shipped configs/ (not wherever the command
+    happens to run)."""
+    found = locate(THIS_MACHINE, "hardware")
+    return found if found.is_file() else shipped_configs() / "hardware" / Path(THIS_MACHINE).name
 
-    if not Path(THIS_MACHINE).is_file():
-        raise ConfigError(f"{THIS_MACHINE} does not exist: run `moe simulate calibrate` first")
-    return load_hardware(THIS_MACHINE)
+
+def _this_machine() -> Any:
+    path = _this_machine_path()
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run `moe simulate calibrate` first")
+    return _hardware(str(path), "this machine's hardware file")
+
+
+def _hardware(name: str, what: str) -> Any:
+    """A hardware file by path or shipped name (``h100-ib``), validated; one ``ConfigError``
+    naming ``what`` (the option that gave it) and where it was looked for otherwise."""
+    from parallel.simulator.hardware import parse_hardware
+
+    raw = read_yaml(name, what, "hardware")
+    return parse_hardware(raw, str(locate(name, "hardware")))
+
+
+def _check_writable_file(path: Path) -> None:
+    """A file to be written after minutes of measuring: its directory must be writable now."""
+    existing = Path(os.path.abspath(path)).parent
+    while not existing.exists():
+        existing = existing.parent
+    if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is a directory" if path.is_dir() else f"cannot be written ({existing} is not a writable directory)"
+        raise ConfigError(f"--out {str(path)!r} {why}; give a file path in a writable directory")
+
+
+def _check_out_dir(out: Path) -> None:
+    """``--out``: new, empty or an earlier simulation's, then created; a directory holding
+    other files is refused, so a mistyped path never mixes outputs into someone's files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.is_dir() else []
+    if foreign:
+        raise ConfigError(
+            f"--out {str(out)!r} holds {foreign[0]}, which `moe simulate` did not write; choose a new or empty directory"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {str(out)!r}: cannot create it ({err.strerror}); choose a writable directory") from None
+
+
+def _check_emulation_args(args: argparse.Namespace) -> None:
+    """``--steps`` and ``--routing`` against whether the layout is emulated."""
+    if not args.no_emulate:
+        _check_emulated_steps(args.steps)
+    if args.routing is not None and not args.no_emulate:
+        raise ConfigError(
+            "--routing replays recorded routing in a prediction without emulation, and an emulation records "
+            "and replays its own: add --no-emulate, or drop --routing"
+        )
+
+
+def _check_emulated_steps(steps: int) -> None:
+    if steps < 3:
+        raise ConfigError(
+            f"--steps {steps}: an emulation needs at least 3 (step 0 warms up, step 1 measures memory, "
+            "later steps are timed)"
+        )
+
+
+def _recorded_routing(directory: Path, cfg: Config) -> list[Any]:
+    """``--routing DIR``'s records, checked against the config they are replayed on."""
+    from parallel.simulator.routing import read_routing
+
+    if not directory.is_dir():
+        raise ConfigError(f"--routing {str(directory)!r}: no such directory")
+    paths = sorted(directory.glob("routing-rank-*.jsonl"))
+    if not paths:
+        raise ConfigError(
+            f"--routing {str(directory)!r} holds no routing-rank-K.jsonl files; they are written by "
+            "`moe simulate` (<out>/emulation/) and by `moe train` with train.record_routing=true (<run_dir>/routing/)"
+        )
+    try:
+        routing = read_routing(paths)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--routing {str(directory)!r}: unreadable records ({type(err).__name__}: {err})") from None
+    experts = {len(counts) for record in routing for counts in record.counts_LE}
+    if experts - {cfg.moe.num_experts}:
+        raise ConfigError(
+            f"--routing {str(directory)!r} was recorded with {sorted(experts)} experts per layer, but "
+            f"moe.num_experts={cfg.moe.num_experts}: replay routing recorded on this config"
+        )
+    return routing
 
 
 def emulate_and_compare(cfg: Config, steps: int, out: Path) -> tuple[Any, list[str], dict[str, Any]]:
@@ -286,6 +376,11 @@ def _validate(argv: list[str]) -> int:
                         help="steps of the plain timed run per layout (0: none, step time from the emulation only)")
     parser.add_argument("--out", type=Path, default=Path("runs") / f"simulate-validate-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
+    _check_emulated_steps(args.steps)
+    if args.run_steps < 0 or args.run_steps == 1:
+        raise ConfigError(
+            f"--run-steps {args.run_steps}: 0 for no timed run, or at least 2 (the first logged interval warms up)"
+        )
     layouts = parse_layouts(args.layouts)
     configs = [load_config(args.config, [*args.overrides, *layout.overrides]) for layout in layouts]
     _this_machine()
@@ -321,31 +416,31 @@ def _validate(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     """``moe simulate ...``; returns the exit status."""
-    from parallel.simulator.hardware import load_hardware
     from parallel.simulator.predict import Layout, predict
     from parallel.simulator.report import plot_breakdown, text_report, write_json
-    from parallel.simulator.routing import read_routing
 
     if argv[:1] == ["calibrate"]:
         return _calibrate(argv[1:])
     if argv[:1] == ["validate"]:
         return _validate(argv[1:])
     args = _parse(argv)
-    hw = load_hardware(args.cluster)  # a bad hardware file fails before any work
+    _check_emulation_args(args)
+    hw = _hardware(args.cluster, "--cluster")  # a bad hardware file fails before any work
     cfg = load_config(args.config, args.overrides)
+    recorded = _recorded_routing(args.routing, cfg) if args.routing is not None else None
     scaled = [o for o in args.overrides if o.split("=")[0] in SCALING_KEYS]
     dtype = args.dtype or ("bfloat16" if hw.kind == "gpu" else "float32")
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
                           dtype, args.recompute, threads=cfg.launch.threads)
     out = args.out or Path("runs") / f"simulate-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out)
+    if not args.no_emulate:
+        _this_machine()  # the emulation is compared with this machine's prediction: fail now, not after it
     print("scaled by the user: " + (", ".join(scaled) if scaled else "nothing (the config as given)"))
-    routing, comparison, extra = None, None, {"scaled": scaled}
+    routing, comparison, extra = recorded, None, {"scaled": scaled}
     if not args.no_emulate:
         print(f"emulating {cfg.parallel.world_size} ranks as gloo processes on this machine, {args.steps} steps ...")
         routing, comparison, extra["emulation"] = emulate_and_compare(cfg, args.steps, out / "emulation")
-    elif args.routing is not None:
-        routing = read_routing(sorted(args.routing.glob("routing-rank-*.jsonl")))
     pred = predict(cfg.model, cfg.moe, layout, hw, cfg.parallel.engine, routing)
     report = text_report(pred, scaled, comparison)
     (out / "report.txt").write_text(report + "\n")
@@ -357,5 +452,6 @@ def main(argv: list[str]) -> int:
 
 
 THIS_MACHINE = "configs/hardware/this-machine.yaml"
+OUTPUTS = ("report.txt", "prediction.json", "breakdown.png", "emulation")
 SCALING_KEYS = {"model.n_layers", "model.seq_len", "model.dim", "model.n_heads", "model.ffn_dim", "model.vocab_size",
                 "moe.num_experts", "moe.expert_ffn_dim", "train.batch_size", "train.micro_batch_size"}

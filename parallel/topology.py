@@ -11,6 +11,7 @@ Every rule is checked here, before any process group exists, and each failure is
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from moe.config import ConfigError, ModelConfig, MoEConfig
@@ -39,6 +40,8 @@ class Topology:
     world_size: int
     micro_batches: int
     engine: str
+    first_stage_layers: int | None = None  # layers of the first / last pipeline rank; None = an even share
+    last_stage_layers: int | None = None
 
     @classmethod
     def build(
@@ -68,6 +71,8 @@ class Topology:
             world_size=world_size,
             micro_batches=micro_batches,
             engine=parallel.engine,
+            first_stage_layers=parallel.first_stage_layers,
+            last_stage_layers=parallel.last_stage_layers,
         )
 
 
@@ -95,9 +100,25 @@ def _check_experts(p: ParallelConfig, model: ModelConfig, moe: MoEConfig) -> Non
     if (p.tp * p.dp) % (p.etp * p.ep):
         _fail(
             f"parallel.etp={p.etp} x parallel.ep={p.ep} = {p.etp * p.ep} must divide "
-            f"parallel.tp={p.tp} x parallel.dp={p.dp} = {p.tp * p.dp} (the ranks of one pipeline stage); "
-            "raise parallel.dp or lower parallel.ep"
+            f"parallel.tp={p.tp} x parallel.dp={p.dp} = {p.tp * p.dp} (the ranks of one pipeline stage, over "
+            f"which the experts are split); set {' or '.join(_expert_split_fixes(p, moe))}"
         )
+
+
+def _expert_split_fixes(p: ParallelConfig, moe: MoEConfig) -> list[str]:
+    """The nearest layouts that satisfy ``etp · ep | tp · dp``: a lower etp or ep (each
+    still dividing the expert width, resp. the expert count), or a higher dp (more ranks)."""
+    stage = p.tp * p.dp
+    fixes = []
+    if stage % p.ep == 0:
+        etp = max(d for d in range(1, p.etp) if (stage // p.ep) % d == 0 and moe.expert_ffn_dim % d == 0)
+        fixes.append(f"parallel.etp={etp}")
+    if stage % p.etp == 0:
+        ep = max(d for d in range(1, p.ep) if (stage // p.etp) % d == 0 and moe.num_experts % d == 0)
+        fixes.append(f"parallel.ep={ep}")
+    dp = next(d for d in itertools.count(p.dp + 1) if (p.tp * d) % (p.etp * p.ep) == 0)
+    fixes.append(f"parallel.dp={dp} (a world of {p.tp * p.pp * dp} ranks)")
+    return fixes
 
 
 def _check_tensor_parallel(p: ParallelConfig, model: ModelConfig, moe: MoEConfig) -> None:
@@ -119,14 +140,93 @@ def _check_tensor_parallel(p: ParallelConfig, model: ModelConfig, moe: MoEConfig
 
 
 def _check_pipeline(p: ParallelConfig, model: ModelConfig) -> None:
+    """Every pipeline rank holds a whole number of layers per virtual stage: ``n_layers/pp``
+    each, or ``first_stage_layers`` / ``last_stage_layers`` on the first / last rank and an
+    even share of the rest on the others; ``vpp`` divides each rank's count (megatron-core's
+    rule for uneven stages: the first/last counts are the whole rank's, over its chunks)."""
     if p.vpp > 1 and p.pp == 1:
         _fail(f"parallel.vpp={p.vpp} needs parallel.pp > 1: virtual stages interleave a real pipeline")
-    stages = p.pp * p.vpp
-    if model.n_layers % stages:
+    n = model.n_layers
+    ends = {k: v for k, v in (("first_stage_layers", p.first_stage_layers), ("last_stage_layers", p.last_stage_layers))
+            if v is not None}
+    if not ends:
+        stages = p.pp * p.vpp
+        if n % stages:
+            uneven = _uneven_split(n, p.pp, p.vpp)
+            hint = f", or give the first/last stage other sizes: {uneven}" if uneven else ""
+            _fail(
+                f"model.n_layers={n} is not divisible by parallel.pp={p.pp} x parallel.vpp={p.vpp} "
+                f"= {stages} pipeline chunks; choose degrees whose product divides the layer count{hint}"
+            )
+        return
+    named = " + ".join(f"parallel.{k}={v}" for k, v in ends.items())
+    if p.pp == 1:
+        _fail(f"{named} needs parallel.pp > 1: a single pipeline stage holds all model.n_layers={n} layers; "
+              "set it to null")
+    for key, value in ends.items():
+        if value % p.vpp:
+            _fail(
+                f"parallel.{key}={value} is not divisible by parallel.vpp={p.vpp}: the stage's layers split evenly "
+                f"over its {p.vpp} virtual stages (megatron-core's rule); set parallel.{key}="
+                f"{max(p.vpp, value // p.vpp * p.vpp)} or {-(-value // p.vpp) * p.vpp}"
+            )
+    others = p.pp - len(ends)  # ranks that share the rest evenly
+    rest = n - sum(ends.values())
+    if others == 0 and rest != 0:
         _fail(
-            f"model.n_layers={model.n_layers} is not divisible by parallel.pp={p.pp} x parallel.vpp={p.vpp} "
-            f"= {stages} pipeline chunks; choose degrees whose product divides the layer count"
+            f"{named} = {n - rest} layers, but model.n_layers={n}: with parallel.pp=2 the two stages hold every "
+            f"layer; set parallel.last_stage_layers={n - p.first_stage_layers} or null (the last stage then takes "
+            "the rest)"
         )
+    if others and rest < others * p.vpp:
+        left = f"is more than model.n_layers={n}" if rest < 0 else f"leaves {rest} of model.n_layers={n} layers"
+        each = " (one per virtual stage)" if p.vpp > 1 else ""
+        _fail(
+            f"{named} {left} for the other {others} pipeline stage(s), which need at least {others * p.vpp}{each}; "
+            "lower it" + _nearest_ends(n, p, ends)
+        )
+    if others and rest % (others * p.vpp):
+        per = f" x parallel.vpp={p.vpp}" if p.vpp > 1 else ""
+        _fail(
+            f"the {rest} layers left by {named} (model.n_layers={n}) do not split evenly over the other {others} "
+            f"pipeline stage(s){per}; each takes the same number" + _nearest_ends(n, p, ends)
+        )
+
+
+def _ends_split(n: int, pp: int, vpp: int, first: int | None, last: int | None) -> bool:
+    """Whether these first/last stage sizes give every rank a whole number of layers per virtual stage."""
+    sizes = [v for v in (first, last) if v is not None]
+    others, rest = pp - len(sizes), n - sum(sizes)
+    if any(v < 1 or v % vpp for v in sizes):
+        return False
+    return rest == 0 if others == 0 else rest >= others * vpp and rest % (others * vpp) == 0
+
+
+def _nearest_ends(n: int, p: ParallelConfig, ends: dict[str, int]) -> str:
+    """``; e.g. parallel.first_stage_layers=X or ...``: the nearest values of each given end
+    (the other held) that split the rest evenly, or ``""`` when none does."""
+    fixes = []
+    for key, value in ends.items():
+        def splits(v: int, key: str = key) -> bool:
+            trial = {**ends, key: v}
+            return _ends_split(n, p.pp, p.vpp, trial.get("first_stage_layers"), trial.get("last_stage_layers"))
+        below = next((v for v in range(value - 1, 0, -1) if splits(v)), None)
+        above = next((v for v in range(value + 1, n) if splits(v)), None)
+        fixes += [f"parallel.{key}={v}" for v in (below, above) if v is not None]
+    return f"; e.g. {' or '.join(fixes)}" if fixes else ""
+
+
+def _uneven_split(n: int, pp: int, vpp: int) -> str:
+    """First/last stage sizes that split ``n`` layers when ``pp·vpp`` does not divide them:
+    equal first and last stages no larger than the others (they also hold the embedding and
+    the LM head), else a first stage alone; ``""`` when neither exists."""
+    for x in range(n // pp // vpp * vpp, 0, -vpp):
+        if pp > 2 and _ends_split(n, pp, vpp, x, x):
+            return f"parallel.first_stage_layers={x} parallel.last_stage_layers={x} ({(n - 2 * x) // (pp - 2)} on each other stage)"
+    for x in range(n // pp // vpp * vpp, 0, -vpp):
+        if _ends_split(n, pp, vpp, x, None):
+            return f"parallel.first_stage_layers={x} ({(n - x) // (pp - 1)} on each other stage)"
+    return ""
 
 
 def _check_batch(p: ParallelConfig, batch: BatchShape) -> int:

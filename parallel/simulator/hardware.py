@@ -24,6 +24,7 @@ runs on the same cores, so ranks share them (see ``predict.rank_compute_share``)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ def _number(raw: dict[str, Any], key: str, where: str, minimum: float = 0.0, str
             raise ConfigError(f"{where}: {key}={value!r} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: {key}={value!r} is not a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: {key}={value!r} must be a finite number, not nan or inf")
     if value < minimum or (strict and value == minimum):
         bound = f"> {minimum}" if strict else f">= {minimum}"
         raise ConfigError(f"{where}: {key}={value!r} is nonsensical; it must be {bound}")
@@ -174,12 +177,18 @@ def _shares(raw: dict[str, Any], key: str, names: tuple[str, ...], of: str, wher
 
 
 def load_hardware(path: str | Path) -> Hardware:
-    """Read and validate ``path``; a missing file is a ``ConfigError`` too."""
+    """Read and validate ``path``; a missing or unreadable file is a ``ConfigError`` too.
+    (``moe simulate`` reads hardware files through ``launch.config.read_yaml``, which
+    also finds shipped names and refuses duplicate keys.)"""
     path = Path(path)
     if not path.is_file():
-        shipped = sorted(p.name for p in Path("configs/hardware").glob("*.yaml"))
-        raise ConfigError(f"--cluster {str(path)!r}: no such file; shipped: {shipped} (or run `moe simulate calibrate`)")
-    return parse_hardware(yaml.safe_load(path.read_text()), str(path))
+        raise ConfigError(f"hardware file {str(path)!r}: {'a directory' if path.is_dir() else 'no such file'}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        problem = " ".join(str(err).split())
+        raise ConfigError(f"hardware file {str(path)!r} is not UTF-8 YAML: {problem}") from None
+    return parse_hardware(raw, str(path))
 
 
 def hardware_dict(hw: Hardware) -> dict[str, Any]:
