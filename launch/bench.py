@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from launch.config import check_output_file
 from moe.config import ConfigError
 
 if TYPE_CHECKING:
@@ -98,12 +100,18 @@ class Shape:
 
     @classmethod
     def parse_many(cls, text: str) -> list[Shape]:
+        """``--shapes "T,H,E,K;..."``; one ``ConfigError`` naming the first bad item."""
         shapes = []
         for item in filter(None, (part.strip() for part in text.split(";"))):
-            values = [int(v) for v in item.split(",")]
+            try:
+                values = [int(v) for v in item.split(",")]
+            except ValueError:
+                values = []
             if len(values) != 4 or min(values) < 1 or values[3] > values[2]:
-                raise ValueError(f"--shapes item {item!r}: expected T,H,E,K with K <= E, all >= 1")
+                raise ConfigError(f"--shapes item {item!r}: expected T,H,E,K (integers) with K <= E, all >= 1")
             shapes.append(cls(*values))
+        if not shapes:
+            raise ConfigError(f"--shapes {text!r}: no shape given; expected T,H,E,K;... e.g. 4096,1024,8,2")
         return shapes
 
 
@@ -340,6 +348,19 @@ def bench_layer(spec: LayerSpec) -> list[dict[str, Any]]:
     return rows
 
 
+def check_layer_spec(spec: LayerSpec) -> None:
+    """Sizes every layer can run with: a bad one would fail in each layer's own process and
+    come back as three "did not run" rows instead of one message."""
+    for flag, value in (("--tokens", spec.tokens), ("--hidden", spec.hidden), ("--ffn", spec.ffn),
+                        ("--experts", spec.experts)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1")
+    if not 1 <= spec.top_k <= spec.experts:
+        raise ConfigError(f"--top-k {spec.top_k}: must be in [1, --experts={spec.experts}]")
+    if not (math.isfinite(spec.capacity_factor) and spec.capacity_factor > 0):
+        raise ConfigError(f"--capacity-factor {spec.capacity_factor}: must be a finite number > 0")
+
+
 def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
     reference = next((r["ms"] for r in rows if r["layer"] == "megatron-core" and r["ms"]), None)
     lines = [f"{'layer':<15}{'fwd+bwd ms':>12}{'peak MB':>10}{'vs megatron':>13}  note", "-" * 60]
@@ -463,6 +484,7 @@ def main(argv: list[str]) -> int:
         return _layouts_main(args, device)
     if args.what == "kernels":
         shapes = Shape.parse_many(args.shapes or (DEFAULT_GPU_SHAPES if device.type == "cuda" else DEFAULT_CPU_SHAPES))
+        check_output_file(args.out, "--out")
         bandwidth, rows = bench_kernels(shapes, device)
         print(f"device: {device_name(device)}; measured copy bandwidth {bandwidth:.1f} GB/s")
         print("\n".join(_kernel_table(rows)))
@@ -470,6 +492,8 @@ def main(argv: list[str]) -> int:
         return 0
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     spec = LayerSpec(args.tokens, args.hidden, args.ffn, args.experts, args.top_k, args.capacity_factor, dtype)
+    check_layer_spec(spec)
+    check_output_file(args.out, "--out")
     rows = bench_layer(spec)
     print(f"device: {device_name(device)}; {spec}")
     print("\n".join(_layer_table(rows)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -396,6 +397,20 @@ def read_yaml(path: str | Path, what: str, kind: str = "") -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{what} {name}: expected a mapping of keys at the top, got a {type(raw).__name__}")
     return raw
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """A file written at the end of minutes of work (a benchmark's JSON, a calibration):
+    refuse now, not then, a path that is a directory or whose directory cannot be made."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a directory; give a file path")
+    existing = Path(os.path.abspath(path)).parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r}: {existing} is a file, not a directory; give a path in a writable directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(path)!r}: {existing} is not writable; give a path in a writable directory")
 
 
 def _example(directory: Path) -> str:

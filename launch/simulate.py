@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launch.config import Config, load_config, locate, read_yaml, shipped_configs
+from launch.config import Config, check_output_file, load_config, locate, read_yaml, shipped_configs
 from moe.config import ConfigError
 
 
@@ -204,7 +204,7 @@ def _calibrate(argv: list[str]) -> int:
     cal.add_argument("--out", type=Path, default=_this_machine_path(),
                      help="the hardware file to write (default %(default)s)")
     path = cal.parse_args(argv).out
-    _check_writable_file(path)
+    check_output_file(path, "--out")
     hw = calibrate(path)
     print(f"wrote {path}: matmul {hw.peak_flops['float32'] / 1e9:.1f} GFLOP/s per core, memory "
           f"{hw.memory_bandwidth / 1e9:.1f} GB/s, op overhead {hw.op_overhead_s * 1e6:.1f} us, gloo all-to-all "
@@ -234,16 +234,6 @@ def _hardware(name: str, what: str) -> Any:
 
     raw = read_yaml(name, what, "hardware")
     return parse_hardware(raw, str(locate(name, "hardware")))
-
-
-def _check_writable_file(path: Path) -> None:
-    """A file to be written after minutes of measuring: its directory must be writable now."""
-    existing = Path(os.path.abspath(path)).parent
-    while not existing.exists():
-        existing = existing.parent
-    if path.is_dir() or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        why = "is a directory" if path.is_dir() else f"cannot be written ({existing} is not a writable directory)"
-        raise ConfigError(f"--out {str(path)!r} {why}; give a file path in a writable directory")
 
 
 def _check_out_dir(out: Path) -> None:
