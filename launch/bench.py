@@ -108,7 +108,7 @@ class Shape:
             except ValueError:
                 values = []
             if len(values) != 4 or min(values) < 1 or values[3] > values[2]:
-                raise ConfigError(f"--shapes item {item!r}: expected T,H,E,K (integers) with K <= E, all >= 1")
+                raise ConfigError(f"--shapes item {item!r}: expected T,H,E,K with K <= E, all integers >= 1")
             shapes.append(cls(*values))
         if not shapes:
             raise ConfigError(f"--shapes {text!r}: no shape given; expected T,H,E,K;... e.g. 4096,1024,8,2")
