@@ -94,6 +94,10 @@ def _ckpt(args: argparse.Namespace) -> int:
     from parallel.checkpoint import describe_checkpoint, resolve_checkpoint
     from parallel.dist_checkpoint import describe_dist_checkpoint, is_dist_checkpoint
 
+    if not args.path.exists():
+        raise CheckpointError(
+            f"{str(args.path)!r}: no such file or directory; give a checkpoint, a checkpoints/ directory or a run directory"
+        )
     describe = describe_dist_checkpoint if is_dist_checkpoint(resolve_checkpoint(args.path)) else describe_checkpoint
     print(describe(args.path, args.verify))
     return 0
