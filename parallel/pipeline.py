@@ -5,11 +5,18 @@ full model, E experts, M micro-batches per step (per data-parallel rank).
 
 **Stages.** The full model is built on every rank from the same seed; :func:`split_stages`
 keeps this rank's chunks. With ``pp`` ranks and ``vpp`` virtual stages per rank there are
-``pp·vpp`` virtual stages of ``n_layers/(pp·vpp)`` consecutive layers each; chunk ``v`` on
-pipeline rank ``r`` is virtual stage ``v·pp + r`` (megatron's interleaved assignment; with
-``vpp = 1`` rank ``r`` holds stage ``r``). The embedding lives only on virtual stage 0;
-the final norm, LM head and loss only on the last. A chunk is the model with the other
-blocks deleted, so parameter names (checkpoint keys) are the full model's.
+``pp·vpp`` virtual stages of consecutive layers; chunk ``v`` on pipeline rank ``r`` is
+virtual stage ``v·pp + r`` (megatron's interleaved assignment; with ``vpp = 1`` rank ``r``
+holds stage ``r``). Rank ``r`` holds ``n_r`` layers in all (:func:`layers_per_rank`): by
+default ``n_layers/pp`` each; ``parallel.first_stage_layers`` / ``last_stage_layers`` set
+``n_0`` / ``n_{pp-1}`` and the other ranks share the rest evenly. Each of a rank's ``vpp``
+chunks holds ``n_r/vpp`` of them, so ``vpp`` must divide every ``n_r`` (megatron-core's
+``get_transformer_layer_offset`` / ``get_num_layers_to_build``: the first/last counts are
+the whole rank's, split evenly over its virtual stages). E.g. 6 layers, ``pp=2, vpp=2,
+first_stage_layers=2``: rank 0 holds ``[0] [3]``, rank 1 ``[1, 2] [4, 5]``. The embedding
+lives only on virtual stage 0; the final norm, LM head and loss only on the last. A chunk
+is the model with the other blocks deleted, so parameter names (checkpoint keys) are the
+full model's.
 
 **Tied embeddings.** With ``tie_embeddings`` the first stage's embedding and the last
 stage's LM head are two copies of one matrix. They start equal (same seed; the engine also
@@ -46,12 +53,40 @@ from moe.config import ModelConfig
 from moe.model import ModelOutput, Transformer
 
 
-def stage_layers(n_layers: int, pp: int, vpp: int, pp_rank: int) -> list[list[int]]:
+def layers_per_rank(n_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Layers each pipeline rank holds over all its chunks: ``first`` / ``last`` on the first
+    / last rank when given, the rest shared evenly by the others (megatron-core's uneven
+    pipeline). Raises ``ValueError`` when that split is not whole (``parallel.topology``
+    refuses such layouts first, with a message naming the fix)."""
+    ends = (first is not None) + (last is not None)
+    rest = n_layers - (first or 0) - (last or 0)
+    middle = pp - ends
+    counts = [rest // middle if middle > 0 else 0] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    if sum(counts) != n_layers or min(counts) < 1:
+        raise ValueError(f"{n_layers} layers do not split over pp={pp} with first={first}, last={last}: {counts}")
+    return counts
+
+
+def stage_layers(
+    n_layers: int, pp: int, vpp: int, pp_rank: int, first: int | None = None, last: int | None = None
+) -> list[list[int]]:
     """Global layer indices of each chunk on pipeline rank ``pp_rank``: chunk ``v`` is
-    virtual stage ``v·pp + pp_rank``, layers ``[s·n, (s+1)·n)`` with ``n = n_layers/(pp·vpp)``."""
-    per_stage = n_layers // (pp * vpp)
-    stages = [v * pp + pp_rank for v in range(vpp)]
-    return [list(range(s * per_stage, (s + 1) * per_stage)) for s in stages]
+    virtual stage ``v·pp + pp_rank``; virtual stages hold consecutive layers, those of rank
+    ``r`` ``n_r/vpp`` each (``n_r`` from :func:`layers_per_rank`)."""
+    counts = layers_per_rank(n_layers, pp, first, last)
+    if any(c % vpp for c in counts):
+        raise ValueError(f"vpp={vpp} does not divide the layers per pipeline rank {counts}")
+    chunks, start = [], 0
+    for _ in range(vpp):
+        for rank, count in enumerate(counts):
+            if rank == pp_rank:
+                chunks.append(list(range(start, start + count // vpp)))
+            start += count // vpp
+    return chunks
 
 
 class PipelineChunk(Transformer):
@@ -98,8 +133,12 @@ class PipelineChunk(Transformer):
         return self.lm_head.weight if self.post_process else None
 
 
-def split_stages(net: Transformer, pp_rank: int, pp: int, vpp: int) -> list[PipelineChunk]:
-    """This rank's chunks of ``net``, in virtual-stage order.
+def split_stages(
+    net: Transformer, pp_rank: int, pp: int, vpp: int, first: int | None = None, last: int | None = None
+) -> list[PipelineChunk]:
+    """This rank's chunks of ``net``, in virtual-stage order (``first`` / ``last``: the
+    layers of the first / last pipeline rank, ``parallel.first_stage_layers`` /
+    ``last_stage_layers``; None = an even share).
 
     ``net`` is pruned to what the chunks hold (the other stages' blocks deleted, embedding /
     head set to None where no chunk has them): afterwards ``net.named_parameters()`` is
@@ -107,7 +146,7 @@ def split_stages(net: Transformer, pp_rank: int, pp: int, vpp: int) -> list[Pipe
     chunks. (Its own forward is not meant to run any more.)
     """
     n_stages = pp * vpp
-    layer_sets = stage_layers(net.cfg.n_layers, pp, vpp, pp_rank)
+    layer_sets = stage_layers(net.cfg.n_layers, pp, vpp, pp_rank, first, last)
     chunks = [PipelineChunk(net, layers, v * pp + pp_rank, n_stages) for v, layers in enumerate(layer_sets)]
     kept = {str(i) for layers in layer_sets for i in layers}
     for name in [n for n in net.blocks if n not in kept]:
@@ -120,7 +159,9 @@ def split_stages(net: Transformer, pp_rank: int, pp: int, vpp: int) -> list[Pipe
     return chunks
 
 
-def pipeline_config(model: ModelConfig, pp: int, vpp: int, tp: int = 1) -> Any:
+def pipeline_config(
+    model: ModelConfig, pp: int, vpp: int, tp: int = 1, first: int | None = None, last: int | None = None
+) -> Any:
     """The megatron ``TransformerConfig`` the schedules read (through each DDP chunk), and
     ``finalize_model_grads`` too: as ``parallel/engine.py``'s ``_transformer_config``,
     ``sequence_parallel`` is on whenever ``tp > 1`` so that the gradients of parameters
@@ -132,9 +173,16 @@ def pipeline_config(model: ModelConfig, pp: int, vpp: int, tp: int = 1) -> Any:
     ``batch_p2p_comm=False``: with batched p2p the interleaved schedule at ``pp = 2`` swaps
     tensors when the previous and next stage are the same peer (Megatron-LM #750, #1450),
     and the batched path calls ``torch.cuda.synchronize``; separate isend/irecv are exact.
+
+    ``first`` / ``last`` (uneven stages) become ``num_layers_in_first/last_pipeline_stage``:
+    the schedules do not read them (activations have one shape whatever a stage holds),
+    but megatron then checks the split by its own rules, and the config says what runs.
     """
     from megatron.core.transformer import TransformerConfig
 
+    if pp == 2 and first is not None and last is not None and first + last == model.n_layers:
+        last = None  # the same split (the last stage takes the rest); megatron-core 0.16 divides by
+        # zero computing interleaved offsets when both ends are set and no middle stage is left
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="full scope is deprecated")
         return TransformerConfig(
@@ -145,6 +193,8 @@ def pipeline_config(model: ModelConfig, pp: int, vpp: int, tp: int = 1) -> Any:
             tensor_model_parallel_size=tp,
             sequence_parallel=tp > 1,
             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+            num_layers_in_first_pipeline_stage=first,
+            num_layers_in_last_pipeline_stage=last,
             pipeline_dtype=torch.float32,
             batch_p2p_comm=False,
             use_cpu_initialization=True,

@@ -186,10 +186,13 @@ def _check_pipeline(p: ParallelConfig, model: ModelConfig) -> None:
             "lower it" + _nearest_ends(n, p, ends)
         )
     if others and rest % (others * p.vpp):
-        per = f" x parallel.vpp={p.vpp}" if p.vpp > 1 else ""
+        per = f", a multiple of parallel.vpp={p.vpp}" if p.vpp > 1 else ""
+        fixes = _nearest_ends(n, p, ends) or (
+            f"; no first/last stage sizes split {n} layers over parallel.pp={p.pp} with parallel.vpp={p.vpp}: "
+            "change parallel.vpp or parallel.pp")
         _fail(
             f"the {rest} layers left by {named} (model.n_layers={n}) do not split evenly over the other {others} "
-            f"pipeline stage(s){per}; each takes the same number" + _nearest_ends(n, p, ends)
+            f"pipeline stage(s); each takes the same number{per}" + fixes
         )
 
 

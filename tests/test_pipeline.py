@@ -9,6 +9,7 @@ global-batch mean), the gradient norm and the parameters after one AdamW step.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -61,22 +62,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
-def _n_moe() -> int:
-    return sum(MODEL.is_moe_layer(i) for i in range(MODEL.n_layers))
+def _n_moe(model: ModelConfig = MODEL) -> int:
+    return sum(model.is_moe_layer(i) for i in range(model.n_layers))
 
 
 # -- the reference: one process, whole batch ------------------------------------------
 
 
-def _reference(stage0_aux_scale: float = 1.0) -> dict[str, Any]:
+def _reference(stage0_aux_scale: float = 1.0, model: ModelConfig = MODEL) -> dict[str, Any]:
     """Gradients of mean over micro-batches of ``lm + aux + z``; ``stage0_aux_scale`` scales
     the routing losses of the layers a pp=2 pipeline puts on its first stage (1 = correct)."""
     torch.manual_seed(SEED)
-    net = Transformer(MODEL, MOE)
+    net = Transformer(model, MOE)
     micro = _micro_batches(1, 0)
-    stage0 = set(stage_layers(MODEL.n_layers, 2, 1, 0)[0])
+    stage0 = set(stage_layers(model.n_layers, 2, 1, 0)[0])
     sums = torch.zeros(3)
-    counts_LE = torch.zeros(_n_moe(), MOE.num_experts)
+    counts_LE = torch.zeros(_n_moe(model), MOE.num_experts)
     for x, y in micro:
         out = net(x, y)
         routing = [(s.aux_loss + s.z_loss) * (stage0_aux_scale if i in stage0 else 1.0) for i, s in enumerate(out.moe_stats)]
@@ -106,19 +107,21 @@ def reference() -> dict[str, Any]:
 # -- rank tasks (top level: the pool pickles them by reference) ------------------------
 
 
-def pipeline_step(rank: int, world: int, layout: dict[str, int]) -> dict[str, Any]:
+def pipeline_step(rank: int, world: int, layout: dict[str, int], n_layers: int = MODEL.n_layers) -> dict[str, Any]:
     """One training step through the schedule and the engine on this rank's chunks."""
     parallel = ParallelConfig(**layout)
+    model = dataclasses.replace(MODEL, n_layers=n_layers)
     dp = parallel.dp
-    topology = Topology.build(parallel, MODEL, MOE, BatchShape(BATCH, MICRO), world)
+    topology = Topology.build(parallel, model, MOE, BatchShape(BATCH, MICRO), world)
     groups = init_groups(topology, timeout_minutes=1)
     torch.manual_seed(SEED)
-    net = Transformer(MODEL, MOE)
+    net = Transformer(model, MOE)
     if parallel.ep > 1:
         apply_expert_parallel(net, groups.ep)
-    chunks = split_stages(net, groups.pp.rank(), parallel.pp, parallel.vpp)
-    engine = MegatronEngine(chunks, groups, OPTIM, pipeline_config(MODEL, parallel.pp, parallel.vpp))
-    runner = PipelineRunner(engine.modules, chunks, _n_moe(), MOE.num_experts)
+    ends = (topology.first_stage_layers, topology.last_stage_layers)
+    chunks = split_stages(net, groups.pp.rank(), parallel.pp, parallel.vpp, *ends)
+    engine = MegatronEngine(chunks, groups, OPTIM, pipeline_config(model, parallel.pp, parallel.vpp, 1, *ends))
+    runner = PipelineRunner(engine.modules, chunks, _n_moe(model), MOE.num_experts)
     micro = _micro_batches(dp, groups.dp_rank)
     engine.zero_grad()
     stats = runner.run(micro, None, forward_only=False)
@@ -166,6 +169,53 @@ def test_stage_assignment_is_megatrons_interleaving() -> None:
     assert stage_layers(8, 2, 2, 0) == [[0, 1], [4, 5]]
     assert stage_layers(8, 2, 2, 1) == [[2, 3], [6, 7]]
     assert stage_layers(4, 2, 1, 1) == [[2, 3]]
+    # uneven: the first/last counts are the whole rank's, split evenly over its virtual stages
+    assert [stage_layers(4, 2, 1, r, first=1) for r in range(2)] == [[[0]], [[1, 2, 3]]]
+    assert [stage_layers(6, 2, 2, r, first=2) for r in range(2)] == [[[0], [3]], [[1, 2], [4, 5]]]
+    qwen3_235b = [stage_layers(94, 8, 1, r, 11, 11)[0] for r in range(8)]  # 11, 12 x 6, 11
+    assert [(layers[0], layers[-1]) for layers in qwen3_235b] == [(0, 10), *((11 + 12 * i, 22 + 12 * i) for i in range(6)), (83, 93)]
+    assert [stage_layers(16, 3, 2, r, None, 4) for r in range(3)] == [
+        [[0, 1, 2], [8, 9, 10]], [[3, 4, 5], [11, 12, 13]], [[6, 7], [14, 15]]]
+
+
+def test_stage_split_is_megatron_cores() -> None:
+    """Every split megatron-core builds (``get_transformer_layer_offset`` and
+    ``get_num_layers_to_build``, from the config ``pipeline_config`` gives it) is ours, and
+    the topology accepts exactly the splits megatron accepts with at least one layer per
+    virtual stage."""
+    import warnings
+
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from moe.config import ConfigError
+
+    compared = 0
+    for n, pp, vpp in [(n, pp, vpp) for n in (4, 6, 7, 9, 12) for pp in (2, 3, 4) for vpp in (1, 2)]:
+        for first in (None, 1, 2, 3, 4):
+            for last in (None, 1, 2, 4):
+                model = ModelConfig(dim=8, n_layers=n, n_heads=2, ffn_dim=8)
+                parallel = ParallelConfig(pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last)
+                try:
+                    Topology.build(parallel, model, MOE, BatchShape(24, 1), pp)
+                    ours = [stage_layers(n, pp, vpp, r, first, last) for r in range(pp)]
+                except ConfigError:
+                    ours = None
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        config = pipeline_config(model, pp, vpp, 1, first, last)
+                    theirs = [[list(range(get_transformer_layer_offset(config, v if vpp > 1 else None, r),
+                                          get_transformer_layer_offset(config, v if vpp > 1 else None, r)
+                                          + get_num_layers_to_build(config, v if vpp > 1 else None, r)))
+                               for v in range(vpp)] for r in range(pp)]
+                    if not all(chunk for rank in theirs for chunk in rank):  # megatron accepts empty or negative counts
+                        theirs = None
+                except (ValueError, AssertionError):
+                    theirs = None
+                assert ours == theirs, (n, pp, vpp, first, last)
+                compared += ours is not None
+    assert compared > 100
 
 
 @pytest.mark.parametrize("layout", [{"pp": 2}, {"pp": 2, "vpp": 2}], ids=["1f1b", "interleaved"])
@@ -176,6 +226,44 @@ def test_pipeline_matches_one_process(
     _check(results, reference)
     if layout.get("vpp"):
         assert results[0]["layers"] == [["0"], ["2"]] and results[1]["layers"] == [["1"], ["3"]]
+
+
+@pytest.mark.parametrize(
+    ("layout", "n_layers", "layers"),
+    [
+        ({"pp": 2, "first_stage_layers": 1}, 4, [[["0"]], [["1", "2", "3"]]]),
+        ({"pp": 2, "vpp": 2, "first_stage_layers": 2}, 6, [[["0"], ["3"]], [["1", "2"], ["4", "5"]]]),
+    ],
+    ids=["1f1b-first1", "interleaved-6layers-first2"],
+)
+def test_uneven_pipeline_matches_one_process(
+    rank_pool: Callable[[int], RankPool], layout: dict[str, int], n_layers: int, layers: list[list[list[str]]]
+) -> None:
+    """Uneven stages (``parallel.first_stage_layers``): chunks of different sizes through
+    megatron's schedules, each rank holding exactly the layers megatron-core would build."""
+    results = rank_pool(2).run(pipeline_step, layout, n_layers)
+    assert [r["layers"] for r in results] == layers
+    _check(results, _reference(model=dataclasses.replace(MODEL, n_layers=n_layers)))
+
+
+@pytest.mark.parametrize(
+    ("layout", "n_layers"),
+    [({"pp": 2, "first_stage_layers": 1}, 4), ({"pp": 2, "vpp": 2, "first_stage_layers": 2}, 6),
+     ({"pp": 4, "vpp": 2, "first_stage_layers": 2, "last_stage_layers": 2}, 12), ({"pp": 4, "last_stage_layers": 1}, 7)],
+)
+def test_simulator_predicts_the_stages_training_builds(layout: dict[str, int], n_layers: int) -> None:
+    """``moe simulate``'s per-rank parameters (``rank_params``: names, sizes, the chunk whose
+    buffers hold them) are those ``split_stages`` gives each rank, uneven stages included."""
+    from parallel.simulator.predict import Layout, rank_params
+
+    parallel = ParallelConfig(**layout)
+    model = dataclasses.replace(MODEL, n_layers=n_layers)
+    lay = Layout.build(parallel, model, MOE, BATCH, MICRO)
+    for rank in range(parallel.pp):
+        chunks = split_stages(Transformer(model, MOE), rank, parallel.pp, parallel.vpp,
+                              parallel.first_stage_layers, parallel.last_stage_layers)
+        built = {(name, p.numel(), c) for c, chunk in enumerate(chunks) for name, p in chunk.named_parameters()}
+        assert {(s.name, s.numel, s.chunk) for s in rank_params(model, MOE, lay, rank)} == built, rank
 
 
 @pytest.mark.parametrize("layout", [{"pp": 2, "ep": 2, "dp": 2}, {"pp": 2, "dp": 2}], ids=["pp2-ep2", "pp2-dp2"])

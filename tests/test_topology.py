@@ -78,3 +78,78 @@ def test_derived_degrees() -> None:
     assert (topo.edp, topo.micro_batches, topo.world_size) == (2, 2, 8)  # edp = tp*dp/(etp*ep)
     topo = _build(4, pp=2, dp=2, ep=2)
     assert (topo.edp, topo.micro_batches) == (1, 4)
+
+
+def _layers(n: int) -> ModelConfig:
+    return ModelConfig(dim=64, n_layers=n, n_heads=4, ffn_dim=128)
+
+
+@pytest.mark.parametrize(
+    "n_layers, degrees, message",
+    [
+        # the even split that does not divide names an uneven one that does
+        (94, {"pp": 8}, "model.n_layers=94 is not divisible by parallel.pp=8 x parallel.vpp=1 = 8 pipeline chunks; "
+         "choose degrees whose product divides the layer count, or give the first/last stage other sizes: "
+         "parallel.first_stage_layers=11 parallel.last_stage_layers=11 (12 on each other stage)"),
+        (5, {"pp": 2}, "or give the first/last stage other sizes: parallel.first_stage_layers=2 (3 on each other stage)"),
+        # stage sizes that do not add up (pp=2: no middle stage takes the difference)
+        (6, {"pp": 2, "first_stage_layers": 2, "last_stage_layers": 3},
+         "parallel.first_stage_layers=2 + parallel.last_stage_layers=3 = 5 layers, but model.n_layers=6: with "
+         "parallel.pp=2 the two stages hold every layer; set parallel.last_stage_layers=4 or null"),
+        # a first/last stage larger than the layers, or leaving none for the others
+        (6, {"pp": 2, "first_stage_layers": 8},
+         "parallel.first_stage_layers=8 is more than model.n_layers=6 for the other 1 pipeline stage(s), which need "
+         "at least 1; lower it; e.g. parallel.first_stage_layers=5"),
+        (6, {"pp": 3, "first_stage_layers": 3, "last_stage_layers": 3},
+         "parallel.first_stage_layers=3 + parallel.last_stage_layers=3 leaves 0 of model.n_layers=6 layers for the "
+         "other 1 pipeline stage(s), which need at least 1; lower it; e.g. parallel.first_stage_layers=2 or "
+         "parallel.last_stage_layers=2"),
+        # the middle stages not dividing evenly: the nearest values that do
+        (94, {"pp": 8, "first_stage_layers": 10, "last_stage_layers": 11},
+         "the 73 layers left by parallel.first_stage_layers=10 + parallel.last_stage_layers=11 (model.n_layers=94) "
+         "do not split evenly over the other 6 pipeline stage(s); each takes the same number; e.g. "
+         "parallel.first_stage_layers=5 or parallel.first_stage_layers=11 or parallel.last_stage_layers=6 or "
+         "parallel.last_stage_layers=12"),
+        (8, {"pp": 4, "last_stage_layers": 3}, "the 5 layers left by parallel.last_stage_layers=3 (model.n_layers=8) "
+         "do not split evenly over the other 3 pipeline stage(s); each takes the same number; e.g. "
+         "parallel.last_stage_layers=2 or parallel.last_stage_layers=5"),
+        # virtual stages: vpp divides the first/last stage's layers and each middle stage's (megatron's rule)
+        (6, {"pp": 2, "vpp": 2, "first_stage_layers": 3},
+         "parallel.first_stage_layers=3 is not divisible by parallel.vpp=2: the stage's layers split evenly over its 2 "
+         "virtual stages (megatron-core's rule); set parallel.first_stage_layers=2 or 4"),
+        (9, {"pp": 3, "vpp": 2, "first_stage_layers": 2, "last_stage_layers": 2},
+         "the 5 layers left by parallel.first_stage_layers=2 + parallel.last_stage_layers=2 (model.n_layers=9) do not "
+         "split evenly over the other 1 pipeline stage(s); each takes the same number, a multiple of parallel.vpp=2; "
+         "no first/last stage sizes split 9 layers over parallel.pp=3 with parallel.vpp=2: change parallel.vpp or "
+         "parallel.pp"),
+        (12, {"pp": 3, "vpp": 2, "first_stage_layers": 2}, "the 10 layers left by parallel.first_stage_layers=2 "
+         "(model.n_layers=12) do not split evenly over the other 2 pipeline stage(s); each takes the same number, a "
+         "multiple of parallel.vpp=2; e.g. parallel.first_stage_layers=4"),
+        (6, {"pp": 2, "vpp": 2, "first_stage_layers": 6},
+         "leaves 0 of model.n_layers=6 layers for the other 1 pipeline stage(s), which need at least 2 (one per "
+         "virtual stage); lower it; e.g. parallel.first_stage_layers=4"),
+        (6, {"first_stage_layers": 3}, "parallel.first_stage_layers=3 needs parallel.pp > 1"),
+        # accepted: megatron-core's examples and the cases
+        (94, {"pp": 8, "first_stage_layers": 11, "last_stage_layers": 11}, None),
+        (94, {"pp": 8, "first_stage_layers": 10}, None),
+        (4, {"pp": 2, "first_stage_layers": 1}, None),
+        (6, {"pp": 2, "vpp": 2, "first_stage_layers": 2}, None),
+        (6, {"pp": 2, "vpp": 2, "first_stage_layers": 2, "last_stage_layers": 4}, None),
+        (8, {"pp": 4, "vpp": 2, "first_stage_layers": 2, "last_stage_layers": 2}, None),
+    ],
+)
+def test_uneven_pipeline_stages(n_layers: int, degrees: dict, message: str | None) -> None:
+    world = degrees.get("pp", 1)
+    if message is None:
+        topo = _build(world, model=_layers(n_layers), batch=BatchShape(48, 2), **degrees)
+        assert (topo.first_stage_layers, topo.last_stage_layers) == (
+            degrees.get("first_stage_layers"), degrees.get("last_stage_layers"))
+        return
+    with pytest.raises(ConfigError) as err:
+        _build(world, model=_layers(n_layers), batch=BatchShape(48, 2), **degrees)
+    assert message in str(err.value)
+
+
+def test_stage_sizes_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match=r"parallel.last_stage_layers=0: must be >= 1 \(layers on that pipeline stage\)"):
+        ParallelConfig(pp=2, last_stage_layers=0)

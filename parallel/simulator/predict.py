@@ -49,6 +49,7 @@ from moe.accounting import attention_width, num_moe_layers, train_flops_per_toke
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.mlp import input_width
 from parallel.config import ParallelConfig
+from parallel.pipeline import stage_layers as pipeline_stage_layers
 from parallel.simulator.hardware import Hardware, Link
 from parallel.simulator.routing import ForwardRouting, expert_capacity_or_none, group_rows, kept_counts, load_imbalance
 from parallel.topology import BatchShape, Topology
@@ -102,11 +103,16 @@ class ParamSpec:
     chunk: int = 0
 
 
-def stage_layers(model: ModelConfig, layout: Layout, stage: int) -> list[int]:
-    """Global block indices held by pipeline rank ``stage`` (v chunks of L/(p·v) each)."""
+def stage_chunks(model: ModelConfig, layout: Layout, stage: int) -> list[list[int]]:
+    """Global block indices of each chunk (virtual stage) of pipeline rank ``stage``: the
+    training's own split (``parallel.pipeline.stage_layers``, uneven first/last stages included)."""
     t = layout.topology
-    chunk = model.n_layers // (t.pp * t.vpp)
-    return [c * t.pp * chunk + stage * chunk + i for c in range(t.vpp) for i in range(chunk)]
+    return pipeline_stage_layers(model.n_layers, t.pp, t.vpp, stage, t.first_stage_layers, t.last_stage_layers)
+
+
+def stage_layers(model: ModelConfig, layout: Layout, stage: int) -> list[int]:
+    """Global block indices held by pipeline rank ``stage``, over its v chunks."""
+    return [i for chunk in stage_chunks(model, layout, stage) for i in chunk]
 
 
 def rank_params(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int = 0) -> list[ParamSpec]:
@@ -121,13 +127,13 @@ def rank_params(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int =
     hd = attention_width(model)  # H·Dh
     vocab_shard = -(-model.vocab_size // tp)  # parallel.tensor_parallel.padded_vocab_size / tp
     expert_buffer = t.ep > 1 or t.tp > 1 or t.etp > 1
-    chunk_layers = model.n_layers // (t.pp * t.vpp)
+    chunk_of = {i: c for c, layers in enumerate(stage_chunks(model, layout, stage)) for i in layers}
     out: list[ParamSpec] = []
     first, last = stage == 0, stage == t.pp - 1
     if first:
         out.append(ParamSpec("embed.weight", vocab_shard * d, False, 0))
     for i in stage_layers(model, layout, stage):
-        p, c = f"blocks.{i}.", i // (t.pp * chunk_layers)
+        p, c = f"blocks.{i}.", chunk_of[i]
         out += [ParamSpec(p + "attn_norm.weight", d, False, c),
                 ParamSpec(p + "attn.qkv.weight", model.qkv_width * d // tp, False, c)]
         if model.qk_norm:  # replicated over tp
