@@ -834,8 +834,8 @@ class Run:
     def _save_finite(self) -> None:
         """Checkpoint this step, unless a weight is non-finite on some rank: then stop, so
         that a checkpoint never holds non-finite weights."""
-        local = all(bool(torch.isfinite(p).all()) for chunk in self.chunks for p in chunk.parameters())
-        if self._on_any_rank([not local])[0]:
+        finite = torch.stack([torch.isfinite(p).all() for chunk in self.chunks for p in chunk.parameters()]).all()
+        if self._on_any_rank([not finite])[0]:  # one device sync for all the parameters
             self._stop("the weights are non-finite (the checkpoint of this step was not saved)", skippable=False)
         self._save(self.run_dir / "checkpoints")
 

@@ -176,6 +176,28 @@ def test_a_run_failing_before_its_first_step_leaves_no_run_dir(
     assert _train(small_corpus, run, "train.steps=1") == 0  # the retry is not refused
 
 
+def test_a_run_failing_in_its_first_step_leaves_no_outputs(
+    small_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash during step 1 (after config.yaml and the TensorBoard log were written, before
+    any record): nothing of the run remains, and the retry starts."""
+    from parallel.local_engine import LocalEngine
+
+    class Crash(Exception):
+        pass
+
+    def crash(self: LocalEngine, lr: float) -> float:
+        raise Crash
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalEngine, "step", crash)
+        with pytest.raises(Crash):
+            _train(small_corpus, run, "train.steps=2")
+    assert not run.exists()
+    assert _train(small_corpus, run, "train.steps=2") == 0
+
+
 # -- damaged checkpoint metadata ------------------------------------------------------------------
 
 
@@ -225,6 +247,34 @@ def test_a_huge_learning_rate_stops_at_the_first_non_finite_step_keeping_the_las
     assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2)]
     assert records[1]["skipped_steps"] == 1 and records[1]["grad_norm"] is None and records[1]["lm_loss"] is None
     assert not (run / "summary.json").exists()  # the run did not finish
+
+
+def test_weights_made_non_finite_by_an_update_are_never_checkpointed(
+    small_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 2's update leaves a weight infinite (injected) while its loss and gradients were
+    finite: the checkpoint of step 2 is not written, step 1's stays the latest."""
+    from parallel.local_engine import LocalEngine
+
+    step, updates = LocalEngine.step, []
+
+    def inf_after_update_2(self: LocalEngine, lr: float) -> float:
+        grad_norm = step(self, lr)
+        updates.append(lr)
+        if len(updates) == 2:
+            with torch.no_grad():
+                next(self.module.parameters()).view(-1)[0] = float("inf")
+        return grad_norm
+
+    monkeypatch.setattr(LocalEngine, "step", inf_after_update_2)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert _train(small_corpus, run, "train.steps=3", "train.ckpt_every=1", "train.eval_every=100") == 2
+    error = _error(capsys)
+    assert "training stopped at step 2: the weights are non-finite" in error
+    assert "latest checkpoint: step-00000001, the last with finite weights" in error
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000001"]
+    assert [(r["kind"], r["step"]) for r in _strict_metrics(run)] == [("train", 1), ("train", 2)]
 
 
 def test_a_huge_aux_loss_coefficient_stops_at_step_one(
