@@ -91,7 +91,8 @@ def launch_local(cfg: Config, config_name: str, world_size: int) -> dict[str, An
 def start(cfg: Config, config_name: str) -> dict[str, Any]:
     """Train under ``cfg``'s layout with the configured launcher; return the summary.
 
-    The run directory is settled here, once, for every layout, before any work starts
+    A layout whose model states cannot fit is refused first (``launch.preflight``). The run
+    directory is settled here, once, for every layout, before any work starts
     (each rank computing its own timestamped directory would scatter the run): a directory
     that holds another run is refused unless resuming, one that cannot be created and
     written is one error, and a resume's checkpoint is found and its config checked
@@ -99,9 +100,11 @@ def start(cfg: Config, config_name: str) -> dict[str, Any]:
     recorded anything leaves no outputs behind (``launch.train.claimed_run_dir``). Across
     ranks the directory is made absolute: ranks may not share the driver's working directory.
     """
+    from launch.preflight import check_memory
     from launch.train import check_layout, check_resume, claimed_run_dir, resolve_run_dir, train
 
     topology = check_layout(cfg)
+    check_memory(cfg, topology)
     one_process = topology.world_size == 1 and cfg.launch.address is None
     run_dir = resolve_run_dir(cfg.train, config_name)
     run_dir = run_dir if one_process else run_dir.resolve()

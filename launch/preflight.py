@@ -35,7 +35,7 @@ GIB = 1024**3
 # Which keys shrink each kind of parameter (the names ``rank_params`` gives them).
 SHRINK = {
     "embedding": "model.vocab_size or model.dim (or raise parallel.tp)",
-    "attention": "model.dim or model.n_layers (or raise parallel.tp or parallel.pp)",
+    "attention": "model.dim, model.head_dim, model.n_kv_heads or model.n_layers (or raise parallel.tp or parallel.pp)",
     "experts": "moe.num_experts or moe.expert_ffn_dim (or raise parallel.ep or parallel.pp)",
     "dense MLP": "model.ffn_dim or model.n_layers (or raise parallel.tp or parallel.pp)",
     "norms and routers": "model.dim or model.n_layers",
