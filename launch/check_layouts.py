@@ -8,10 +8,13 @@ z-loss, the routers' gradient norm and the routed tokens per expert, with the la
 relative difference against the first layout. Any difference above ``--rtol`` (or any
 tokens-per-expert count that differs) fails, and the command exits non-zero.
 
-A layout is ``key=value`` pairs joined by commas; keys are the ``parallel`` section's
-(tp, pp, ep, dp, etp, vpp, engine, zero) plus ``micro`` for ``train.micro_batch_size`` (to
-check gradient accumulation); ``zero`` is ``parallel.zero_stage``. Defaults that make a
-layout runnable on its own:
+A layout is ``key=value`` pairs joined by commas; a key is any field of the ``parallel``
+section, by its own name (``tp``, ``pp``, ``ep``, ``dp``, ``etp``, ``vpp``,
+``first_stage_layers``, ``sequence_parallel``, ``engine``, ``zero_stage``, ... : whatever
+``parallel.config.ParallelConfig`` holds), or one of two short aliases: ``micro`` for
+``train.micro_batch_size`` (to check gradient accumulation) and ``zero`` for
+``parallel.zero_stage``. Values are YAML, as in config overrides (``sequence_parallel=true``,
+``first_stage_layers=null``). Defaults that make a layout runnable on its own:
 
 - without ``dp``, the smallest data-parallel degree that holds the expert groups
   (``etp·ep`` must divide ``tp·dp``: ``ep=2`` alone means two ranks, ``tp=2,ep=2`` two as
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import sys
@@ -47,13 +51,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from launch.config import Config, load_config
 from launch.metrics import read_metrics
 from moe.config import ConfigError
+from parallel.config import ParallelConfig
 
-PARALLEL_KEYS = ("tp", "pp", "ep", "dp", "etp", "vpp", "engine")
-# layout key -> config key, beyond ``parallel.<key>`` for PARALLEL_KEYS
-OTHER_KEYS = {"zero": "parallel.zero_stage", "micro": "train.micro_batch_size"}
+# layout key -> config key: every ParallelConfig field by its own name, and the short aliases
+ALIASES = {"micro": "train.micro_batch_size", "zero": "parallel.zero_stage"}
+LAYOUT_KEYS = {**{f.name: f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)}, **ALIASES}
 COMPARED = ("lm_loss", "aux_loss", "z_loss", "router_grad_norm")
 
 
@@ -69,39 +76,55 @@ class Layout:
 
 def parse_layouts(text: str) -> list[Layout]:
     """``"ep=2;dp=2,micro=2"`` -> layouts with their config overrides (``dp`` filled in
-    when absent, see the module docstring)."""
-    keys = (*PARALLEL_KEYS, *OTHER_KEYS)
+    when absent, see the module docstring). Keys are ``LAYOUT_KEYS``: the ``parallel``
+    section's fields and the aliases ``micro`` and ``zero``; each config key at most once.
+    The overrides come in the order given, ``parallel.dp`` next when it was filled in,
+    ``train.micro_batch_size`` last."""
     layouts = []
     for item in (part.strip() for part in text.split(";")):
         if not item:
             continue
-        pairs = {}
-        for pair in item.split(","):
-            key, sep, value = pair.strip().partition("=")
-            if not sep or key not in keys:
-                raise ConfigError(f"layout {item!r}: {pair.strip()!r} is not key=value with a key in {', '.join(keys)}")
-            pairs[key] = value
-        if "dp" not in pairs:
-            pairs["dp"] = str(_default_dp(item, pairs))
-        overrides = [f"{OTHER_KEYS.get(k, f'parallel.{k}')}={v}" for k, v in pairs.items() if k != "micro"]
-        if "micro" in pairs:
-            overrides.append(f"train.micro_batch_size={pairs['micro']}")
+        pairs: dict[str, str] = {}  # config key -> value text
+        given: dict[str, str] = {}  # config key -> the pair that set it
+        for pair in (p.strip() for p in item.split(",")):
+            key, sep, value = (part.strip() for part in pair.partition("="))
+            if not sep or key not in LAYOUT_KEYS:
+                raise ConfigError(f"layout {item!r}: {pair!r} is not key=value with a key in "
+                                  f"{', '.join(LAYOUT_KEYS)}{_closest(key)}")
+            target = LAYOUT_KEYS[key]
+            if target in pairs:
+                raise ConfigError(f"layout {item!r}: {target} is given twice ({given[target]!r} and {pair!r}); "
+                                  "give it once")
+            pairs[target], given[target] = value, pair
+        if "parallel.dp" not in pairs:
+            pairs["parallel.dp"] = str(_default_dp(item, pairs))
+        micro = pairs.pop("train.micro_batch_size", None)
+        overrides = [f"{k}={v}" for k, v in pairs.items()]
+        if micro is not None:
+            overrides.append(f"train.micro_batch_size={micro}")
         layouts.append(Layout(item, overrides))
     if not layouts:
         raise ConfigError(f"--layouts {text!r}: no layout given; e.g. --layouts \"ep=1;ep=2;dp=2\"")
     return layouts
 
 
+def _closest(key: str) -> str:
+    """`` (did you mean 'ep'?)`` for the layout key nearest ``key``, or ``""``."""
+    close = difflib.get_close_matches(key, list(LAYOUT_KEYS), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _default_dp(item: str, pairs: dict[str, str]) -> int:
-    """The smallest dp with ``etp·ep | tp·dp``; at least 2 under the DeepSpeed engine."""
-    try:
-        ep, etp, tp = (int(pairs.get(k, 1)) for k in ("ep", "etp", "tp"))
-    except ValueError:
-        raise ConfigError(f"layout {item!r}: ep, etp and tp must be integers") from None
+    """The smallest dp with ``etp·ep | tp·dp``; at least 2 under the DeepSpeed engine.
+    ``pairs``: config key -> value text (YAML)."""
+    values = {k: yaml.safe_load(pairs.get(f"parallel.{k}", "1")) for k in ("ep", "etp", "tp")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values.values()):
+        raise ConfigError(f"layout {item!r}: ep, etp and tp must be integers")
+    ep, etp, tp = values["ep"], values["etp"], values["tp"]
     if min(ep, etp, tp) < 1:
         raise ConfigError(f"layout {item!r}: ep, etp and tp must be >= 1")
     dp = ep * etp // math.gcd(ep * etp, tp)
-    return max(dp, 2) if pairs.get("engine") == "deepspeed" else dp
+    return max(dp, 2) if yaml.safe_load(pairs.get("parallel.engine", "megatron")) == "deepspeed" else dp
 
 
 def engine_label(cfg: Config) -> str:

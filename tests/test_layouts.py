@@ -110,6 +110,54 @@ def test_layout_defaults_and_engines(corpus: Path, runs: Path) -> None:
         _config("engine=deepspeed,zero=3", corpus, runs)
 
 
+@pytest.mark.parametrize(
+    "layout, overrides",
+    [
+        ("pp=2,first_stage_layers=2", ["parallel.pp=2", "parallel.first_stage_layers=2", "parallel.dp=1"]),
+        ("pp=2,last_stage_layers=null", ["parallel.pp=2", "parallel.last_stage_layers=null", "parallel.dp=1"]),
+        ("tp=2,sequence_parallel=true", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp=1"]),
+        ("engine=deepspeed,zero_stage=2", ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.dp=2"]),
+        ("dp=2,engine=deepspeed,offload_optimizer=true",
+         ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.offload_optimizer=true"]),
+        ("micro=1,tp=2,zero=0", ["parallel.tp=2", "parallel.zero_stage=0", "parallel.dp=1", "train.micro_batch_size=1"]),
+        (" ep = 2 , etp=2 ", ["parallel.ep=2", "parallel.etp=2", "parallel.dp=4"]),
+    ],
+)
+def test_layout_keys_are_the_parallel_fields_by_name(layout: str, overrides: list[str]) -> None:
+    """Every ``parallel.*`` field is a layout key by its own name (values YAML, as in
+    overrides, and the configs load), next to the aliases ``micro`` and ``zero``."""
+    assert parse_layouts(layout)[0].overrides == overrides
+    load_config(TINY, [*SMALL, *overrides])
+
+
+def test_every_parallel_field_is_a_layout_key() -> None:
+    from dataclasses import fields
+
+    from launch.check_layouts import LAYOUT_KEYS
+    from parallel.config import ParallelConfig
+
+    assert {f"parallel.{f.name}" for f in fields(ParallelConfig)} <= set(LAYOUT_KEYS.values())
+    assert set(LAYOUT_KEYS) == {f.name for f in fields(ParallelConfig)} | {"micro", "zero"}
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("sequence_paralel=true", "'sequence_paralel=true' is not key=value with a key in tp, pp, ep, dp, etp, vpp, "
+         "first_stage_layers, last_stage_layers, sequence_parallel, engine, zero_stage, offload_optimizer, micro, zero "
+         "(did you mean 'sequence_parallel'?)"),
+        ("pp=2,first_stage=2", "(did you mean 'first_stage_layers'?)"),
+        ("ep=2,tp", "'tp' is not key=value with a key in"),
+        ("zero=1,zero_stage=2", "parallel.zero_stage is given twice ('zero=1' and 'zero_stage=2'); give it once"),
+        ("tp=true", "ep, etp and tp must be integers"),
+    ],
+)
+def test_unknown_layout_keys_are_one_error_with_the_closest(layout: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_layouts(f"dp=1;{layout}")
+    assert str(err.value).startswith(f"layout {layout!r}: ") and message in str(err.value), str(err.value)
+
+
 def test_pipeline_layouts_default_to_pp_micro_batches() -> None:
     for layout, micro in (("pp=2", 4), ("pp=2,ep=2", 2), ("pp=2,vpp=2", 4), ("pp=2,micro=2", 2), ("dp=2", None)):
         cfg = load_config(TINY, [*SMALL, *parse_layouts(layout)[0].overrides])
