@@ -24,7 +24,8 @@ from launch.cli import main as cli
 from launch.config import load_config
 from launch.rank import LaunchError, RankFailure, _record_failure, group_failure, with_restarts
 from launch.train import train_rank
-from parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe.config import ConfigError
+from parallel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -219,7 +220,27 @@ def test_a_damaged_manifest_is_one_clear_error_on_resume_and_inspect(
     assert _error(capsys) == error
 
 
+def test_a_damaged_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints"
+    save_checkpoint(ckpt, 1, {"step": 1}, keep=2)
+    save_checkpoint(ckpt, 2, {"step": 2}, keep=2)
+    for damage in (b"\xff\x00\xfe", b"../../elsewhere", b""):
+        (ckpt / "latest").write_bytes(damage)
+        assert latest_checkpoint(ckpt) == ckpt / "step-00000002", damage
+    (ckpt / "step-00000002" / "COMPLETE").write_bytes(b"\xff")
+    with pytest.raises(CheckpointError, match="COMPLETE' is damaged"):
+        load_checkpoint(ckpt / "step-00000002")
+
+
 # -- non-finite training ------------------------------------------------------------------------
+
+
+def test_deepspeed_cannot_skip_non_finite_steps() -> None:
+    from launch.train import check_layout
+
+    cfg = load_config(TINY, ["parallel.engine=deepspeed", "parallel.dp=2", "train.max_nonfinite_steps=1"])
+    with pytest.raises(ConfigError, match="train.max_nonfinite_steps=1 with parallel.engine=deepspeed"):
+        check_layout(cfg)
 
 
 def _finite(state: Any) -> bool:
