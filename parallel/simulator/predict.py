@@ -56,6 +56,7 @@ from parallel.topology import BatchShape, Topology
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 STEP_BYTES = 4  # torch AdamW's per-parameter ``step`` scalar (fp32)
+NONFINITE_FLAGS = 4  # lm, aux and z-loss, local gradients: one flag each
 
 
 @dataclass(frozen=True)
@@ -490,7 +491,9 @@ def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, ex
         comm.dp_all_gather = steps * optimizers * 4 * dense
         comm.edp_reduce_scatter = steps * 4 * expert
         comm.edp_all_gather = steps * optimizers * 4 * expert
-        comm.grad_norm = steps * 4
+        # The clipping norm's 4-byte all-reduce, and the training loop's non-finite check:
+        # 4 float32 flags all-reduced over every rank (launch/train.py ``_on_any_rank``).
+        comm.grad_norm = steps * (4 + NONFINITE_FLAGS * 4)
         n_moe_all = num_moe_layers(model)
         loss_sums, load_counts = 4 * 4, 4 * n_moe_all * moe.num_experts
         prepass = load_counts if extra_forwards else 0
