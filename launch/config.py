@@ -52,6 +52,8 @@ class TrainConfig:
     peak_tflops: float | None = None
     record_routing: bool = False
     max_nonfinite_steps: int = 0
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_layers: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
@@ -78,6 +80,19 @@ class TrainConfig:
             self.max_nonfinite_steps,
             "must be >= 0: the steps with a non-finite loss or gradient norm to skip (no update) before "
             "training stops; 0 stops at the first",
+        )
+        require(
+            self.recompute_layers is None or self.recompute_layers >= 1,
+            "train.recompute_layers",
+            self.recompute_layers,
+            "must be >= 1 (blocks recomputed at the start of each pipeline chunk), or null for all of them",
+        )
+        require(
+            self.recompute_layers is None or self.recompute == "full",
+            "train.recompute_layers",
+            self.recompute_layers,
+            f"counts whole recomputed blocks: it needs train.recompute=full (train.recompute={self.recompute!r}); "
+            "set it to null",
         )
         require(
             self.peak_tflops is None or self.peak_tflops > 0,

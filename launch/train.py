@@ -65,6 +65,7 @@ from launch.rank import NonFiniteStop
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 from moe.model import Transformer
+from moe.recompute import apply_recompute
 from parallel.checkpoint import (
     CheckpointError,
     ShardInfo,
@@ -91,7 +92,8 @@ RUN_OUTPUTS = ("config.yaml", METRICS_FILE, "summary.json", "checkpoints", "tens
 RESUMABLE_KEYS = frozenset({
     "train.steps", "train.micro_batch_size", "train.device", "train.log_every", "train.eval_every",
     "train.ckpt_every", "train.keep_checkpoints", "train.run_dir", "train.resume", "train.peak_tflops",
-    "train.record_routing", "train.max_nonfinite_steps", "data.path", "data.cache_dir",
+    "train.record_routing", "train.max_nonfinite_steps", "train.recompute", "train.recompute_layers",
+    "data.path", "data.cache_dir",
 })
 RESUMABLE_SECTIONS = ("launch",)
 LAYOUT_SECTION = "parallel"
@@ -129,6 +131,7 @@ def check_layout(cfg: Config) -> Topology:
     per_rank = max(1, cfg.train.batch_size // cfg.parallel.dp)
     batch = BatchShape(cfg.train.batch_size, cfg.train.micro_batch_size or per_rank)
     topology = Topology.build(cfg.parallel, cfg.model, cfg.moe, batch, world_size=cfg.parallel.world_size)
+    check_recompute_layers(cfg.train, topology, cfg.model.n_layers)
     p = cfg.parallel
     if p.engine == "deepspeed":
         if p.is_single_process:
@@ -147,6 +150,24 @@ def check_layout(cfg: Config) -> Topology:
                 "overflow check fails it); set train.max_nonfinite_steps=0, or parallel.engine=megatron to skip steps"
             )
     return topology
+
+
+def check_recompute_layers(cfg: TrainConfig, topology: Topology, n_layers: int) -> None:
+    """Refuse a ``train.recompute_layers`` larger than every pipeline chunk: it counts the
+    blocks recomputed at the start of each chunk (a chunk with fewer recomputes all of its
+    own, as megatron-core's ``block`` method does on uneven stages)."""
+    from parallel.pipeline import layers_per_rank
+
+    if cfg.recompute_layers is None:
+        return
+    t = topology
+    largest = max(layers_per_rank(n_layers, t.pp, t.first_stage_layers, t.last_stage_layers)) // t.vpp
+    if cfg.recompute_layers > largest:
+        where = "the model" if t.pp == 1 else f"the largest pipeline chunk (pp={t.pp}, vpp={t.vpp})"
+        raise ConfigError(
+            f"train.recompute_layers={cfg.recompute_layers}: {where} holds {largest} block(s); set "
+            f"train.recompute_layers to at most {largest}, or null to recompute every block"
+        )
 
 
 def resolve_run_dir(cfg: TrainConfig, config_name: str) -> Path:
@@ -179,7 +200,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], reshardable: 
     the device (train.device), what it logs and keeps (train.log_every, eval_every,
     ckpt_every, keep_checkpoints, peak_tflops, record_routing), where its files are
     (train.run_dir, train.resume; data.path and data.cache_dir, for the same data moved),
-    how many non-finite steps it may skip (train.max_nonfinite_steps), and how it is
+    how many non-finite steps it may skip (train.max_nonfinite_steps), what it recomputes
+    in the backward (train.recompute, recompute_layers: the same numbers), and how it is
     launched (every launch.* key). With a ``reshardable`` checkpoint (megatron's sharded
     format, ``parallel/dist_checkpoint.py``) the layout (every parallel.* key) may change
     too; a per-rank checkpoint loads under the layout that saved it only.
@@ -400,6 +422,10 @@ class Run:
             apply_tensor_parallel(self.net, info.groups, cfg.parallel.sequence_parallel)
         self.n_moe_layers = len(self.net.moe_layers())
         self.chunks = self._stage_chunks()  # prunes self.net to this rank's stages when pp > 1
+        # Recomputation last: it marks the final modules (EP and TP replace some) and counts
+        # train.recompute_layers per pipeline chunk (after the split).
+        for chunk in self.chunks:
+            apply_recompute(chunk, cfg.train.recompute, cfg.train.recompute_layers)
         # Learned routers' weights (hash routers have none): their gradient norm is logged.
         self.routers = [w for chunk in self.chunks for layer in chunk.moe_layers() for w in layer.router.parameters()]
         self.engine = self._make_engine()
@@ -433,7 +459,8 @@ class Run:
         if self.topology.pp > 1:
             from parallel.pipeline import pipeline_config
 
-            config = pipeline_config(self.cfg.model, self.topology.pp, self.topology.vpp, self.topology.tp)
+            t = self.topology
+            config = pipeline_config(self.cfg.model, t.pp, t.vpp, t.tp, t.first_stage_layers, t.last_stage_layers)
             return MegatronEngine(self.chunks, self.info.groups, optim, config)
         return MegatronEngine(self.net, self.info.groups, optim)
 
@@ -443,7 +470,8 @@ class Run:
             return [self.net]
         from parallel.pipeline import split_stages
 
-        return split_stages(self.net, self.info.groups.pp.rank(), self.topology.pp, self.topology.vpp)
+        t = self.topology
+        return split_stages(self.net, self.info.groups.pp.rank(), t.pp, t.vpp, t.first_stage_layers, t.last_stage_layers)
 
     def _make_pipeline(self) -> Any:
         """megatron's schedule over the engine's DDP chunks (``parallel.pipeline``); None at pp=1."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from moe.config import Activation
 from moe.mlp import activation_fn, input_width
+from moe.recompute import activation_without_output
 
 
 def grouped_mm_supported(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
@@ -66,7 +67,13 @@ def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E:
 
 
 class GroupedExperts(nn.Module):
-    """E independent MLPs ``y = act(x · W_in[e]) · W_out[e]`` over expert-sorted rows."""
+    """E independent MLPs ``y = act(x · W_in[e]) · W_out[e]`` over expert-sorted rows.
+
+    ``recompute_act`` (``moe.recompute.apply_recompute``, selective): the activation's
+    output rows are not kept for ``W_out``'s backward but computed again.
+    """
+
+    recompute_act: bool = False
 
     def __init__(self, num_experts: int, dim: int, ffn_dim: int, activation: Activation) -> None:
         super().__init__()
@@ -79,5 +86,9 @@ class GroupedExperts(nn.Module):
         return self.w_in_EDF.shape[0]
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        h_NF = self.act(grouped_matmul(x_ND, self.w_in_EDF, tokens_per_expert_E))
-        return grouped_matmul(h_NF, self.w_out_EFD, tokens_per_expert_E)
+        h_NF = grouped_matmul(x_ND, self.w_in_EDF, tokens_per_expert_E)
+        if self.recompute_act:
+            return activation_without_output(
+                self.act, h_NF, lambda a_NF: grouped_matmul(a_NF, self.w_out_EFD, tokens_per_expert_E)
+            )
+        return grouped_matmul(self.act(h_NF), self.w_out_EFD, tokens_per_expert_E)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import Activation
+from moe.recompute import activation_without_output
 
 
 def gelu(h_TF: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,13 @@ def input_width(ffn_dim: int, activation: Activation) -> int:
 
 
 class MLP(nn.Module):
-    """``y = W_out · act(W_in · x)``; for SwiGLU ``W_in`` holds interleaved gate and up rows."""
+    """``y = W_out · act(W_in · x)``; for SwiGLU ``W_in`` holds interleaved gate and up rows.
+
+    ``recompute_act`` (``moe.recompute.apply_recompute``, selective): ``act(W_in · x)`` is not
+    kept for ``W_out``'s backward but computed again from ``W_in · x``.
+    """
+
+    recompute_act: bool = False
 
     def __init__(self, dim: int, ffn_dim: int, activation: Activation) -> None:
         super().__init__()
@@ -50,4 +57,7 @@ class MLP(nn.Module):
         self.act = activation_fn(activation)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.w_out(self.act(self.w_in(x_TD)))
+        h_TF = self.w_in(x_TD)
+        if self.recompute_act:
+            return activation_without_output(self.act, h_TF, self.w_out)
+        return self.w_out(self.act(h_TF))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import nn
 from moe.config import ModelConfig, MoEConfig
 from moe.layer import MoELayer, MoEStats
 from moe.mlp import MLP
+from moe.recompute import checkpointed
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +93,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+    """Pre-norm residual block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``.
+
+    ``recompute_block`` / ``recompute_norms``: set by ``moe.recompute.apply_recompute``
+    (the whole block / its two norms recomputed in the backward).
+    """
+
+    recompute_block: bool = False
+    recompute_norms: bool = False
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, is_moe: bool) -> None:
         super().__init__()
@@ -111,12 +120,15 @@ class Block(nn.Module):
         ids_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """``ids_BS``: the token ids, for an MoE layer whose router reads them (hash routing)."""
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SF, sin_SF)
-        h_BSD = self.ffn_norm(x_BSD)
+        x_BSD = x_BSD + self.attn(self._norm(self.attn_norm, x_BSD), cos_SF, sin_SF)
+        h_BSD = self._norm(self.ffn_norm, x_BSD)
         if isinstance(self.ffn, MoELayer):
             y_BSD, stats = self.ffn(h_BSD, load_E, ids_BS)
             return x_BSD + y_BSD, stats
         return x_BSD + self.ffn(h_BSD), None
+
+    def _norm(self, norm: nn.RMSNorm, x_BSD: torch.Tensor) -> torch.Tensor:
+        return checkpointed(norm, x_BSD) if self.recompute_norms else norm(x_BSD)
 
 
 @dataclass
@@ -218,7 +230,10 @@ class Transformer(nn.Module):
         for name, block in self.blocks.items():
             is_moe = isinstance(block.ffn, MoELayer)
             load_E = None if load_LE is None or not is_moe else load_LE[self.moe_layer_index(name)]
-            x_BSD, layer_stats = block(x_BSD, self.rope_cos_SF, self.rope_sin_SF, load_E, ids_BS)
+            # A recomputed block returns its first forward's outputs (stats included): the
+            # recompute in the backward only refills what autograd needs.
+            run = partial(checkpointed, block) if block.recompute_block else block
+            x_BSD, layer_stats = run(x_BSD, self.rope_cos_SF, self.rope_sin_SF, load_E, ids_BS)
             if layer_stats is not None:
                 stats.append(layer_stats)
         zero = x_BSD.new_zeros((), dtype=torch.float32)

@@ -367,8 +367,10 @@ def test_pipeline_compat_patches_each_needed(tmp_path: Path) -> None:
         ([], ["parallel.pp=2", "parallel.vpp=2"]),
         # hash routers on every stage read the token ids, not only the first stage's embedding
         (["moe.router=hash", "moe.top_k=1", "moe.normalize_weights=false"], ["parallel.pp=2"]),
+        # uneven stages: 6 layers as [0] [3] on the first rank, [1, 2] [4, 5] on the last
+        (["model.n_layers=6"], ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=2"]),
     ],
-    ids=["pp2", "pp2-vpp2", "pp2-hash-router"],
+    ids=["pp2", "pp2-vpp2", "pp2-hash-router", "pp2-vpp2-6layers-first2"],
 )
 def test_run_trains_like_one_process(
     rank_pool: Callable[[int], RankPool], small_corpus: Path, tmp_path: Path, model: list[str], layout: list[str]

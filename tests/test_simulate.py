@@ -226,7 +226,9 @@ def _emulate(rank: int, world: int, cfg: Any, out: str) -> dict[str, Any]:
     ["parallel.tp=2", "parallel.sequence_parallel=true"],
     ["parallel.pp=2", "parallel.vpp=2", "parallel.dp=2", "parallel.ep=2", "model.n_layers=4", "train.micro_batch_size=2"],
     ["parallel.tp=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", "model.qk_norm=true"],
-], ids=["dp2", "dp2-ep2-micro2-capacity", "dp4-ep2", "tp2", "tp2-sp", "pp2-vpp2-dp2-ep2", "tp2-gqa-qknorm"])
+    ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=2", "model.n_layers=6", "train.micro_batch_size=2"],
+], ids=["dp2", "dp2-ep2-micro2-capacity", "dp4-ep2", "tp2", "tp2-sp", "pp2-vpp2-dp2-ep2", "tp2-gqa-qknorm",
+        "pp2-vpp2-uneven"])
 def test_emulated_bytes_and_states_equal_prediction(
     rank_pool: Callable[[int], RankPool], corpus: Path, tmp_path: Path, layout: list[str]
 ) -> None:

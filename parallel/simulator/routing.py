@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moe.layer import MoELayer
+from moe.recompute import in_backward
 from parallel.checkpoint import write_atomic_text
 
 
@@ -64,7 +65,7 @@ class RoutingRecorder:
         self._handles = [layer.router.register_forward_hook(self._hook) for layer in self._layers]
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], routing: Any) -> None:
-        if self._paused:
+        if self._paused or in_backward():  # a recomputed block (train.recompute=full) routed already
             return
         self._pending.append(routing.counts_E.long().tolist())
         if len(self._pending) == len(self._layers):
