@@ -607,9 +607,9 @@ class Run:
     def _router_grad_norm(self) -> float:
         """Norm of the routers' gradient for the global batch (local sums, averaged over DP),
         before the engine reduces and clips: the quantity layouts must agree on. Under tensor
-        parallelism each TP rank routed its own sequences: local sums are summed over tp first.
-        Under pipeline parallelism each stage holds its own layers' routers: squares are summed
-        over stages."""
+        parallelism each TP rank routed its own tokens (its contiguous 1/tp of each micro-batch's
+        B·S): local sums are summed over tp first. Under pipeline parallelism each stage holds
+        its own layers' routers: squares are summed over stages."""
         if self.pipeline is not None:
             sq = torch.zeros((), dtype=torch.float64)
             if self.routers:  # the ranks of a stage (its tp and dp groups) hold the same layers
@@ -619,7 +619,7 @@ class Run:
         if not self.routers:
             return 0.0
         local = torch.cat([self.engine.local_grad(w).reshape(-1) for w in self.routers])
-        # Under tensor parallelism each TP rank routed its own sequences: sum over tp first.
+        # Under tensor parallelism each TP rank routed its own tokens: sum over tp first.
         return float(mean_over(sum_over(local, self.info.tp_group), self.info.dp_group).norm())
 
     def train_step(self) -> tuple[dict[str, float], torch.Tensor, str | None]:

@@ -51,6 +51,7 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.model import ModelOutput, Transformer
+from parallel.tensor_parallel import local_shape
 
 
 def layers_per_rank(n_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
@@ -245,9 +246,10 @@ class PipelineRunner:
     the targets.
 
     Under tensor parallelism (``tp``, applied before the split) the activation between stages
-    is ``[S, B/tp, D]`` with ``sequence_parallel`` (each TP rank holds whole sequences of the
-    micro-batch, split along B) and the replicated ``[S, B, D]`` without; each TP rank of a
-    stage exchanges its own with the same TP rank of the next stage.
+    is ``[s, b, D]`` with ``sequence_parallel``, this TP rank's contiguous ``B·S/tp`` tokens
+    of the micro-batch (``(b, s) = parallel.tensor_parallel.local_shape(B, S, tp)``:
+    ``[S, B/tp, D]`` when tp divides B), and the replicated ``[S, B, D]`` without; each TP
+    rank of a stage exchanges its own with the same TP rank of the next stage.
     """
 
     def __init__(
@@ -295,10 +297,10 @@ class PipelineRunner:
             return hidden_BSD.transpose(0, 1).contiguous(), None
 
         batch, seq = micro[0][0].shape
-        rows = batch // self.tp if self.sequence_parallel else batch
+        rows, seq = local_shape(batch, seq, self.tp) if self.sequence_parallel else (batch, seq)
         # megatron sizes the exchanged tensors [seq_length/tp, micro_batch_size, D] when its
         # config has sequence_parallel (``pipeline_config``: whenever tp > 1, for the gradient
-        # sums); ``seq_length = S·tp`` makes that our [S, rows, D].
+        # sums); ``seq_length = seq·tp`` makes that our [seq, rows, D].
         split = self.tp if self.modules[0].config.sequence_parallel else 1
         schedule = get_forward_backward_func()
         with warnings.catch_warnings():

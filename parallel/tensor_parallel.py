@@ -25,13 +25,25 @@ name: the names are the distributed-checkpoint keys):
   from the same seed), so the sharded model computes the single-process function.
 - MoE layers (class swapped to :class:`TensorParallelMoELayer`): the ep group folds over
   tp·dp ranks, so every TP rank must route *different* tokens (otherwise experts see each
-  token tp times and their gradients come out tp times too large). Without sequence
-  parallelism the replicated input is split over tp before the layer (backward:
-  all-gather) and the output gathered after it (backward: split, since what follows is
-  replicated). With sequence parallelism the residual stream is already split.
-- The split is along B (whole sequences per rank; megatron's sequence-parallel
-  collectives split dim 0, which is B in this batch-first model), so the per-sequence
-  aux loss still sees whole sequences; B must be divisible by tp (topology checks it).
+  token tp times and their gradients come out tp times too large). As megatron-core's
+  token dispatchers do, the micro-batch's *tokens* are split over tp, not its sequences:
+  TP rank r takes the contiguous tokens ``[r·T/P, (r+1)·T/P)`` of the flattened
+  ``T = B·S`` (:func:`local_shape`; whole sequences ``[r·B/P, (r+1)·B/P)`` when P divides
+  B, half a sequence each at B = 1, P = 2). Without sequence parallelism the replicated
+  input is split so before the layer (backward: all-gather) and the output all-gathered
+  over tp after it (backward: split, since what follows is replicated). With sequence
+  parallelism the residual stream is already split so. Any micro-batch size works with
+  any tp as long as P divides B·S (topology checks it).
+- The token split in the batch-first model: this rank's T/P tokens are held as
+  ``[b, s, D]`` with ``(b, s) = local_shape(B, S, P)`` (``[B/P, S, D]`` when P divides B,
+  else ``[1, B·S/P, D]``); the sequence-parallel collectives (megatron's, along dim 0)
+  all-gather that to ``[P·b, s, D]`` and reduce-scatter ``[P·b, s, D]`` back to it, whose
+  row-major order is the whole micro-batch's. The column-parallel layers view what they
+  gather as ``[B, S, ...]`` (attention needs whole sequences), the row-parallel ones and the
+  embedding view their ``[B, S, D]`` partial sums as ``[P·b, s, D]`` before the
+  reduce-scatter. (B, S) is the micro-batch's: a :class:`TokenSplit` shared by a model's TP
+  modules, set by a forward pre-hook of every block from the token ids it is handed
+  (``Transformer.forward`` and the pipeline chunks hand every block the ids).
 - Parameters that see only this rank's tokens (routers, shared experts and, with
   sequence parallelism, the RMSNorm gains) or only its heads (the q/k RMSNorm gains of
   ``model.qk_norm``, replicated, applied to every head: megatron's ``qk_layernorm`` rule)
@@ -45,17 +57,25 @@ name: the names are the distributed-checkpoint keys):
   split over ``groups.etp``, of size 1 without expert tensor parallelism). The optimizer
   counts a parameter without the mark once per TP group (on TP rank 0) in the gradient norm.
 
-Routing statistics under TP: rank r routes T/P tokens. The load-balancing loss uses ``f``
-over all tokens of the micro-batch (counts summed over tp) and ``P^(r)`` over its own, so
-the reference ``E·sum_i f_i·P_i`` with ``P = mean_r P^(r)`` is the mean over ranks; likewise
-the z-loss. Each rank backpropagates ``loss^(r)/P`` (router gradients are summed over tp)
-and reports the tp mean as the value, identical on every TP rank. The per-sequence scope
-needs no exchange (each rank holds B/P whole sequences: the mean over all sequences is the
-mean of the ranks' means); the global-batch scope's ``f`` comes from the caller, whose
-counts (``tokens_per_expert_E``) are summed over tp. Capacity is per source rank, as under
-expert parallelism: ``ceil(cf·(T/P)·K/E)`` for each rank's own tokens. Router jitter draws
-each rank's noise for its own tokens, so with ``moe.jitter_eps > 0`` TP (like DP) routes
-differently from one process.
+Routing statistics under TP (megatron-core's convention: the router reduces its aux-loss
+statistics over the TP(·CP) group, ``get_tokens_per_expert_and_token_count(reduce_group=
+tp_cp_group)``, and divides the z-loss coefficient by the TP size): rank r routes
+``T_rank = B·S/P`` tokens. A TP rank's aux loss is over the whole micro-batch, as one
+process's is: ``f`` counts every TP rank's assignments (summed over tp), ``P^(r)`` is the
+mean router probability over the rank's own tokens, and rank r's loss
+``E·sum_i f_i·P^(r)_i`` has tp mean ``E·sum_i f_i·P_i`` (``P = mean_r P^(r)``), the
+micro-batch loss of one process; likewise the z-loss (mean over the rank's tokens, tp mean
+= the micro-batch's). Each rank backpropagates ``loss^(r)/P`` (router gradients are summed
+over tp) and reports the tp mean as the value, identical on every TP rank. The
+per-sequence scope counts ``f_b`` per sequence over tp too (a sequence may straddle TP
+ranks): rank r's loss is ``P · coeff·E·mean_b sum_i f_bi·P^(r)_bi`` with ``P^(r)_bi`` its
+tokens' probability sums over S, whose tp mean is one process's per-sequence loss. The
+global-batch scope's ``f`` comes from the caller, whose counts (``tokens_per_expert_E``)
+are summed over tp. Capacity is per source rank, as under expert parallelism:
+``capacity = ceil(cf·T_rank·K/E)`` with ``T_rank = B·S/P`` for each rank's own tokens, so
+the layer drops what one process applying it to each rank's tokens separately drops.
+Router jitter draws each rank's noise for its own tokens, so with ``moe.jitter_eps > 0`` TP
+(like DP) routes differently from one process.
 """
 
 from __future__ import annotations
@@ -79,6 +99,45 @@ from parallel.megatron_compat import apply_cpu_compat
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """The smallest multiple of ``tp`` that holds ``vocab_size`` ids."""
     return -(-vocab_size // tp) * tp
+
+
+def local_shape(batch: int, seq: int, tp: int) -> tuple[int, int]:
+    """How one TP rank holds its contiguous ``B·S/tp`` tokens of a ``[B, S]`` micro-batch:
+    ``(B/tp, S)`` (whole sequences) when tp divides B, else ``(1, B·S/tp)``. Either way the
+    ranks' pieces, stacked along dim 0 in rank order, are the micro-batch in row-major order."""
+    if (batch * seq) % tp:
+        raise ValueError(f"a micro-batch of {batch}x{seq} = {batch * seq} tokens does not split over tp={tp}")
+    return (batch // tp, seq) if batch % tp == 0 else (1, batch * seq // tp)
+
+
+class TokenSplit:
+    """The shape ``(B, S)`` of the micro-batch a model is running, shared by its TP modules
+    (set by every block's forward pre-hook from the token ids, see the module docstring),
+    and this rank's place in the TP group."""
+
+    def __init__(self, tp: int, rank: int) -> None:
+        self.tp = tp
+        self.rank = rank
+        self.shape: tuple[int, int] | None = None
+
+    def micro_batch(self) -> tuple[int, int]:
+        """``(B, S)`` of the micro-batch now running."""
+        if self.shape is None:
+            raise RuntimeError(
+                "sequence-parallel layers need the micro-batch's shape: run them inside the model's blocks, which "
+                "record it from the token ids (or set TokenSplit.shape)"
+            )
+        return self.shape
+
+    def local(self) -> tuple[int, int]:
+        """``(b, s)``: how this rank holds its tokens (:func:`local_shape`)."""
+        return local_shape(*self.micro_batch(), self.tp)
+
+    def record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of a block ``(x, cos, sin, load_E, ids_BS)``: remember ``ids_BS``'s shape."""
+        ids_BS = kwargs.get("ids_BS", args[4] if len(args) > 4 else None)
+        if ids_BS is not None:
+            self.shape = (ids_BS.shape[0], ids_BS.shape[1])
 
 
 def _model_parallel_config(tp: int, sequence_parallel: bool) -> Any:
@@ -123,14 +182,19 @@ def _column_parallel_cls() -> type:
 
     class ColumnParallel(ColumnParallelLinear):
         """``y = x · W_shard^T``: this rank's rows of W (output features); the input is
-        replicated (its gradient is summed over tp) or, with sequence parallelism, split
-        along dim 0 and all-gathered first. Returns the output only (no bias)."""
+        replicated (its gradient is summed over tp) or, with sequence parallelism, this
+        rank's tokens ``[b, s, D]``, all-gathered along dim 0 first and the output viewed
+        as the micro-batch's ``[B, S, W/P]`` (``token_split``). Returns the output only (no bias)."""
 
         get_extra_state = nn.Module.get_extra_state
         set_extra_state = nn.Module.set_extra_state
+        token_split: TokenSplit | None = None  # set under sequence parallelism
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-            return super().forward(x)[0]
+            y = super().forward(x)[0]
+            if self.token_split is None:
+                return y
+            return y.view(*self.token_split.micro_batch(), y.shape[-1])
 
     return ColumnParallel
 
@@ -140,13 +204,19 @@ def _row_parallel_cls() -> type:
 
     class RowParallel(RowParallelLinear):
         """``y = sum_tp x_shard · W_shard^T``: this rank's columns of W (input features) on
-        its slice of the input; partial outputs are all-reduced over tp or, with sequence
-        parallelism, reduce-scattered along dim 0. Returns the output only."""
+        its slice of the input ``[B, S, W/P]``; partial outputs are all-reduced over tp or,
+        with sequence parallelism, the input is viewed as ``[P·b, s, W/P]`` and the partial
+        outputs reduce-scattered along dim 0 to this rank's tokens ``[b, s, D]``. Returns
+        the output only."""
 
         get_extra_state = nn.Module.get_extra_state
         set_extra_state = nn.Module.set_extra_state
+        sp_tp: int = 1  # the TP size when sequence parallel, else 1
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            if self.sp_tp > 1:
+                rows, seq = local_shape(x.shape[0], x.shape[1], self.sp_tp)
+                x = x.reshape(self.sp_tp * rows, seq, x.shape[-1])
             return super().forward(x)[0]
 
     return RowParallel
@@ -161,8 +231,9 @@ def _embedding_cls() -> type:
 
     class VocabParallelEmbed(VocabParallelEmbedding):
         """Rows ``[vocab_start_index, vocab_end_index)`` of the (padded) table; ids outside
-        look up zeros, and the partial embeddings are summed over tp (all-reduce, or a
-        reduce-scatter along B with sequence parallelism)."""
+        look up zeros, and the partial embeddings are summed over tp (all-reduce, or, with
+        sequence parallelism, viewed as ``[P·b, s, D]`` and reduce-scattered along dim 0 to
+        this rank's tokens ``[b, s, D]``)."""
 
         sequence_parallel: bool = False
 
@@ -171,7 +242,9 @@ def _embedding_cls() -> type:
             local_BS = (ids_BS - self.vocab_start_index).masked_fill(outside_BS, 0)
             x_BSD = F.embedding(local_BS, self.weight).masked_fill(outside_BS.unsqueeze(-1), 0.0)
             if self.sequence_parallel:
-                return reduce_scatter_to_sequence_parallel_region(x_BSD, group=self.tp_group)
+                tp = self.tp_group.size()
+                rows, seq = local_shape(x_BSD.shape[0], x_BSD.shape[1], tp)
+                return reduce_scatter_to_sequence_parallel_region(x_BSD.view(tp * rows, seq, -1), group=self.tp_group)
             return reduce_from_tensor_model_parallel_region(x_BSD, group=self.tp_group)
 
     return VocabParallelEmbed
@@ -207,20 +280,24 @@ def _mean_with_local_grad(local: torch.Tensor, total: torch.Tensor, size: int) -
 
 
 class TensorParallelMoELayer(MoELayer):
-    """An ``MoELayer`` whose TP ranks route disjoint sequences of the micro-batch.
+    """An ``MoELayer`` whose TP ranks route disjoint tokens of the micro-batch: rank r its
+    contiguous ``T/P`` of the flattened ``B·S`` (:func:`local_shape`).
 
     Set by class swap (``layer.__class__``), which keeps every parameter name. Attributes
-    added: ``tp_group`` and ``sequence_parallel`` (input already split along B).
+    added: ``tp_group``, ``sequence_parallel`` (input already split) and ``token_split``
+    (the micro-batch's shape, shared with the model's other TP modules).
     """
 
     tp_group: dist.ProcessGroup
     sequence_parallel: bool
+    token_split: TokenSplit
 
     def forward(
         self, x_BSD: torch.Tensor, load_E: torch.Tensor | None = None, ids_BS: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoEStats]:
-        """``x_BSD``: the whole micro-batch (replicated), or this rank's B/P sequences with
-        sequence parallelism; ``ids_BS`` (hash routing): always the whole micro-batch's."""
+        """``x_BSD``: the whole micro-batch (replicated), or with sequence parallelism this
+        rank's tokens ``[b, s, D]``; ``ids_BS`` (hash routing): always the whole micro-batch's.
+        Returns the output in the input's layout, and the stats reduced over tp."""
         from megatron.core.tensor_parallel.mappings import (
             gather_from_sequence_parallel_region,
             scatter_to_sequence_parallel_region,
@@ -228,24 +305,53 @@ class TensorParallelMoELayer(MoELayer):
 
         size, rank = self.tp_group.size(), self.tp_group.rank()
         if not self.sequence_parallel:
-            x_BSD = scatter_to_sequence_parallel_region(x_BSD, group=self.tp_group)
-        if ids_BS is not None:
-            ids_BS = ids_BS.chunk(size)[rank]
-        y_BSD, stats = super().forward(x_BSD, load_E, ids_BS)
+            self.token_split.shape = (x_BSD.shape[0], x_BSD.shape[1])
+        batch, seq = self.token_split.micro_batch()
+        rows, cols = self.token_split.local()
+        x_bsD = x_BSD
         if not self.sequence_parallel:
-            y_BSD = gather_from_sequence_parallel_region(y_BSD, tensor_parallel_output_grad=False, group=self.tp_group)
-        return y_BSD, self._reduce_stats(stats)
+            x_bsD = scatter_to_sequence_parallel_region(x_BSD.reshape(size * rows, cols, -1), group=self.tp_group)
+        ids_bs = None if ids_BS is None else ids_BS.reshape(size, -1)[rank].view(rows, cols)
+        y_bsD, stats = super().forward(x_bsD, load_E, ids_bs)
+        if self.sequence_parallel:
+            return y_bsD, self._reduce_stats(stats)
+        y_BSD = gather_from_sequence_parallel_region(y_bsD, tensor_parallel_output_grad=False, group=self.tp_group)
+        return y_BSD.view(batch, seq, -1), self._reduce_stats(stats)
 
     def _aux_loss(self, routing: Routing, batch: int, load_E: torch.Tensor | None) -> torch.Tensor:
-        """The micro-batch ``f`` counts every TP rank's tokens (the reference counts the
-        whole micro-batch); ``P`` stays local (see the module docstring)."""
-        if self.cfg.aux_loss_scope == "sequence" or (self.cfg.aux_loss_scope == "global_batch" and load_E is not None):
+        """The micro-batch (or per-sequence) ``f`` counts every TP rank's tokens (the
+        reference counts the whole micro-batch); ``P`` stays local (see the module docstring)."""
+        if self.cfg.aux_loss_scope == "sequence":
+            return self._sequence_aux_loss(routing)
+        if self.cfg.aux_loss_scope == "global_batch" and load_E is not None:
             return super()._aux_loss(routing, batch, load_E)
         counts_E = routing.counts_E.detach().float()
         dist.all_reduce(counts_E, group=self.tp_group)
         num_tokens, top_k = routing.experts_TK.shape
         f_E = counts_E / counts_E.sum().clamp(min=1)
         return load_balancing_loss_from_stats(routing.prob_sum_E, routing.counts_E, num_tokens, top_k, self.cfg.aux_loss_coeff, f_E)
+
+    def _sequence_aux_loss(self, routing: Routing) -> torch.Tensor:
+        """``P · coeff·E·mean_b sum_i f_bi · P^(r)_bi``: ``f_bi`` the fraction of sequence b's
+        ``S·K`` assignments that chose expert i (counted on every TP rank, summed over tp),
+        ``P^(r)_bi`` this rank's tokens of sequence b's probability sum over S. Its tp mean
+        is one process's per-sequence loss, whichever ranks a sequence's tokens lie on."""
+        batch, seq = self.token_split.micro_batch()
+        size, rank = self.tp_group.size(), self.tp_group.rank()
+        num_tokens, top_k = routing.experts_TK.shape
+        num_experts = routing.num_experts
+        device = routing.experts_TK.device
+        seq_T = torch.div(rank * num_tokens + torch.arange(num_tokens, device=device), seq, rounding_mode="floor")
+        slots_TK = seq_T.unsqueeze(1) * num_experts + routing.experts_TK
+        counts_BE = torch.zeros(batch * num_experts, device=device).index_add_(
+            0, slots_TK.reshape(-1), torch.ones(slots_TK.numel(), device=device)
+        ).view(batch, num_experts)
+        dist.all_reduce(counts_BE, group=self.tp_group)
+        probs_TE = routing.probs_TE
+        prob_sum_BE = probs_TE.new_zeros(batch, num_experts).index_add(0, seq_T, probs_TE)
+        f_BE = counts_BE / (seq * top_k)
+        per_sequence_B = (f_BE.to(prob_sum_BE.dtype) * prob_sum_BE / seq).sum(dim=1)
+        return size * self.cfg.aux_loss_coeff * num_experts * per_sequence_B.mean()
 
     def _reduce_stats(self, stats: MoEStats) -> MoEStats:
         """Losses: tp means (gradient 1/P each); counts: summed; dropped fraction: averaged
@@ -270,13 +376,18 @@ def _mark_sequence_parallel(module: nn.Module) -> None:
         param.sequence_parallel = True  # type: ignore[attr-defined]
 
 
-def _column(linear: nn.Linear, config: Any, group: dist.ProcessGroup, rows: int | None = None) -> nn.Module:
-    """A column-parallel copy of ``linear`` (output features split); ``rows`` pads them first."""
+def _column(
+    linear: nn.Linear, config: Any, group: dist.ProcessGroup, split: TokenSplit, rows: int | None = None
+) -> nn.Module:
+    """A column-parallel copy of ``linear`` (output features split); ``rows`` pads them first;
+    under sequence parallelism its output is viewed as ``split``'s micro-batch."""
     out_features, in_features = linear.weight.shape
     rows = out_features if rows is None else rows
     layer = _column_parallel_cls()(
         in_features, rows, config=config, init_method=_no_init, bias=False, gather_output=False, tp_group=group
     )
+    if config.sequence_parallel:
+        layer.token_split = split
     full = torch.zeros(rows, in_features, dtype=linear.weight.dtype, device=linear.weight.device)
     full[:out_features] = linear.weight.detach()
     with torch.no_grad():
@@ -293,6 +404,8 @@ def _row(linear: nn.Linear, config: Any, group: dist.ProcessGroup) -> nn.Module:
         in_features, out_features, config=config, init_method=_no_init, bias=False,
         input_is_parallel=True, skip_bias_add=False, tp_group=group,
     )
+    if config.sequence_parallel:
+        layer.sp_tp = group.size()
     with torch.no_grad():
         layer.weight.copy_(_shard(linear.weight, 1, group.rank(), group.size()))
     _mark_sharded(layer.weight, 1)
@@ -343,8 +456,10 @@ def apply_tensor_parallel(model: Transformer, groups: ParallelGroups, sequence_p
         return
     vocab = model.cfg.vocab_size
     vocab_padded = padded_vocab_size(vocab, tp)
+    split = TokenSplit(tp, group.rank())
     for block in model.blocks.values():
-        block.attn.qkv = _column(block.attn.qkv, config, group)
+        block.register_forward_pre_hook(split.record, with_kwargs=True)
+        block.attn.qkv = _column(block.attn.qkv, config, group, split)
         block.attn.out = _row(block.attn.out, config, group)
         for norm in (block.attn.q_norm, block.attn.k_norm):
             if norm is not None:
@@ -353,11 +468,12 @@ def apply_tensor_parallel(model: Transformer, groups: ParallelGroups, sequence_p
             block.ffn.__class__ = TensorParallelMoELayer
             block.ffn.tp_group = group
             block.ffn.sequence_parallel = sp
+            block.ffn.token_split = split
             _mark_sequence_parallel(block.ffn.router)
             if block.ffn.shared is not None:
                 _mark_sequence_parallel(block.ffn.shared)
         else:
-            block.ffn.w_in = _column(block.ffn.w_in, config, group)
+            block.ffn.w_in = _column(block.ffn.w_in, config, group, split)
             block.ffn.w_out = _row(block.ffn.w_out, config, group)
         if sp:
             _mark_sequence_parallel(block.attn_norm)
@@ -366,7 +482,7 @@ def apply_tensor_parallel(model: Transformer, groups: ParallelGroups, sequence_p
         model.embed = _embedding(model.embed, vocab_padded, config, group, sp)
     if model.lm_head is not None:
         tied = model.cfg.tie_embeddings and model.embed is not None
-        model.lm_head = _column(model.lm_head, config, group, rows=vocab_padded)
+        model.lm_head = _column(model.lm_head, config, group, split, rows=vocab_padded)
         if tied:
             model.lm_head.weight = model.embed.weight
         if sp:

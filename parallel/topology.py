@@ -12,6 +12,7 @@ Every rule is checked here, before any process group exists, and each failure is
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 from moe.config import ConfigError, ModelConfig, MoEConfig
@@ -256,17 +257,21 @@ def _check_batch(p: ParallelConfig, batch: BatchShape) -> int:
 
 
 def _check_sequence_split(p: ParallelConfig, model: ModelConfig, batch: BatchShape) -> None:
-    """Under tensor parallelism the TP ranks route disjoint sequences through MoE layers
-    (and, with sequence parallelism, hold disjoint sequences between TP regions): the
-    micro-batch must split into whole sequences per TP rank."""
+    """Under tensor parallelism the TP ranks route disjoint tokens through MoE layers (and,
+    with sequence parallelism, hold disjoint tokens between TP regions): each takes its
+    contiguous 1/tp of the micro-batch's ``B·S`` tokens, so tp must divide them (any
+    micro-batch size works when tp divides model.seq_len)."""
     if p.tp == 1 or (model.moe_every == 0 and not p.sequence_parallel):
         return
-    if batch.micro_batch % p.tp:
+    tokens = batch.micro_batch * model.seq_len
+    if tokens % p.tp:
         why = "parallel.sequence_parallel=true" if p.sequence_parallel else "MoE layers (model.moe_every > 0)"
+        micro = p.tp // math.gcd(model.seq_len, p.tp)  # the fewest sequences whose tokens tp divides
         _fail(
-            f"a micro-batch of {batch.micro_batch} sequences (train.micro_batch_size, by default train.batch_size / "
-            f"parallel.dp) is not divisible by parallel.tp={p.tp}; with {why} each TP rank takes whole sequences of "
-            "the micro-batch: make the micro-batch a multiple of parallel.tp"
+            f"a micro-batch of {batch.micro_batch} sequences x model.seq_len={model.seq_len} = {tokens} tokens "
+            f"(train.micro_batch_size, by default train.batch_size / parallel.dp) is not divisible by "
+            f"parallel.tp={p.tp}; with {why} each TP rank takes 1/tp of the micro-batch's tokens: make "
+            f"model.seq_len a multiple of parallel.tp, or train.micro_batch_size a multiple of {micro}"
         )
 
 

@@ -41,11 +41,15 @@ SMALL = [
 ]
 REFERENCE = "dp=1"
 # Every kind of layout: data, expert, tensor, pipeline (plain and interleaved), expert-tensor
-# parallelism, their combinations, gradient accumulation, and DeepSpeed ZeRO-1/2.
+# parallelism, their combinations, gradient accumulation, and DeepSpeed ZeRO-1/2; and TP on
+# one-sequence micro-batches (each TP rank routes half of every sequence), with and without
+# sequence parallelism, with experts over the TP ranks, and through a pipeline.
 LAYOUTS = [
     "dp=2", "ep=2", "dp=2,micro=2", "ep=4", "tp=2", "pp=2", "tp=2,ep=2", "pp=2,ep=2", "pp=2,vpp=2", "etp=2",
     "tp=2,etp=2,ep=2", "tp=2,pp=2",
     "ep=2,engine=deepspeed,zero=1", "dp=2,engine=deepspeed,zero=2", "dp=2,ep=2,engine=deepspeed,zero=2,micro=2",
+    "tp=2,micro=1", "tp=2,sequence_parallel=true,micro=1", "tp=2,ep=2,micro=1",
+    "tp=2,pp=2,sequence_parallel=true,micro=1",
 ]
 
 

@@ -40,15 +40,15 @@ BATCH = 4  # sequences per data-parallel rank
 TOL = 1e-5
 
 
-def _groups(world: int, model: ModelConfig, **degrees: int | bool) -> ParallelGroups:
+def _groups(world: int, model: ModelConfig, batch: int = BATCH, **degrees: int | bool) -> ParallelGroups:
     p = ParallelConfig(**degrees)
-    topology = Topology.build(p, model, MOE, BatchShape(BATCH * p.dp, BATCH), world)
+    topology = Topology.build(p, model, MOE, BatchShape(batch * p.dp, batch), world)
     return init_groups(topology, timeout_minutes=1)
 
 
-def _batch(dp_rank: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(dp_rank: int, vocab: int, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(500 + dp_rank)
-    ids = torch.randint(0, vocab, (BATCH, DENSE.seq_len + 1), generator=gen)
+    ids = torch.randint(0, vocab, (batch, DENSE.seq_len + 1), generator=gen)
     return ids[:, :-1], ids[:, 1:]
 
 
@@ -81,10 +81,11 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def tp_matches_single_process(
-    rank: int, world: int, model_cfg: ModelConfig, moe: MoEConfig, degrees: dict
+    rank: int, world: int, model_cfg: ModelConfig, moe: MoEConfig, degrees: dict, batch: int = BATCH
 ) -> dict[str, float]:
-    """Worst relative error of losses and of every parameter's gradient vs the reference."""
-    groups = _groups(world, model_cfg, **degrees)
+    """Worst relative error of losses and of every parameter's gradient vs the reference,
+    on micro-batches of ``batch`` sequences per data-parallel rank."""
+    groups = _groups(world, model_cfg, batch, **degrees)
     torch.manual_seed(7)
     reference = Transformer(model_cfg, moe)
     model = copy.deepcopy(reference)
@@ -92,7 +93,7 @@ def tp_matches_single_process(
         apply_expert_parallel(model, groups.ep)
     apply_tensor_parallel(model, groups, bool(degrees.get("sequence_parallel", False)))
 
-    x, y = _batch(groups.dp_rank, model_cfg.vocab_size)
+    x, y = _batch(groups.dp_rank, model_cfg.vocab_size, batch)
     ref_out = reference(x, y)
     ref_out.loss.backward()
     out = model(x, y)
@@ -148,6 +149,33 @@ def test_tp2_matches_single_process(
     _check(rank_pool(2).run(tp_matches_single_process, model_cfg, moe, degrees))
 
 
+@pytest.mark.parametrize(
+    "moe, degrees, batch",
+    [
+        (MOE, {"tp": 2}, 1),
+        (replace(MOE, aux_loss_scope="sequence"), {"tp": 2, "sequence_parallel": True}, 3),
+        (replace(MOE, router="hash", top_k=1, normalize_weights=False), {"tp": 2, "sequence_parallel": True}, 1),
+    ],
+    ids=["moe-micro1", "sequence-aux-sp-micro3", "hash-router-sp-micro1"],
+)
+def test_tp2_splits_tokens_not_sequences(
+    rank_pool: Callable[[int], RankPool], moe: MoEConfig, degrees: dict, batch: int
+) -> None:
+    """Micro-batches that tp=2 does not split into whole sequences: one sequence (each TP
+    rank routes half of it), or three (the middle one straddles the ranks: the per-sequence
+    aux loss counts it over tp). With and without sequence parallelism."""
+    _check(rank_pool(2).run(tp_matches_single_process, MOE_MODEL, moe, degrees, batch))
+
+
+def test_tp_needs_the_micro_batch_tokens_to_split() -> None:
+    odd = replace(MOE_MODEL, seq_len=15)
+    Topology.build(ParallelConfig(tp=2), odd, MOE, BatchShape(2, 2), 2)  # 30 tokens: 15 per TP rank
+    with pytest.raises(ConfigError, match=r"a micro-batch of 1 sequences x model.seq_len=15 = 15 tokens .* not "
+                       r"divisible by parallel.tp=2; .* make model.seq_len a multiple of parallel.tp, or "
+                       r"train.micro_batch_size a multiple of 2"):
+        Topology.build(ParallelConfig(tp=2), odd, MOE, BatchShape(1, 1), 2)
+
+
 def test_tp_must_divide_the_key_value_heads() -> None:
     """tp=4 divides the 4 query heads but would split one of the 2 key/value groups."""
     with pytest.raises(ConfigError, match=r"model.n_kv_heads=2 is not divisible by parallel.tp=4; .* one of \[1, 2\]"):
@@ -163,24 +191,27 @@ def test_etp2_matches_single_process(rank_pool: Callable[[int], RankPool], degre
     _check(rank_pool(2).run(tp_matches_single_process, MOE_MODEL, MOE, degrees))
 
 
-def tp_capacity_is_per_rank(rank: int, world: int) -> float:
-    """With a capacity factor each TP rank applies the capacity to its own sequences: the
-    output equals one process applying the layer to each rank's sequences separately."""
-    groups = _groups(world, MOE_MODEL, tp=2)
+def tp_capacity_is_per_rank(rank: int, world: int, batch: int) -> float:
+    """With a capacity factor each TP rank applies the capacity to its own tokens (its
+    contiguous half of the flattened micro-batch, ``ceil(cf·(B·S/2)·K/E)``): the output
+    equals one process applying the layer to each rank's tokens separately."""
+    groups = _groups(world, MOE_MODEL, batch, tp=2)
     torch.manual_seed(5)
     model = Transformer(MOE_MODEL, replace(MOE, capacity_factor=1.0))
     reference = copy.deepcopy(model.blocks["1"].ffn)
     apply_tensor_parallel(model, groups, sequence_parallel=False)
-    x = torch.randn(BATCH, MOE_MODEL.seq_len, MOE_MODEL.dim, generator=torch.Generator().manual_seed(9))
+    x = torch.randn(batch, MOE_MODEL.seq_len, MOE_MODEL.dim, generator=torch.Generator().manual_seed(9))
     y, stats = model.blocks["1"].ffn(x)
-    halves = [reference(part) for part in x.chunk(world)]
+    halves = [reference(part.unsqueeze(0)) for part in x.reshape(world, -1, MOE_MODEL.dim)]
+    assert reference.capacity(batch * MOE_MODEL.seq_len // world) == halves[0][0].shape[1] * MOE.top_k // MOE.num_experts
     dropped = sum(s.dropped_fraction for _, s in halves) / world
     assert stats.dropped_fraction.item() == pytest.approx(dropped.item()) and dropped > 0
-    return _relative(y, torch.cat([h for h, _ in halves]))
+    return _relative(y, torch.cat([h for h, _ in halves], dim=1).view_as(x))
 
 
-def test_tp_capacity_is_per_source_rank(rank_pool: Callable[[int], RankPool]) -> None:
-    assert max(rank_pool(2).run(tp_capacity_is_per_rank)) < TOL
+@pytest.mark.parametrize("batch", [BATCH, 1])
+def test_tp_capacity_is_per_source_rank(rank_pool: Callable[[int], RankPool], batch: int) -> None:
+    assert max(rank_pool(2).run(tp_capacity_is_per_rank, batch)) < TOL
 
 
 # -- training through Run with the megatron engine -------------------------------------
@@ -264,6 +295,7 @@ def sp_linears_without_each_patch(rank: int, world: int) -> dict[str, str]:
     model = Transformer(DENSE, MOE)
     apply_tensor_parallel(model, groups, sequence_parallel=True)
     attn = model.blocks["0"].attn
+    attn.qkv.token_split.shape = (BATCH, DENSE.seq_len)  # what the block's pre-hook records from the ids
 
     def run() -> str:
         x = torch.randn(BATCH // world, DENSE.seq_len, DENSE.dim, requires_grad=True)
