@@ -207,10 +207,27 @@ def test_config_refuses_bad_recompute(overrides: list[str], message: str) -> Non
     ],
 )
 def test_recompute_layers_above_a_chunk_is_refused(layout: str, layers: int, message: str) -> None:
-    overrides = [*SMALL, "train.recompute=full", f"train.recompute_layers={layers}", *layout.split()]
-    cfg = load_config(TINY, [*overrides, "train.micro_batch_size=2"])
+    """One block more than the largest chunk holds is refused, naming the most it may be;
+    that most is accepted."""
+
+    def config(recompute_layers: int) -> Config:
+        return load_config(TINY, [*SMALL, "train.recompute=full", f"train.recompute_layers={recompute_layers}",
+                                  "train.micro_batch_size=2", *layout.split()])
+
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_layout(cfg)
-    fits = load_config(TINY, [*overrides[:-1 - len(layout.split())], f"train.recompute_layers={layers - 1}",
-                              *layout.split(), "train.micro_batch_size=2"])
-    check_layout(fits)
+        check_layout(config(layers))
+    check_layout(config(layers - 1))
+
+
+def test_run_marks_the_model_it_trains(corpus: Path, tmp_path: Path) -> None:
+    """``Run`` applies ``train.recompute`` to the modules it trains (after EP/TP/the split)."""
+    from launch.train import Run
+
+    for mode, layers, blocks, norms in (("full", 2, [True, True, False, False], False),
+                                         ("selective", None, [False] * 4, True)):
+        extra = [f"train.recompute={mode}", f"train.recompute_layers={'null' if layers is None else layers}"]
+        cfg = load_config(TINY, [*SMALL, f"data.path={corpus}", f"train.run_dir={tmp_path / mode}", *extra])
+        run = Run(cfg, "tiny")
+        assert [b.recompute_block for c in run.chunks for b in c.blocks.values()] == blocks
+        assert all(b.recompute_norms == norms for c in run.chunks for b in c.blocks.values())
+        assert all(layer.experts.recompute_act == norms for c in run.chunks for layer in c.moe_layers())
