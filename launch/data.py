@@ -435,7 +435,7 @@ def prepare(
     try:
         building.mkdir()
     except OSError as err:
-        raise DataError(f"{out_dir}: cannot create {building} ({err.strerror}); {fix}") from None
+        raise DataError(f"{out_dir}: cannot write in {out_dir.parent} ({err.strerror}); {fix}") from None
     try:
         stats = _write_splits(_documents(sources, doc_ids), building, val_fraction)
         _check_splits(stats, len(sources), val_fraction)

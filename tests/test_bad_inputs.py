@@ -1,0 +1,245 @@
+"""Bad inputs to every ``moe`` command, through the real command line in subprocesses.
+
+Each row is one input: the command's arguments, the exit status it must end with and a
+phrase its one ``error:`` line must contain (the value and the fix). A refused input must
+fail before any work starts, so no row trains, benchmarks or emulates: a command that
+accepted its input would run into the timeout, or leave files in its working directory.
+No row may print a traceback, and no row may change a file it was given.
+
+Rows run two at a time (each subprocess imports torch); ``-k`` runs only the rows it
+selects. To cover a new input, add a ``Row`` to ``ROWS``; placeholders in its arguments:
+``{fx}`` the shared fixture directory (``_make_fixtures``), ``{configs}`` the shipped
+configs, ``{scratch}`` an empty directory of the row's own.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Row:
+    """One bad input: ``argv`` after ``moe``, the exit status, a phrase of the message."""
+
+    id: str
+    argv: tuple[str, ...]
+    code: int
+    phrase: str
+
+
+def row(id: str, argv: str, code: int, phrase: str) -> Row:
+    """``argv`` is split on spaces (no argument below contains one)."""
+    return Row(id, tuple(argv.split(" ")), code, phrase)
+
+
+TINY = "{configs}/tiny.yaml"
+H100 = "--cluster {configs}/hardware/h100-ib.yaml"
+ROWS = (
+    # config files (moe train fails in load_config, before any data or model)
+    row("config-empty", "train {fx}/empty.yaml", 2, "empty.yaml' is empty (or only comments)"),
+    row("config-only-comments", "train {fx}/comments.yaml", 2, "is empty (or only comments)"),
+    row("config-not-utf8", "train {fx}/latin1.yaml", 2, "is not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"),
+    row("config-binary", "train {fx}/binary.yaml", 2, "is not UTF-8 text"),
+    row("config-duplicate-section", "train {fx}/dup-section.yaml", 2, "key 'train' is given twice (lines 1 and 5)"),
+    row("config-duplicate-key", "train {fx}/dup-key.yaml", 2, "key 'steps' is given twice (lines 2 and 3)"),
+    row("config-directory", "train {configs}", 2, "is a directory; give a YAML file in it"),
+    row("config-yaml-error-one-line", "train {fx}/tab.yaml", 2, "not valid YAML: line 2, column 1: found character"),
+    row("config-not-found-says-where", "train nope.yaml", 2, "not found (looked in: "),
+    row("config-relative-name-from-any-cwd", "train configs/tiny.yaml train.lr=-1", 2, "train.lr=-1.0: must be > 0"),
+    row("config-yaml-nan", "train {fx}/nan.yaml", 2, "train.lr=nan: must be a finite number"),
+    row("override-inf-lr", f"train {TINY} train.lr=.inf", 2, "train.lr=inf: must be a finite number"),
+    row("override-inf-capacity", f"train {TINY} moe.capacity_factor=inf", 2, "moe.capacity_factor=inf: must be a finite"),
+    row("override-inf-rope", f"train {TINY} model.rope_theta=.inf", 2, "model.rope_theta=inf: must be a finite"),
+    row("override-inf-cpus", f"train {TINY} launch.cpus_per_rank=.inf", 2, "launch.cpus_per_rank=inf: must be a finite"),
+    row("override-into-empty-section", "train {fx}/empty-section.yaml model.dim=64 model.n_heads=5", 2,
+        "model.n_heads=5: must divide model.dim=64"),
+    row("layout-etp-fix", f"train {TINY} parallel.etp=2", 2, "set parallel.etp=1 or parallel.dp=2"),
+    row("cache-dir-under-a-file", f"train {TINY} data.cache_dir={{fx}}/a-file/cache", 2,
+        "a-file is a file, not a directory; set data.cache_dir"),
+    # moe data prepare
+    row("prepare-over-a-dataset", "data prepare {fx}/src --out {fx}/dataset --val-fraction 0.3", 2,
+        "already holds a prepared dataset; pass --overwrite"),
+    row("prepare-out-under-a-file", "data prepare {fx}/src --out {fx}/a-file/ds", 2, "a-file is a file, not a directory"),
+    row("prepare-out-read-only", "data prepare {fx}/src --out /sys/moe-dataset", 2, "choose a writable output directory"),
+    Row("prepare-out-empty", ("data", "prepare", "{fx}/src", "--out", ""), 2, "argument --out: empty"),
+    row("prepare-binary-named", "data prepare {fx}/blob.bin {fx}/src --out {scratch}/ds", 2,
+        "blob.bin: binary, a NUL byte at offset 4; only text is tokenized"),
+    row("prepare-not-utf8-named", "data prepare {fx}/latin1.txt {fx}/src --out {scratch}/ds", 2,
+        "latin1.txt: not UTF-8 text, byte 0xe9"),
+    row("prepare-binary-in-a-directory", "data prepare {fx}/src-with-blob --out {scratch}/ds --val-fraction 0.3", 0,
+        "warning: skipped 1 file(s) that are not text: "),
+    # moe sweep, moe sweep report
+    row("report-not-a-sweep", "sweep report {fx}/notes", 2, "notes: not a sweep directory"),
+    row("report-missing-dir", "sweep report {fx}/no-such-sweep", 2, "no-such-sweep: no such directory"),
+    row("report-a-file", "sweep report {fx}/a-file", 2, "is a file, not a sweep directory"),
+    row("report-corrupt-trial", "sweep report {fx}/corrupt-sweep", 2, "trials/t1: unreadable trial files (JSONDecodeError"),
+    row("sweep-duplicate-grid", "sweep {fx}/sweep-dup.yaml", 2, "key 'grid' is given twice (lines 2 and 4)"),
+    row("sweep-not-utf8", "sweep {fx}/latin1.yaml", 2, "latin1.yaml' is not UTF-8 text"),
+    row("sweep-nan", "sweep {fx}/sweep-nan.yaml", 2, "fit.huber_delta=nan: must be a finite number"),
+    row("sweep-out-dir-of-other-files", "sweep {fx}/sweep-user-dir.yaml", 2,
+        "is not a sweep directory (it holds precious.txt"),
+    # moe simulate
+    row("cluster-not-yaml", f"simulate {TINY} --no-emulate --cluster {{fx}}/hw-garbage.yaml", 2,
+        "is not valid YAML: line 2, column 6"),
+    row("cluster-not-utf8", f"simulate {TINY} --no-emulate --cluster {{fx}}/latin1.yaml", 2, "is not UTF-8 text"),
+    row("cluster-duplicate-key", f"simulate {TINY} --no-emulate --cluster {{fx}}/hw-dup.yaml", 2,
+        "key 'kind' is given twice"),
+    row("cluster-nan", f"simulate {TINY} --no-emulate --cluster {{fx}}/hw-nan.yaml", 2,
+        "matmul_efficiency=nan must be a finite number"),
+    row("cluster-directory", f"simulate {TINY} --no-emulate --cluster {{configs}}/hardware", 2, "is a directory"),
+    row("cluster-unknown-name", f"simulate {TINY} --no-emulate --cluster h100", 2, "--cluster 'h100' not found (looked in: "),
+    row("cluster-shipped-name-from-any-cwd", f"simulate {TINY} --no-emulate --cluster h100-ib --out {{scratch}}/sim", 0,
+        "outputs in "),
+    row("simulate-negative-steps", f"simulate {TINY} --steps -1 {H100}", 2, "--steps -1: an emulation needs at least 3"),
+    row("simulate-routing-missing", f"simulate {TINY} --no-emulate --routing {{fx}}/no-routing {H100}", 2,
+        "no-routing': no such directory"),
+    row("simulate-routing-empty", f"simulate {TINY} --no-emulate --routing {{fx}}/notes {H100}", 2,
+        "holds no routing-rank-K.jsonl files"),
+    row("simulate-routing-while-emulating", f"simulate {TINY} --routing {{fx}}/notes {H100}", 2, "add --no-emulate"),
+    row("simulate-out-of-other-files", f"simulate {TINY} --no-emulate --out {{fx}}/notes {H100}", 2,
+        "which `moe simulate` did not write"),
+    row("simulate-out-a-file", f"simulate {TINY} --no-emulate --out {{fx}}/a-file {H100}", 2, "is a file; give a directory"),
+    row("calibrate-out-under-a-file", "simulate calibrate --out {fx}/a-file/hw.yaml", 2, "a-file is a file, not a directory"),
+    row("validate-run-steps-1", f"simulate validate {TINY} --layouts dp=1 --run-steps 1", 2,
+        "--run-steps 1: 0 for no timed run, or at least 2"),
+    # moe bench kernels, moe bench layer
+    row("bench-shapes-garbage", "bench kernels --shapes garbage", 2, "--shapes item 'garbage': expected T,H,E,K"),
+    row("bench-shapes-none", "bench kernels --shapes ;", 2, "no shape given"),
+    row("bench-layer-negative-tokens", "bench layer --tokens -1", 2, "--tokens -1: must be >= 1"),
+    row("bench-layer-top-k-above-experts", "bench layer --experts 2 --top-k 3", 2, "--top-k 3: must be in [1, --experts=2]"),
+    row("bench-layer-nan-capacity", "bench layer --capacity-factor nan", 2, "--capacity-factor nan: must be a finite"),
+    row("bench-out-under-a-file", "bench kernels --shapes 16,8,4,1 --out {fx}/a-file/k.json", 2, "a-file is a file"),
+    # moe ckpt inspect
+    row("ckpt-missing", "ckpt inspect {fx}/no-checkpoint", 2, "no-checkpoint': no such file or directory"),
+)
+
+
+def _make_fixtures(fx: Path) -> None:
+    """The files the rows name; none of them may change (``test_no_input_file_changed``)."""
+    fx.mkdir()
+    (fx / "empty.yaml").write_text("")
+    (fx / "comments.yaml").write_text("# nothing but a comment\n")
+    (fx / "latin1.yaml").write_bytes(b"train:\n  steps: 1  # caf\xe9\n")
+    (fx / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    (fx / "binary.yaml").write_bytes(bytes(range(256)))
+    (fx / "dup-section.yaml").write_text("train:\n  steps: 1\nmodel:\n  dim: 64\ntrain:\n  lr: 0.1\n")
+    (fx / "dup-key.yaml").write_text("train:\n  steps: 1\n  steps: 2\n")
+    (fx / "tab.yaml").write_text("train:\n\tsteps: 1\n")
+    (fx / "nan.yaml").write_text("train:\n  lr: .nan\n")
+    (fx / "empty-section.yaml").write_text("model:\ntrain:\n  steps: 1\n")
+    (fx / "a-file").write_text("not a directory\n")
+    (fx / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02\x03" * 8)
+    for source in ("src", "src-with-blob"):
+        (fx / source).mkdir()
+        for i in range(12):
+            (fx / source / f"doc{i}.txt").write_text(f"document {i} " * 40)
+    (fx / "src-with-blob" / "blob.txt").write_bytes(b"\x00\x01\x02" * 10)
+    (fx / "dataset").mkdir()
+    for name in ("meta.json", "train.bin", "train.idx", "val.bin", "val.idx"):
+        (fx / "dataset" / name).write_text("an earlier dataset\n")
+    (fx / "notes").mkdir()
+    (fx / "notes" / "results.md").write_text("my own results, not a sweep's\n")
+    (fx / "user-dir").mkdir()
+    (fx / "user-dir" / "precious.txt").write_text("keep me\n")
+    trial = fx / "corrupt-sweep" / "trials" / "t1"
+    trial.mkdir(parents=True)
+    (trial / "trial.json").write_text('{"key": "t1", "overrides": {}}\n')
+    (trial / "summary.json").write_text('{"steps": 1,\n')
+    sweep = "base: configs/tiny.yaml\ngrid:\n  moe.num_experts: [1, 2]\n"
+    (fx / "sweep-dup.yaml").write_text(sweep + "grid:\n  moe.num_experts: [4]\n")
+    (fx / "sweep-nan.yaml").write_text(sweep + "fit:\n  huber_delta: .nan\n")
+    (fx / "sweep-user-dir.yaml").write_text(sweep + f"out_dir: {fx / 'user-dir'}\n")
+    hardware = (CONFIGS / "hardware" / "h100-ib.yaml").read_text()
+    (fx / "hw-garbage.yaml").write_text("kind: gpu\n  bad: [\n")
+    (fx / "hw-dup.yaml").write_text(hardware + "\nkind: cpu\n")
+    (fx / "hw-nan.yaml").write_text(hardware.replace("matmul_efficiency:", "matmul_efficiency: .nan #", 1))
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int | None
+    output: str
+    cwd_left: list[str]
+
+
+def _run(r: Row, fx: Path, base: Path) -> Outcome:
+    """``moe`` with ``r``'s arguments in an empty working directory of its own."""
+    cwd, scratch = base / r.id / "cwd", base / r.id / "scratch"
+    cwd.mkdir(parents=True)
+    scratch.mkdir()
+    argv = [a.format(fx=fx, configs=CONFIGS, scratch=scratch) for a in r.argv]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=cwd, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        code, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, output = None, f"still running after {TIMEOUT_S} s: the input was accepted and work started ({exc})"
+    return Outcome(code, output, sorted(p.name for p in cwd.iterdir()))
+
+
+@pytest.fixture(scope="module")
+def ran(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Outcome], Path, dict]:
+    """The selected rows' outcomes, run two at a time, with the fixture directory and
+    its snapshot from before they ran."""
+    selected = {item.callspec.params["r"].id for item in request.session.items
+                if getattr(item, "originalname", "") == "test_bad_input"}
+    base = tmp_path_factory.mktemp("bad-inputs")
+    fx = base / "fx"
+    _make_fixtures(fx)
+    before = _snapshot(fx)
+    rows = [r for r in ROWS if r.id in selected]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = dict(zip((r.id for r in rows), pool.map(lambda r: _run(r, fx, base / "rows"), rows)))
+    return outcomes, fx, before
+
+
+def _command(r: Row) -> str:
+    """``train``, ``sweep report``, ...: the command a row exercises."""
+    two = " ".join(r.argv[:2])
+    return two if two in SUBCOMMANDS else r.argv[0]
+
+
+SUBCOMMANDS = ("data prepare", "sweep report", "simulate calibrate", "simulate validate", "bench kernels",
+               "bench layer", "ckpt inspect")
+
+
+def test_rows_are_unique_and_cover_every_command() -> None:
+    assert len({r.id for r in ROWS}) == len(ROWS) >= 40
+    assert {_command(r) for r in ROWS} == {"train", "sweep", "simulate", *SUBCOMMANDS}
+
+
+@pytest.mark.parametrize("r", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input(r: Row, ran: tuple[dict[str, Outcome], Path, dict]) -> None:
+    outcome = ran[0][r.id]
+    shown = f"moe {' '.join(r.argv)}\n{outcome.output}"
+    assert "Traceback" not in outcome.output, shown
+    assert outcome.code == r.code, shown
+    if r.code == 0:
+        assert r.phrase in outcome.output, shown
+        return
+    errors = [line for line in outcome.output.splitlines() if line.startswith("error: ") or ": error: " in line]
+    assert len(errors) == 1 and r.phrase in errors[0], shown
+    assert outcome.cwd_left == [], f"{shown}\nwrote {outcome.cwd_left} into its working directory"
+
+
+def test_no_input_file_changed(ran: tuple[dict[str, Outcome], Path, dict]) -> None:
+    """Refusing must not write: no overwritten report, replaced dataset or created directory."""
+    _, fx, before = ran
+    after = _snapshot(fx)
+    assert sorted(set(after) ^ set(before)) == []
+    assert [name for name in before if before[name] != after[name]] == []
