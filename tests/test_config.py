@@ -57,6 +57,25 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_config(bad)
 
 
+def test_merge_keys_are_not_duplicates_but_a_repeated_key_is(tmp_path: Path) -> None:
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("train:\n  <<: {steps: 2, lr: 0.01}\n  steps: 3\n")
+    cfg = load_config(merged)
+    assert (cfg.train.steps, cfg.train.lr) == (3, 0.01)
+    merged.write_text("train:\n  <<: {steps: 2}\n  lr: 0.01\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' is given twice \(lines 3 and 4\); keep one"):
+        load_config(merged)
+
+
+def test_shipped_configs_are_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/tiny.yaml") == load_config("tiny") == load_config(TINY)
+    (tmp_path / "tiny.yaml").write_text("train:\n  steps: 7\n")
+    assert load_config("tiny.yaml").train.steps == 7  # the current directory comes first
+    with pytest.raises(ConfigError, match=rf"'nope' not found \(looked in: {tmp_path}/nope, .*configs/nope.yaml\)"):
+        load_config("nope")
+
+
 def test_multi_rank_layout_is_refused_not_run_wrong() -> None:
     check_layout(load_config(TINY, ["parallel.ep=2", "parallel.dp=2"]))  # ep x dp trains
     check_layout(load_config(TINY, ["parallel.tp=2", "parallel.etp=2"]))  # tp x etp trains
