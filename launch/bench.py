@@ -361,6 +361,15 @@ def check_layer_spec(spec: LayerSpec) -> None:
         raise ConfigError(f"--capacity-factor {spec.capacity_factor}: must be a finite number > 0")
 
 
+def _is_bench_result(path: Path) -> bool:
+    """Whether ``path`` is a JSON table ``moe bench`` wrote (which a new run may replace)."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(payload, dict) and {"device", "rows"} <= payload.keys()
+
+
 def _layer_table(rows: list[dict[str, Any]]) -> list[str]:
     reference = next((r["ms"] for r in rows if r["layer"] == "megatron-core" and r["ms"]), None)
     lines = [f"{'layer':<15}{'fwd+bwd ms':>12}{'peak MB':>10}{'vs megatron':>13}  note", "-" * 60]
@@ -484,7 +493,7 @@ def main(argv: list[str]) -> int:
         return _layouts_main(args, device)
     if args.what == "kernels":
         shapes = Shape.parse_many(args.shapes or (DEFAULT_GPU_SHAPES if device.type == "cuda" else DEFAULT_CPU_SHAPES))
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", "moe bench", _is_bench_result)
         bandwidth, rows = bench_kernels(shapes, device)
         print(f"device: {device_name(device)}; measured copy bandwidth {bandwidth:.1f} GB/s")
         print("\n".join(_kernel_table(rows)))
@@ -493,7 +502,7 @@ def main(argv: list[str]) -> int:
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     spec = LayerSpec(args.tokens, args.hidden, args.ffn, args.experts, args.top_k, args.capacity_factor, dtype)
     check_layer_spec(spec)
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", "moe bench", _is_bench_result)
     rows = bench_layer(spec)
     print(f"device: {device_name(device)}; {spec}")
     print("\n".join(_layer_table(rows)))

@@ -15,6 +15,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -414,11 +415,14 @@ def read_yaml(path: str | Path, what: str, kind: str = "") -> dict[str, Any]:
     return raw
 
 
-def check_output_file(path: Path, flag: str) -> None:
+def check_output_file(path: Path, flag: str, command: str, ours: Callable[[Path], bool]) -> None:
     """A file written at the end of minutes of work (a benchmark's JSON, a calibration):
-    refuse now, not then, a path that is a directory or whose directory cannot be made."""
+    refuse now, not then, a path that is a directory, whose directory cannot be made, or
+    that holds a file ``command`` did not write (``ours`` says which it did)."""
     if path.is_dir():
         raise ConfigError(f"{flag} {str(path)!r} is a directory; give a file path")
+    if path.is_file() and not ours(path):
+        raise ConfigError(f"{flag} {str(path)!r} exists and was not written by `{command}`; choose another path")
     existing = Path(os.path.abspath(path)).parent
     while not existing.exists():
         existing = existing.parent

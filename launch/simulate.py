@@ -204,12 +204,22 @@ def _calibrate(argv: list[str]) -> int:
     cal.add_argument("--out", type=Path, default=_this_machine_path(),
                      help="the hardware file to write (default %(default)s)")
     path = cal.parse_args(argv).out
-    check_output_file(path, "--out")
+    check_output_file(path, "--out", "moe simulate calibrate", _is_calibration)
     hw = calibrate(path)
     print(f"wrote {path}: matmul {hw.peak_flops['float32'] / 1e9:.1f} GFLOP/s per core, memory "
           f"{hw.memory_bandwidth / 1e9:.1f} GB/s, op overhead {hw.op_overhead_s * 1e6:.1f} us, gloo all-to-all "
           f"{hw.intra_node.bandwidth / 1e9:.2f} GB/s + {hw.intra_node.latency_s * 1e6:.0f} us")
     return 0
+
+
+def _is_calibration(path: Path) -> bool:
+    """Whether ``path`` starts with the comment ``calibrate`` heads every file it writes
+    with (so a shipped hardware file is never replaced by a measurement)."""
+    try:
+        with path.open(encoding="utf-8") as stream:
+            return stream.readline().startswith("# This machine, measured by `moe simulate calibrate`")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _this_machine_path() -> Path:
