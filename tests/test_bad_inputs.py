@@ -110,6 +110,8 @@ ROWS = (
         "which `moe simulate` did not write"),
     row("simulate-out-a-file", f"simulate {TINY} --no-emulate --out {{fx}}/a-file {H100}", 2, "is a file; give a directory"),
     row("calibrate-out-under-a-file", "simulate calibrate --out {fx}/a-file/hw.yaml", 2, "a-file is a file, not a directory"),
+    row("calibrate-over-another-file", "simulate calibrate --out {fx}/nan.yaml", 2,
+        "exists and was not written by `moe simulate calibrate`"),
     row("validate-run-steps-1", f"simulate validate {TINY} --layouts dp=1 --run-steps 1", 2,
         "--run-steps 1: 0 for no timed run, or at least 2"),
     # moe bench kernels, moe bench layer
@@ -118,6 +120,8 @@ ROWS = (
     row("bench-layer-negative-tokens", "bench layer --tokens -1", 2, "--tokens -1: must be >= 1"),
     row("bench-layer-top-k-above-experts", "bench layer --experts 2 --top-k 3", 2, "--top-k 3: must be in [1, --experts=2]"),
     row("bench-layer-nan-capacity", "bench layer --capacity-factor nan", 2, "--capacity-factor nan: must be a finite"),
+    row("bench-out-over-another-file", "bench kernels --shapes 16,8,4,1 --out {fx}/a-file", 2,
+        "exists and was not written by `moe bench`"),
     row("bench-out-under-a-file", "bench kernels --shapes 16,8,4,1 --out {fx}/a-file/k.json", 2, "a-file is a file"),
     # moe ckpt inspect
     row("ckpt-missing", "ckpt inspect {fx}/no-checkpoint", 2, "no-checkpoint': no such file or directory"),
