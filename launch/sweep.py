@@ -481,10 +481,9 @@ def main(argv: list[str]) -> int:
     failed = run_sweep(sweep, args.address)
     from launch.sweep_report import write_report
 
-    report = write_report(Path(str(sweep.out_dir)))
-    print(f"[sweep] {time.perf_counter() - start_time:.0f}s; report in {report}", flush=True)
-    if failed:
+    if failed:  # said first: with no trial finished, the report below fails too
         names = ", ".join(f"{t.key} ({t.run_dir}/logs)" for t in failed)
         print(f"error: {len(failed)} trial(s) failed: {names}; run the sweep again to retry them", file=sys.stderr)
-        return 1
-    return 0
+    report = write_report(Path(str(sweep.out_dir)))
+    print(f"[sweep] {time.perf_counter() - start_time:.0f}s; report in {report}", flush=True)
+    return 1 if failed else 0
