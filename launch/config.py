@@ -365,10 +365,13 @@ def locate(path: str | Path, kind: str) -> Path:
 
 
 def _candidates(path: Path, kind: str) -> list[Path]:
-    """Where ``locate`` looks for a relative path after the current directory."""
+    """Where ``locate`` looks for a relative path after the current directory: only inside
+    the shipped configs/ (a mistyped ``runs/...`` must not find the repository's own)."""
     shipped = shipped_configs()
+    if path.parts[:1] == (shipped.name,):
+        return [shipped.parent / path]
     names = [path] if path.suffix else [path, path.with_suffix(".yaml")]
-    return [shipped.parent / path, *(shipped / kind / name for name in names)]
+    return [shipped / kind / name for name in names]
 
 
 def searched(path: str | Path, kind: str) -> str:
