@@ -446,7 +446,7 @@ def prepare(
         _publish(building, out_dir)
     except OSError as err:
         shutil.rmtree(building, ignore_errors=True)
-        raise DataError(f"{out_dir}: writing the dataset failed ({err.strerror}: {err.filename}); {fix}") from None
+        raise DataError(f"{out_dir}: preparing failed ({err.strerror}: {err.filename}); nothing was written") from None
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
