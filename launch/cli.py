@@ -2,7 +2,7 @@
 
     moe train CONFIG [section.key=value ...]     train (e.g. moe.num_experts=16 train.steps=50)
     moe train CONFIG --address auto              ... on an existing Ray cluster (launch.address)
-    moe data prepare PATHS... --out DIR          tokenize text/JSONL files into .bin/.idx
+    moe data prepare PATHS... --out DIR          tokenize text/JSONL files into .bin/.idx (--overwrite: replace one)
     moe check-layouts CONFIG --layouts "ep=1;ep=2;dp=2"   same training under several layouts, compared
     moe bench kernels | layer                    speed tables (printed, and JSON under runs/bench/)
     moe bench layouts CONFIG --layouts "dp=1;ep=2"   step time, tokens/s, peak memory per rank per layout

@@ -723,7 +723,7 @@ def _parse_prepare_args(argv: list[str]) -> argparse.Namespace:
 
 
 def prepare_main(argv: list[str]) -> int:
-    """`moe data prepare PATHS... --out DIR [--val-fraction F]`; returns the exit status."""
+    """`moe data prepare PATHS... --out DIR [--val-fraction F] [--overwrite]`; returns the exit status."""
     try:
         args = _parse_prepare_args(argv)
     except SystemExit as exc:  # argparse exits on --help and on usage errors
