@@ -235,7 +235,10 @@ def resume_checkpoint(run_dir: Path) -> Path:
     """The checkpoint a resume in ``run_dir`` starts from: its latest complete one."""
     found = latest_checkpoint(run_dir / "checkpoints")
     if found is None:
-        raise CheckpointError(f"train.resume=true but {str(run_dir / 'checkpoints')!r} holds no complete checkpoint")
+        raise CheckpointError(
+            f"train.resume=true but {str(run_dir / 'checkpoints')!r} holds no complete checkpoint; name the run "
+            "that has one with train.run_dir, or start a new run without train.resume=true"
+        )
     return found
 
 

@@ -125,6 +125,29 @@ ROWS = (
     row("bench-out-under-a-file", "bench kernels --shapes 16,8,4,1 --out {fx}/a-file/k.json", 2, "a-file is a file"),
     # moe ckpt inspect
     row("ckpt-missing", "ckpt inspect {fx}/no-checkpoint", 2, "no-checkpoint': no such file or directory"),
+    row("ckpt-corrupt-manifest", "ckpt inspect {fx}/old-run/checkpoints/step-00000001", 2, "manifest.json"),
+    # run directories, resuming, what fits (launch/local_launcher.py start, launch/preflight.py)
+    row("run-dir-holds-another-run", f"train {TINY} train.run_dir={{fx}}/old-run", 2,
+        "already holds a run (config.yaml, metrics.jsonl, checkpoints); a run directory holds one run: continue that run "
+        "with train.resume=true, or start this one in another train.run_dir"),
+    row("run-dir-a-file", f"train {TINY} train.run_dir={{fx}}/a-file", 2, "cannot hold a run ("),
+    row("run-dir-under-a-file", f"train {TINY} train.run_dir={{fx}}/a-file/run", 2, "a-file' is a file); set train.run_dir"),
+    row("resume-without-checkpoint", f"train {TINY} train.resume=true train.run_dir={{scratch}}/run", 2,
+        "holds no complete checkpoint; name the run that has one with train.run_dir"),
+    row("resume-corrupt-manifest", f"train {TINY} train.resume=true train.run_dir={{fx}}/old-run", 2,
+        "manifest.json"),
+    row("model-states-do-not-fit", f"train {TINY} moe.num_experts=1000000", 2,
+        "the model does not fit: rank 0's model states alone need"),
+    row("nonfinite-skips-with-deepspeed", f"train {TINY} parallel.dp=2 parallel.engine=deepspeed "
+        "train.max_nonfinite_steps=1", 2, "train.max_nonfinite_steps=1 with parallel.engine=deepspeed"),
+    row("recompute-layers-above-the-blocks", f"train {TINY} train.recompute=full train.recompute_layers=9", 2,
+        "train.recompute_layers=9: the model holds 4 block(s)"),
+    # moe check-layouts
+    row("check-layouts-negative-rtol", f"check-layouts {TINY} --layouts dp=1;dp=2 --rtol -1", 2,
+        "--rtol -1: must be a finite number >= 0"),
+    row("check-layouts-zero-steps", f"check-layouts {TINY} --layouts dp=1;dp=2 --steps 0", 2, "--steps 0: must be >= 1"),
+    row("check-layouts-unknown-key", f"check-layouts {TINY} --layouts dp=1;sequence_paralel=true", 2,
+        "(did you mean 'sequence_parallel'?)"),
 )
 
 
@@ -142,6 +165,13 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "nan.yaml").write_text("train:\n  lr: .nan\n")
     (fx / "empty-section.yaml").write_text("model:\ntrain:\n  steps: 1\n")
     (fx / "a-file").write_text("not a directory\n")
+    old_run = fx / "old-run"  # another run's outputs, with a checkpoint whose manifest is damaged
+    (old_run / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (old_run / "config.yaml").write_text("train:\n  steps: 1\n")
+    (old_run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    (old_run / "checkpoints" / "step-00000001" / "COMPLETE").write_text("")
+    (old_run / "checkpoints" / "step-00000001" / "manifest.json").write_text('{"step": 1, "files": {')
+    (old_run / "checkpoints" / "latest").write_text("step-00000001\n")
     (fx / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02\x03" * 8)
     for source in ("src", "src-with-blob"):
         (fx / source).mkdir()
@@ -224,7 +254,7 @@ SUBCOMMANDS = ("data prepare", "sweep report", "simulate calibrate", "simulate v
 
 def test_rows_are_unique_and_cover_every_command() -> None:
     assert len({r.id for r in ROWS}) == len(ROWS) >= 40
-    assert {_command(r) for r in ROWS} == {"train", "sweep", "simulate", *SUBCOMMANDS}
+    assert {_command(r) for r in ROWS} == {"train", "sweep", "simulate", "check-layouts", *SUBCOMMANDS}
 
 
 @pytest.mark.parametrize("r", ROWS, ids=[r.id for r in ROWS])
