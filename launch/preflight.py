@@ -87,7 +87,8 @@ def budget(cfg: Config, device: torch.device) -> Budget | None:
 def _layout(cfg: Config, device: torch.device) -> Layout:
     bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     return Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
-                        "bfloat16" if bf16 else "float32", threads=cfg.launch.threads)
+                        "bfloat16" if bf16 else "float32", cfg.train.recompute, cfg.launch.threads,
+                        cfg.train.recompute_layers)
 
 
 def _largest_params(cfg: Config, layout: Layout, stage: int) -> tuple[str, int]:

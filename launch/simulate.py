@@ -192,7 +192,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--routing", type=Path, default=None, help="a directory of routing-rank-K.jsonl to replay")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="activation/matmul dtype of the cluster run (default: bfloat16 on a GPU cluster)")
-    parser.add_argument("--recompute", action="store_true", help="predict with full activation recomputation")
+    parser.add_argument("--recompute", action="store_true",
+                        help="predict with full activation recomputation of every block (train.recompute=full); "
+                        "without it the config's train.recompute and train.recompute_layers are predicted "
+                        "(e.g. the override train.recompute=selective)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/simulate-<config>-<time>)")
     return parser.parse_args(argv)
 
@@ -316,7 +319,8 @@ def emulate_and_compare(cfg: Config, steps: int, out: Path) -> tuple[Any, list[s
     results = emulate(emu_cfg, steps, out)
     routing = read_routing(sorted(out.glob("routing-rank-*.jsonl")))
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
-                          threads=cfg.launch.threads)
+                          recompute=cfg.train.recompute, threads=cfg.launch.threads,
+                          recompute_layers=cfg.train.recompute_layers)
     local = predict(cfg.model, cfg.moe, layout, _this_machine(), cfg.parallel.engine, routing)
     lines, record = compare(local, cfg, results, routing)
     return routing, lines, record
@@ -354,7 +358,8 @@ def timed_run(config: str, overrides: list[str], cfg: Config, steps: int, out: P
 
     step_s, intervals = run_step_time(config, overrides, steps, out)
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
-                          threads=cfg.launch.threads)
+                          recompute=cfg.train.recompute, threads=cfg.launch.threads,
+                          recompute_layers=cfg.train.recompute_layers)
     routing = read_routing(sorted((out / "routing").glob("routing-rank-*.jsonl")))
     predicted = predict(cfg.model, cfg.moe, layout, _this_machine(), cfg.parallel.engine, routing)
     return {"step_s": step_s, "interval_step_s": intervals, "step_predicted_s": predicted.summary["step_time_s"]}
@@ -430,8 +435,10 @@ def main(argv: list[str]) -> int:
     recorded = _recorded_routing(args.routing, cfg) if args.routing is not None else None
     scaled = [o for o in args.overrides if o.split("=")[0] in SCALING_KEYS]
     dtype = args.dtype or ("bfloat16" if hw.kind == "gpu" else "float32")
+    recompute = "full" if args.recompute else cfg.train.recompute
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
-                          dtype, args.recompute, threads=cfg.launch.threads)
+                          dtype, recompute, threads=cfg.launch.threads,
+                          recompute_layers=None if args.recompute else cfg.train.recompute_layers)
     out = args.out or Path("runs") / f"simulate-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_out_dir(out)
     if not args.no_emulate:

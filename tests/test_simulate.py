@@ -98,6 +98,78 @@ def test_dense_block_activations_are_what_autograd_keeps(attention: dict[str, An
     assert activation_elements(model, moe, layout, layer=0, rows=0) == sum(kept.values())
 
 
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("is_moe", [False, True])
+def test_block_activations_per_recompute_mode_are_what_autograd_keeps(mode: str, activation: str, is_moe: bool) -> None:
+    """``activation_elements`` under each ``train.recompute`` mode against the storages
+    autograd keeps through a block's forward (read after it: the activation outputs that
+    selective recomputation frees count 0): a dense block exactly, an MoE block (with a
+    shared expert) within 2% (its dispatch indices are not modelled)."""
+    import torch
+    from torch import nn
+
+    from moe.model import Block, rope_tables
+    from moe.recompute import apply_recompute, checkpointed
+
+    model = ModelConfig(dim=32, n_layers=2, n_heads=4, seq_len=16, ffn_dim=64, vocab_size=64,
+                        moe_every=1 if is_moe else 0, activation=activation)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, activation=activation, num_shared_experts=1)
+    block = Block(model, moe, is_moe=is_moe)
+    holder = nn.Module()
+    holder.blocks = nn.ModuleDict({"0": block})
+    apply_recompute(holder, mode)  # type: ignore[arg-type]
+    cos_SF, sin_SF = rope_tables(model.seq_len, model.head_size, model.rope_theta)
+    not_activations = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos_SF, sin_SF]}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in not_activations:
+            kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    x_BSD = torch.randn(2, model.seq_len, model.dim, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        checkpointed(block, x_BSD, cos_SF, sin_SF) if block.recompute_block else block(x_BSD, cos_SF, sin_SF)
+    measured = sum(t.untyped_storage().nbytes() // t.element_size() for t in kept.values())
+    layout = Layout.build(ParallelConfig(), model, moe, batch_size=2, micro_batch_size=None, recompute=mode)  # type: ignore[arg-type]
+    predicted = activation_elements(model, moe, layout, layer=0, rows=2 * model.seq_len * moe.top_k)
+    if is_moe and mode != "full":
+        assert predicted == pytest.approx(measured, rel=0.02)
+    else:
+        assert predicted == measured
+
+
+def test_full_recompute_layers_count_per_pipeline_chunk() -> None:
+    """``recompute_layers=1`` under pp=2 x vpp=2 (8 layers, 2 per chunk): the first block of
+    each chunk keeps its input only, the others everything; the step recomputes half the
+    blocks' forward."""
+    model = ModelConfig(dim=64, n_layers=8, n_heads=4, seq_len=32, ffn_dim=128, vocab_size=100)
+    moe = MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=64)
+    kw: dict[str, Any] = {"batch_size": 16, "micro_batch_size": 4}
+    layout = Layout.build(ParallelConfig(pp=2, vpp=2), model, moe, recompute="full", recompute_layers=1, **kw)
+    assert [layout.block_recomputed(model, i) for i in range(8)] == [True, False] * 4
+    none = Layout.build(ParallelConfig(pp=2, vpp=2), model, moe, **kw)
+    rows = layout.routed_tokens * moe.top_k
+    assert activation_elements(model, moe, layout, 0, rows) == layout.tokens * model.dim
+    assert activation_elements(model, moe, layout, 1, rows) == activation_elements(model, moe, none, 1, rows)
+    full = Layout.build(ParallelConfig(pp=2, vpp=2), model, moe, recompute="full", **kw)
+    assert all(full.block_recomputed(model, i) for i in range(8))
+
+
+def test_recompute_trades_step_time_for_activation_memory() -> None:
+    """Predicted activations: full < selective < none; step time the other way round (a
+    recomputed activation is written once more, a recomputed block's matmuls run again)."""
+    hw = load_hardware(HARDWARE / "h100-ib.yaml")
+    model, moe, _ = _layout()
+    ranks = {mode: predict(model, moe, Layout.build(ParallelConfig(), model, moe, 16, None, recompute=mode), hw).ranks[0]
+             for mode in ("none", "selective", "full")}  # type: ignore[arg-type]
+    activations = {mode: r.memory.activations for mode, r in ranks.items()}
+    step = {mode: sum(r.time.values()) for mode, r in ranks.items()}
+    assert activations["full"] < activations["selective"] < activations["none"]
+    assert step["none"] < step["selective"] < step["full"]
+
+
 def test_pipeline_bubble_share() -> None:
     model, moe, layout = _layout(pp=4, batch=16, micro=2)  # m = 8 micro-batches
     hw = load_hardware(HARDWARE / "h100-ib.yaml")
@@ -227,8 +299,9 @@ def _emulate(rank: int, world: int, cfg: Any, out: str) -> dict[str, Any]:
     ["parallel.pp=2", "parallel.vpp=2", "parallel.dp=2", "parallel.ep=2", "model.n_layers=4", "train.micro_batch_size=2"],
     ["parallel.tp=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", "model.qk_norm=true"],
     ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=2", "model.n_layers=6", "train.micro_batch_size=2"],
+    ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=1", "moe.aux_loss_scope=sequence"],
 ], ids=["dp2", "dp2-ep2-micro2-capacity", "dp4-ep2", "tp2", "tp2-sp", "pp2-vpp2-dp2-ep2", "tp2-gqa-qknorm",
-        "pp2-vpp2-uneven"])
+        "pp2-vpp2-uneven", "tp2-sp-micro1-sequence-aux"])
 def test_emulated_bytes_and_states_equal_prediction(
     rank_pool: Callable[[int], RankPool], corpus: Path, tmp_path: Path, layout: list[str]
 ) -> None:

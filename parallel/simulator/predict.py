@@ -18,8 +18,11 @@ the textbook per-parameter counts with fp32 master weights (ZeRO-1 ``4Ψ+4Ψ+8Ψ
 
 **Activations** (``activation_elements``, ``head_elements``): the tensors autograd keeps in
 this code base's model (counted with ``saved_tensors_hooks``; docs/simulation.md lists them),
-not Korthikanti's GPT-3 figure. Full recomputation keeps each layer's input ``T·D``; 1F1B
-keeps ``p − stage`` micro-batches in flight.
+not Korthikanti's GPT-3 figure. ``train.recompute`` (``moe/recompute.py``): ``full`` keeps a
+recomputed block's input ``T·D`` only (the first ``recompute_layers`` blocks of each chunk);
+``selective`` keeps neither a norm's ``x·rsqrt`` and ``rsqrt`` nor an MLP's or expert's
+activation output (and SwiGLU's ``silu(gate)``). 1F1B keeps ``p − stage`` micro-batches in
+flight.
 
 **Communication** per rank per step, in ``comm_counter``'s convention (all-to-all: bytes
 sent off-rank; reduce-scatter/all-gather: bytes of the full buffer; p2p: each send and
@@ -42,12 +45,13 @@ so nothing overlaps.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from moe.accounting import attention_width, num_moe_layers, train_flops_per_token
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.mlp import input_width
+from moe.recompute import Recompute
 from parallel.config import ParallelConfig
 from parallel.pipeline import stage_layers as pipeline_stage_layers
 from parallel.simulator.hardware import Hardware, Link
@@ -67,20 +71,36 @@ class Layout:
     micro_batch: int
     seq_len: int
     dtype: str  # float32 | bfloat16: activations and matmul rate
-    recompute: bool = False
+    recompute: Recompute = "none"  # train.recompute
     zero_stage: int = 1
     threads: int | None = None  # CPU ranks only: torch threads per rank (launch.threads)
     sequence_parallel: bool = False
+    recompute_layers: int | None = None  # train.recompute_layers (full: blocks per chunk; None = all)
 
     @classmethod
     def build(cls, parallel: ParallelConfig, model: ModelConfig, moe: MoEConfig, batch_size: int,
-              micro_batch_size: int | None, dtype: str = "float32", recompute: bool = False,
-              threads: int | None = None) -> Layout:
+              micro_batch_size: int | None, dtype: str = "float32", recompute: Recompute = "none",
+              threads: int | None = None, recompute_layers: int | None = None) -> Layout:
         per_rank = max(1, batch_size // parallel.dp)
         batch = BatchShape(batch_size, micro_batch_size or per_rank)
         topology = Topology.build(parallel, model, moe, batch, parallel.world_size)
         return cls(topology, batch.micro_batch, model.seq_len, dtype, recompute, parallel.zero_stage, threads,
-                   parallel.sequence_parallel and parallel.tp > 1)
+                   parallel.sequence_parallel and parallel.tp > 1, recompute_layers)
+
+    def block_recomputed(self, model: ModelConfig, layer: int) -> bool:
+        """Whether ``train.recompute=full`` recomputes block ``layer``: one of the first
+        ``recompute_layers`` blocks of its pipeline chunk (``moe.recompute.apply_recompute``)."""
+        if self.recompute != "full":
+            return False
+        if self.recompute_layers is None:
+            return True
+        t = self.topology
+        for stage in range(t.pp):
+            for chunk in pipeline_stage_layers(model.n_layers, t.pp, t.vpp, stage, t.first_stage_layers,
+                                               t.last_stage_layers):
+                if layer in chunk:
+                    return chunk.index(layer) < self.recompute_layers
+        raise ValueError(f"block {layer} is in no pipeline chunk of {model.n_layers} layers")
 
     @property
     def tokens(self) -> int:
@@ -89,7 +109,8 @@ class Layout:
 
     @property
     def routed_tokens(self) -> int:
-        """Tokens one rank routes: TP ranks route disjoint B/tp sequences of the micro-batch."""
+        """Tokens one rank routes: TP ranks route disjoint B·S/tp tokens of the micro-batch
+        (``parallel.tensor_parallel.local_shape``; the topology checks that tp divides B·S)."""
         return self.tokens // self.topology.tp
 
 
@@ -276,10 +297,13 @@ def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, laye
     doc); ``rows``: the rows this rank's experts compute (R; N is taken as T·K)."""
     t = layout.topology
     T, D, tp, k = layout.tokens, model.dim, t.tp, moe.top_k
-    if layout.recompute:
-        return T * D
     Tn = T // tp if layout.sequence_parallel else T  # tokens a norm sees
-    norm = 3 * Tn * D + Tn  # input, input·rsqrt, output (RMSNorm is composite), rsqrt
+    if layout.block_recomputed(model, layer):
+        return Tn * D  # the block's input
+    selective = layout.recompute == "selective"
+    # input, input·rsqrt, output (RMSNorm is composite; the output is kept by the projection
+    # that reads it), rsqrt; selective: input and output only
+    norm = 2 * Tn * D if selective else 3 * Tn * D + Tn
     q, kv = attention_width(model), model.kv_heads * model.head_size  # H·Dh, G·Dh
     # qkv output, rotated q and k, attention output and its contiguous copy (7·T·D for
     # multi-head with Dh = D/H); the logsumexp per query head and token
@@ -290,12 +314,21 @@ def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, laye
         f = moe.expert_ffn_dim / t.etp
         Tr = layout.routed_tokens
         router = 2 * Tr * moe.num_experts + Tr + 2 * Tr * k + Tr * k  # logits, probs, lse, int64 top-k ids, gates
-        experts = rows * (D + input_width(int(f), moe.activation) + f)
+        experts = rows * (D + mlp_elements(f, moe.activation, selective))
         ffn = norm + router + experts + 2 * Tr * k * D  # gated rows: the expert outputs and their products
+        if moe.num_shared_experts:  # on the routed tokens; their input is the norm's output
+            ffn += Tr * mlp_elements(moe.expert_ffn_dim * moe.num_shared_experts, moe.activation, selective)
     else:
-        f = model.ffn_dim / tp
-        ffn = norm + T * (input_width(int(f), model.activation) + f)
+        ffn = norm + T * mlp_elements(model.ffn_dim / tp, model.activation, selective)
     return attn + ffn
+
+
+def mlp_elements(f: float, activation: str, selective: bool) -> float:
+    """Per token (row), what an MLP of hidden width ``f`` keeps past its input: the input
+    projection's output (``Fin``), and unless selective recomputation frees them, the
+    activation's output (kept by ``W_out``) and, for SwiGLU, ``silu(gate)`` (kept by the product)."""
+    fin = input_width(int(f), activation)  # type: ignore[arg-type]
+    return fin if selective else fin + f * (2 if activation == "swiglu" else 1)
 
 
 def head_elements(model: ModelConfig, layout: Layout) -> float:
@@ -400,7 +433,7 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
               steps: int) -> None:
     """Tensor-parallel bytes of this code base's TP (``parallel/tensor_parallel.py``: megatron's
     column/row-parallel linears, vocab-parallel embedding and cross-entropy, MoE layers
-    routing B/tp sequences per rank), per step, fp32 activations ``x = T·D·4``:
+    routing B·S/tp tokens per rank), per step, fp32 activations ``x = T·D·4``:
 
     - without SP: attention and dense MLP 2 all-reduces of x per layer (row-parallel forward,
       column-parallel backward); MoE layers 2 all-gathers of x (output forward, input
@@ -409,7 +442,8 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
       each, the MoE layer needs none, the embedding reduce-scatters (backward: all-gather),
       and every column-parallel layer all-gathers its input once more in the backward;
     - the loss: 3 all-reduces of T floats (vocab-parallel cross-entropy); MoE statistics
-      ``(3 + E)`` floats per layer, and ``E`` more for the micro-batch aux loss's counts;
+      ``(3 + E)`` floats per layer, and ``E`` more for the micro-batch aux loss's counts
+      (``B·E`` for the per-sequence one's: a sequence's tokens may lie on several TP ranks);
     - per step: gradients of parameters every TP rank computes on its own tokens (routers;
       with SP also the RMSNorm gains) or heads (the q/k norm gains of ``model.qk_norm``)
       all-reduced in ``finalize_model_grads``, and the routers' again for the logged router
@@ -421,7 +455,8 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
     n_moe = sum(model.is_moe_layer(i) for i in layers)
     n_dense = len(layers) - n_moe
     first, last = stage == 0, stage == t.pp - 1
-    stats = n_moe * 4 * (3 + moe.num_experts + (moe.num_experts if moe.aux_loss_scope == "micro_batch" else 0))
+    counts = {"micro_batch": moe.num_experts, "sequence": layout.micro_batch * moe.num_experts}
+    stats = n_moe * 4 * (3 + moe.num_experts + counts.get(moe.aux_loss_scope, 0))
     loss = 3 * layout.tokens * 4 if last else 0
     routers = n_moe * moe.num_experts * model.dim * 4
     qk_norms = len(layers) * 2 * model.head_size * 4 if model.qk_norm else 0
@@ -593,12 +628,18 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
     overhead = hw.op_overhead_s / min(share, 1.0) if hw.kind == "cpu" else hw.op_overhead_s
     layers = stage_layers(model, layout, stage)
     m = t.micro_batches
-    passes = 4 if layout.recompute else 3
+    # forward, backward (2x); a recomputed block's forward once more (selective recomputes
+    # elementwise work only, counted with the activations below)
+    passes = 3 + sum(layout.block_recomputed(model, i) for i in layers) / max(len(layers), 1)
     flops = micro_batch_flops(model, moe, layout, stage, rows)
     matmul_time = sum(passes * f / (hw.kernel_rate(k, layout.dtype) * share) for k, f in flops.items())
-    act = sum(activation_elements(model, moe, layout, i, rows) for i in layers) + (
-        head_elements(model, layout) if stage == t.pp - 1 else 0)
-    elementwise = ELEMENTWISE_PASSES * act * _dtype_bytes(layout) / bandwidth
+    head = head_elements(model, layout) if stage == t.pp - 1 else 0
+    kept = sum(activation_elements(model, moe, layout, i, rows) for i in layers) + head
+    every = layout if layout.recompute == "none" else replace(layout, recompute="none", recompute_layers=None)
+    act = sum(activation_elements(model, moe, every, i, rows) for i in layers) + head
+    # each activation is written in the forward, read and its gradient written in the
+    # backward; one recomputation frees (act - kept) is written once more in the backward
+    elementwise = (ELEMENTWISE_PASSES * act + act - kept) * _dtype_bytes(layout) / bandwidth
     n_moe = sum(model.is_moe_layer(i) for i in layers)
     ops = (n_moe * (OPS_MOE_BLOCK + (OPS_MOE_EP_EXTRA if t.ep > 1 else 0))
            + (len(layers) - n_moe) * OPS_DENSE_BLOCK + OPS_MICRO_BATCH)
@@ -669,7 +710,8 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         t = self.layout.topology
         return {"layout": asdict(t) | {"micro_batch": self.layout.micro_batch, "seq_len": self.layout.seq_len,
-                                       "dtype": self.layout.dtype, "recompute": self.layout.recompute},
+                                       "dtype": self.layout.dtype, "recompute": self.layout.recompute,
+                                       "recompute_layers": self.layout.recompute_layers},
                 "hardware": self.hardware.name, "summary": self.summary, "ranks": [r.to_dict() for r in self.ranks]}
 
 

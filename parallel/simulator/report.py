@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from parallel.simulator.predict import Prediction, RankPrediction
+from parallel.simulator.predict import Layout, Prediction, RankPrediction
 
 GIB = 2**30
 
@@ -22,13 +22,21 @@ def _row(r: RankPrediction) -> str:
             f"{sum(t.values()) * 1e3:>10.2f}")
 
 
+def _recompute_text(layout: Layout) -> str:
+    """``train.recompute`` as the layout line names it ("" without recomputation)."""
+    if layout.recompute == "none":
+        return ""
+    layers = "" if layout.recompute_layers is None else f" of {layout.recompute_layers} block(s) per chunk"
+    return f", {layout.recompute} recompute{layers}"
+
+
 def text_report(pred: Prediction, scaled: list[str], comparison: list[str] | None = None) -> str:
     t = pred.layout.topology
     s = pred.summary
     lines = [
         f"layout: tp={t.tp} pp={t.pp} vpp={t.vpp} ep={t.ep} etp={t.etp} dp={t.dp} (edp={t.edp}), world {t.world_size}, "
         f"{t.micro_batches} micro-batches of {pred.layout.micro_batch} x {pred.layout.seq_len} tokens, {pred.layout.dtype}"
-        f"{', full recompute' if pred.layout.recompute else ''}; cluster {pred.hardware.name}",
+        f"{_recompute_text(pred.layout)}; cluster {pred.hardware.name}",
         "scaled by the user: " + (", ".join(scaled) if scaled else "nothing (the config as given)"),
     ]
     header = f"{'rank':>5} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'peak':>8} {'comm MiB':>10} {'step ms':>10}"
