@@ -47,14 +47,21 @@ def test_expert_ffn_must_split_over_etp() -> None:
         Topology.build(ParallelConfig(dp=3, etp=3), MODEL, moe, BatchShape(12, 2), world_size=3)
 
 
-def test_tensor_parallel_needs_whole_sequences_per_rank() -> None:
-    with pytest.raises(ConfigError, match=r"a micro-batch of 2 sequences .* is not divisible by parallel.tp=4; with MoE layers"):
-        _build(4, tp=4)
-    _build(4, batch=BatchShape(16, 4), tp=4)
-    dense = ModelConfig(dim=64, n_layers=4, n_heads=4, ffn_dim=128, moe_every=0)
+def test_tensor_parallel_splits_the_micro_batch_tokens() -> None:
+    """TP ranks take 1/tp of the micro-batch's B·S tokens (not whole sequences): any
+    micro-batch works when tp divides the tokens, and the message names both fixes."""
+    _build(4, tp=4)  # 2 sequences over 4 ranks: half a sequence each
+    _build(2, batch=BatchShape(16, 1), tp=2)  # micro-batch 1
+    short = ModelConfig(dim=64, n_layers=4, n_heads=4, ffn_dim=128, seq_len=3)
+    with pytest.raises(ConfigError, match=r"a micro-batch of 1 sequences x model.seq_len=3 = 3 tokens .* not divisible "
+                                          r"by parallel.tp=2; with MoE layers .* make model.seq_len a multiple of "
+                                          r"parallel.tp, or train.micro_batch_size a multiple of 2"):
+        _build(2, model=short, batch=BatchShape(16, 1), tp=2)
+    _build(2, model=short, batch=BatchShape(16, 2), tp=2)
+    dense = ModelConfig(dim=64, n_layers=4, n_heads=4, ffn_dim=128, moe_every=0, seq_len=3)
     odd = BatchShape(global_batch=6, micro_batch=3)
     _build(2, model=dense, batch=odd, tp=2)  # replicated tokens: any micro-batch
-    with pytest.raises(ConfigError, match=r"a micro-batch of 3 sequences .* parallel.tp=2; with parallel.sequence_parallel=true"):
+    with pytest.raises(ConfigError, match=r"= 9 tokens .* parallel.tp=2; with parallel.sequence_parallel=true"):
         _build(2, model=dense, batch=odd, tp=2, sequence_parallel=True)
 
 
