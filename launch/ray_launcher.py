@@ -1,7 +1,7 @@
 """Start a multi-rank run on a Ray cluster: one actor per rank.
 
-    moe train configs/tiny.yaml                          a Ray cluster on this machine, for this run
-    moe train configs/glam-64e.yaml --address auto       an existing cluster (ray start, ray up, KubeRay)
+    moe train configs/tiny.yaml parallel.dp=2 parallel.ep=2   a Ray cluster on this machine, for this run
+    moe train configs/glam-64e.yaml --address auto            an existing cluster (ray start, ray up, KubeRay)
 
 Plain actors rather than Ray Train's TorchTrainer (docs/launching.md): the rank code is the
 same function the local launcher runs (``launch/rank.py``), so both launchers share one
