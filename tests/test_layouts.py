@@ -65,9 +65,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("layouts")
 
 
-def _config(layout: str, corpus: Path, runs: Path) -> tuple[Layout, Config]:
-    out = runs / layout.replace(",", "_").replace("=", "")
-    layouts, configs = layout_configs(TINY, [*SMALL, f"data.path={corpus}"], parse_layouts(layout), STEPS, out)
+def _config(layout: str, corpus: Path, runs: Path, model: tuple[str, ...] = ()) -> tuple[Layout, Config]:
+    out = runs / "-".join([*model, layout]).replace(",", "_").replace("=", "").replace(".", "")
+    layouts, configs = layout_configs(TINY, [*SMALL, *model, f"data.path={corpus}"], parse_layouts(layout), STEPS, out)
     return layouts[0], configs[0]
 
 
@@ -94,6 +94,37 @@ def test_layout_matches_one_process(
     assert len(records) == STEPS
     assert all(len(r["expert_tokens"]) == 4 for r in records)  # every MoE layer compared
     lines, ok = compare([reference[1], records], [reference[0], named], RTOL)
+    print("\n".join(lines))
+    assert ok, "\n".join(lines)
+
+
+# The shapes of the models people pretrain (Qwen3-MoE-like attention: grouped-query with 2
+# key/value heads for 4 query heads, q/k RMSNorm, head_dim 12 != dim/n_heads = 8) at
+# micro-batch 1, where TP ranks split each sequence's tokens; the 6-layer model is the one an
+# interleaved pipeline with a lighter first stage needs.
+REAL_SHAPES = ("model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", "model.qk_norm=true",
+               "train.micro_batch_size=1", "train.batch_size=4")
+SIX_LAYERS = (*REAL_SHAPES, "model.n_layers=6")
+
+
+@pytest.mark.parametrize(
+    "model, layout",
+    [(REAL_SHAPES, "tp=2"), (REAL_SHAPES, "tp=2,sequence_parallel=true"), (REAL_SHAPES, "tp=2,pp=2"),
+     (REAL_SHAPES, "tp=2,ep=2"), (REAL_SHAPES, "pp=2,first_stage_layers=1"),
+     (SIX_LAYERS, "pp=2,vpp=2,first_stage_layers=2")],
+    ids=["tp2", "tp2-sp", "tp2-pp2", "tp2-ep2", "pp2-uneven", "pp2-vpp2-6layers-uneven"],
+)
+def test_real_model_shapes_at_micro_batch_1_match_one_process(
+    model: tuple[str, ...], layout: str, corpus: Path, runs: Path, rank_pool: Callable[[int], RankPool]
+) -> None:
+    ref_layout, ref_cfg = _config(REFERENCE, corpus, runs, model)
+    if not (Path(str(ref_cfg.train.run_dir)) / "metrics.jsonl").is_file():  # one reference per model
+        train(ref_cfg, "tiny")
+    named, cfg = _config(layout, corpus, runs, model)
+    rank_pool(cfg.parallel.world_size).run(train_layout, cfg, timeout=240)
+    records = train_records(Path(str(cfg.train.run_dir)))
+    assert len(records) == STEPS
+    lines, ok = compare([train_records(Path(str(ref_cfg.train.run_dir))), records], [ref_layout, named], RTOL)
     print("\n".join(lines))
     assert ok, "\n".join(lines)
 
