@@ -4,6 +4,8 @@ printed and written as JSON.
     moe bench kernels [--shapes T,H,E,K;...] [--out FILE]
     moe bench layer [--tokens 4096 --hidden 1024 --experts 8 --top-k 2 --capacity-factor 1.25] [--out FILE]
     moe bench layouts CONFIG [--layouts "dp=1;dp=2;ep=2"] [--steps 10] [--warmup 2] [--out FILE] [overrides...]
+    moe bench memory CONFIG [--layouts "dp=1;tp=2"] [--recompute none,selective,full] [--dtype float32,bfloat16]
+                     [--steps 2] [--out FILE] [overrides...]
 
 Kernels: gating, permute and unpermute for each shape, timed for the fused Triton kernels,
 their torch references and megatron-core's unfused utilities (``moe_utils``), with the
@@ -24,6 +26,15 @@ so the ranks finish it together), tokens/s of the global batch at that median, a
 rank's peak memory (``launch.memory``: peak RSS of the rank's process on a CPU, which
 includes the interpreter and libraries; ``torch.cuda.max_memory_allocated`` on a GPU),
 measured at the end of the run (validation and the final checkpoint included).
+
+Memory: each layout × ``train.recompute`` mode × ``train.dtype`` through ``moe simulate``'s
+emulation (``launch.simulate.emulate_and_compare``: the layout's ranks as gloo processes,
+the real training step; step 0 warms up, step 1 is measured), each case in its own process
+so that a case that cannot run (say bf16 where it is not supported) is a row saying why.
+Per rank, the measured live tensor bytes (``parallel.simulator.measure``: the profiler's
+allocator accounting on a CPU, the CUDA allocator on a GPU) next to the simulator's
+prediction for the same layout and the emulation's own routing (``predict``): model states,
+the activations a backward starts from, and the step's peak, with predicted/measured ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -455,6 +467,142 @@ def _layouts_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# -- memory -------------------------------------------------------------------------
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+DTYPES = ("float32", "bfloat16")
+MiB = 2**20
+
+
+def parse_choices(text: str, flag: str, choices: tuple[str, ...]) -> list[str]:
+    """``--recompute none,full``: the items in the order given; one ``ConfigError`` naming
+    the first unknown or repeated item otherwise."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for i, item in enumerate(items):
+        if item not in choices or item in items[:i]:
+            what = "is given twice" if item in choices else "is unknown"
+            raise ConfigError(f"{flag} {text!r}: {item!r} {what}; give a comma-separated list of {', '.join(choices)}")
+    if not items:
+        raise ConfigError(f"{flag} {text!r}: nothing given; give a comma-separated list of {', '.join(choices)}")
+    return items
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """One layout × recompute mode × dtype, and the overrides that make its config."""
+
+    layout: str
+    recompute: str
+    dtype: str
+    world_size: int
+    overrides: tuple[str, ...]
+
+
+def memory_cases(config: str, overrides: list[str], layouts_text: str, modes: list[str], dtypes: list[str],
+                 steps: int) -> list[MemoryCase]:
+    """Every case's config loaded and its layout checked before anything runs (the run
+    directory ``layout_configs`` names is not used: each case runs into its own)."""
+    from launch.check_layouts import layout_configs, parse_layouts
+
+    layouts = parse_layouts(layouts_text)
+    cases = []
+    for dtype in dtypes:
+        for mode in modes:
+            common = [*overrides, f"train.recompute={mode}", f"train.dtype={dtype}"]
+            _, configs = layout_configs(config, common, layouts, steps, Path(tempfile.gettempdir()))
+            cases += [MemoryCase(layout.name, mode, dtype, cfg.parallel.world_size, (*common, *layout.overrides))
+                      for layout, cfg in zip(layouts, configs)]
+    return cases
+
+
+def measure_memory(config: str, overrides: list[str], steps: int, out: Path) -> list[dict[str, Any]]:
+    """One case, in this process: ``moe simulate``'s emulation and its comparison; per rank
+    the measured and predicted bytes."""
+    from launch.check_layouts import pipeline_micro_batches
+    from launch.config import load_config
+    from launch.simulate import emulate_and_compare
+
+    cfg = pipeline_micro_batches(load_config(config, overrides))
+    _, _, record = emulate_and_compare(cfg, steps, out)
+    return [memory_rank_row(r) for r in record["ranks"]]
+
+
+def memory_rank_row(rank: dict[str, Any]) -> dict[str, Any]:
+    """A rank of ``compare``'s record as measured/predicted bytes and their ratios."""
+    predicted = rank["memory_predicted"]
+    predicted_states = predicted["params"] + predicted["grads"] + predicted["optimizer"]
+    measured_activations = rank["activations_measured"]
+    return {
+        "rank": rank["rank"],
+        "states_measured": sum(rank["states"].values()),
+        "states_predicted": predicted_states,
+        "activations_measured": measured_activations,
+        "activations_predicted": predicted["activations"],
+        "transient_predicted": predicted["transient"],
+        "peak_measured": rank["peak_measured"],
+        "peak_predicted": rank["peak_predicted"],
+        "activations_ratio": predicted["activations"] / measured_activations if measured_activations else None,
+        "peak_ratio": rank["peak_predicted"] / rank["peak_measured"],
+    }
+
+
+def _failure_reason(stderr: str) -> str:
+    """The first exception line (a failed rank prints its own before the launcher's
+    "rank failed" follows), else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line)]
+    return ((errors or lines or ["no output"])[0])[:300]
+
+
+def run_memory_case(config: str, case: MemoryCase, steps: int, out: Path) -> dict[str, Any]:
+    """``measure_memory`` in a fresh process: its tracebacks stay out of the table, and a case
+    that fails becomes a row saying why."""
+    code = ("import json, sys; from pathlib import Path; from launch.bench import measure_memory; "
+            "print('RESULT ' + json.dumps(measure_memory(sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), "
+            "Path(sys.argv[4]))))")
+    row: dict[str, Any] = {"layout": case.layout, "recompute": case.recompute, "dtype": case.dtype,
+                           "world_size": case.world_size, "run_dir": str(out), "ranks": [], "note": ""}
+    argv = [sys.executable, "-c", code, config, json.dumps(list(case.overrides)), str(steps), str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TORCHDYNAMO_DISABLE": "1"})
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode == 0 and result:
+        row["ranks"] = json.loads(result[-1][len("RESULT "):])
+    else:
+        row["note"] = f"did not run: {_failure_reason(proc.stderr)}"
+    return row
+
+
+def activation_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per layout and dtype: each mode's measured activations over ``none``'s, the largest
+    over the ranks (the acceptance: full at most 1/3, selective in between)."""
+    by_case = {(r["layout"], r["dtype"], r["recompute"]): r["ranks"] for r in rows if r["ranks"]}
+    out = []
+    for (layout, dtype, mode), ranks in by_case.items():
+        base = by_case.get((layout, dtype, "none"))
+        if mode != "none" and base:
+            ratio = max(r["activations_measured"] / b["activations_measured"] for r, b in zip(ranks, base))
+            out.append({"layout": layout, "dtype": dtype, "recompute": mode, "activations_vs_none": ratio})
+    return out
+
+
+def _memory_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[str]:
+    header = (f"{'layout':<22}{'dtype':<10}{'recompute':<11}{'rank':>5}{'states':>9}{'act meas':>10}{'act pred':>10}"
+              f"{'ratio':>7}{'peak meas':>11}{'peak pred':>11}{'ratio':>7}  (MiB; ratio = predicted / measured)")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        case = f"{row['layout']:<22}{row['dtype']:<10}{row['recompute']:<11}"
+        if not row["ranks"]:
+            lines.append(f"{case}{'-':>5}  {row['note']}")
+        for r in row["ranks"]:
+            act_ratio = f"{r['activations_ratio']:7.3f}" if r["activations_ratio"] is not None else f"{'-':>7}"
+            lines.append(f"{case}{r['rank']:>5}{r['states_measured'] / MiB:9.1f}{r['activations_measured'] / MiB:10.1f}"
+                         f"{r['activations_predicted'] / MiB:10.1f}{act_ratio}{r['peak_measured'] / MiB:11.1f}"
+                         f"{r['peak_predicted'] / MiB:11.1f}{r['peak_ratio']:7.3f}")
+    lines += [f"{r['layout']} {r['dtype']}: measured activations with {r['recompute']} = "
+              f"{r['activations_vs_none']:.3f} of none's" for r in ratios]
+    return lines
+
+
 # -- command line ---------------------------------------------------------------------
 
 
@@ -487,10 +635,21 @@ def main(argv: list[str]) -> int:
     layouts.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     layouts.add_argument("--out", type=Path, default=Path("runs/bench/layouts.json"))
     layouts.add_argument("--runs", type=Path, default=None, help="where the runs go (default: a temporary directory)")
+    memory = sub.add_parser("memory", help="measured vs predicted memory per rank: layouts x recompute modes x dtypes")
+    memory.add_argument("config", help="a YAML config, e.g. configs/tiny.yaml")
+    memory.add_argument("overrides", nargs="*", help="section.key=value applied to every case")
+    memory.add_argument("--layouts", default="dp=1", help="moe check-layouts syntax (default %(default)r)")
+    memory.add_argument("--recompute", default=",".join(RECOMPUTE_MODES), help="train.recompute modes (default %(default)s)")
+    memory.add_argument("--dtype", default="float32", help=f"train.dtype values, of {', '.join(DTYPES)} (default %(default)s)")
+    memory.add_argument("--steps", type=int, default=2, help="emulated steps per case (step 0 warms up, step 1 is measured)")
+    memory.add_argument("--out", type=Path, default=Path("runs/bench/memory.json"))
+    memory.add_argument("--runs", type=Path, default=None, help="where the emulations go (default: a temporary directory)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.what == "layouts":
         return _layouts_main(args, device)
+    if args.what == "memory":
+        return _memory_main(args, device)
     if args.what == "kernels":
         shapes = Shape.parse_many(args.shapes or (DEFAULT_GPU_SHAPES if device.type == "cuda" else DEFAULT_CPU_SHAPES))
         check_output_file(args.out, "--out", "moe bench", _is_bench_result)
@@ -520,4 +679,26 @@ def _layouts_main(args: argparse.Namespace, device: torch.device) -> int:
     print("\n".join(_layouts_table(rows)))
     _write(args.out, {"device": device_name(device), "config": args.config, "overrides": args.overrides,
                       "steps": args.steps, "warmup": args.warmup, "rows": rows})
+    return 0
+
+
+def _memory_main(args: argparse.Namespace, device: torch.device) -> int:
+    if args.steps < 2:
+        raise ConfigError(f"--steps {args.steps}: at least 2 (step 0 warms up, step 1 is measured)")
+    modes = parse_choices(args.recompute, "--recompute", RECOMPUTE_MODES)
+    dtypes = parse_choices(args.dtype, "--dtype", DTYPES)
+    cases = memory_cases(args.config, args.overrides, args.layouts, modes, dtypes, args.steps)
+    check_output_file(args.out, "--out", "moe bench", _is_bench_result)
+    runs = args.runs or Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    rows = []
+    for i, case in enumerate(cases):
+        print(f"case {i + 1}/{len(cases)}: {case.layout}, {case.dtype}, recompute {case.recompute}", file=sys.stderr)
+        name = f"{i}-{case.layout}-{case.dtype}-{case.recompute}".replace(",", "_").replace("=", "")
+        rows.append(run_memory_case(args.config, case, args.steps, runs / name))
+    ratios = activation_ratios(rows)
+    kind = "CUDA allocator" if device.type == "cuda" else "live CPU tensor bytes (profiler allocator accounting)"
+    print(f"device: {device_name(device)}; {args.config} {' '.join(args.overrides)}; step 1 of {args.steps}; {kind}")
+    print("\n".join(_memory_table(rows, ratios)))
+    _write(args.out, {"device": device_name(device), "config": args.config, "overrides": args.overrides,
+                      "steps": args.steps, "measured": kind, "rows": rows, "activation_ratios": ratios})
     return 0

@@ -6,6 +6,7 @@
     moe check-layouts CONFIG --layouts "ep=1;ep=2;dp=2"   same training under several layouts, compared
     moe bench kernels | layer                    speed tables (printed, and JSON under runs/bench/)
     moe bench layouts CONFIG --layouts "dp=1;ep=2"   step time, tokens/s, peak memory per rank per layout
+    moe bench memory CONFIG --recompute none,full    measured vs predicted memory per rank (layouts x modes x dtypes)
     moe ckpt inspect DIR [--verify]              a checkpoint's layout, step, tensors and checksums
     moe simulate CONFIG [k=v ...] --cluster HW   emulate a layout here, predict memory/comm/time on HW
     moe simulate calibrate                       measure this machine (configs/hardware/this-machine.yaml)
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     ckpt.add_argument("path", type=Path, help="a checkpoint, a checkpoints directory or a run directory")
     ckpt.add_argument("--verify", action="store_true", help="read every rank's file and check its checksums")
     ckpt.set_defaults(run=_ckpt)
-    bench = sub.add_parser("bench", help="benchmarks: moe bench kernels | layer | layouts (see --help)", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks: moe bench kernels | layer | layouts | memory (see --help)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
     sweep = sub.add_parser("sweep", help="sweeps: moe sweep CONFIG | moe sweep report DIR (see --help)", add_help=False)

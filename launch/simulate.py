@@ -47,7 +47,7 @@ def emulate_rank(cfg: Config, steps: int, out_dir: Path, memory_step: int = 1) -
     from launch.train import Run, RankInfo, check_layout
     from parallel.groups import destroy_groups, init_groups
     from parallel.simulator.comm_counter import CommCounter
-    from parallel.simulator.measure import engine_state_bytes, peak_increase_bytes
+    from parallel.simulator.measure import StepMemory, engine_state_bytes, measure_step
     from parallel.simulator.routing import RoutingRecorder
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -60,7 +60,7 @@ def emulate_rank(cfg: Config, steps: int, out_dir: Path, memory_step: int = 1) -
                                             "world": dist.group.WORLD}
         counter = CommCounter(names)
         recorder = RoutingRecorder(run.net, rank)
-        times, cpu_times, records, peak, states_before = [], [], [], 0, {}
+        times, cpu_times, records, memory, states_before = [], [], [], StepMemory(0, 0), {}
         for step in range(steps):
             recorder.step = step
             if world > 1:
@@ -69,7 +69,7 @@ def emulate_rank(cfg: Config, steps: int, out_dir: Path, memory_step: int = 1) -
                 if step == memory_step:
                     states_before = engine_state_bytes(run.engine)
                     box: dict[str, Any] = {}
-                    peak = peak_increase_bytes(lambda: box.update(values=run.train_step()[0]))
+                    memory = measure_step(lambda: box.update(values=run.train_step()[0]), run.device)
                     values = box["values"]
                 else:
                     t0, c0 = time.perf_counter(), time.process_time()
@@ -83,7 +83,8 @@ def emulate_rank(cfg: Config, steps: int, out_dir: Path, memory_step: int = 1) -
         recorder.write(out_dir / f"routing-rank-{rank}.jsonl")
         states = engine_state_bytes(run.engine)
         return {"rank": rank, "comm": counter.totals(), "states": states,
-                "states_before_memory_step": states_before, "peak_increase": peak,
+                "states_before_memory_step": states_before, "peak_increase": memory.peak_increase,
+                "activations": memory.activations,
                 "step_seconds": times, "step_cpu_seconds": cpu_times, "values": records}
     finally:
         if groups is not None:
@@ -164,6 +165,8 @@ def compare(pred: Any, cfg: Config, results: list[dict[str, Any]], routing: list
         record["ranks"].append({"rank": rank, "bytes_equal": bytes_ok, "counted": measured, "predicted": want,
                                 "states_equal": states_ok, "states": result["states"],
                                 "peak_measured": measured_peak, "peak_predicted": predicted_peak,
+                                "activations_measured": result["activations"],
+                                "memory_predicted": dataclasses.asdict(pred.ranks[rank].memory),
                                 "step_measured_s": step, "step_predicted_s": predicted_step,
                                 "step_cpu_s": statistics_median(result["step_cpu_seconds"]),
                                 "values": result["values"]})
@@ -319,11 +322,20 @@ def emulate_and_compare(cfg: Config, steps: int, out: Path) -> tuple[Any, list[s
     results = emulate(emu_cfg, steps, out)
     routing = read_routing(sorted(out.glob("routing-rank-*.jsonl")))
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
-                          recompute=cfg.train.recompute, threads=cfg.launch.threads,
+                          emulated_dtype(cfg), cfg.train.recompute, threads=cfg.launch.threads,
                           recompute_layers=cfg.train.recompute_layers)
     local = predict(cfg.model, cfg.moe, layout, _this_machine(), cfg.parallel.engine, routing)
     lines, record = compare(local, cfg, results, routing)
     return routing, lines, record
+
+
+def emulated_dtype(cfg: Config) -> str:
+    """The activation dtype an emulated rank computes in (``launch.train.autocast_context``):
+    what its prediction must assume for the memory to compare."""
+    from launch.train import resolve_device
+
+    auto_bf16 = cfg.train.dtype == "auto" and resolve_device(cfg.train).type == "cuda"
+    return "bfloat16" if cfg.train.dtype == "bfloat16" or auto_bf16 else "float32"
 
 
 def run_step_time(config: str, overrides: list[str], steps: int, out: Path) -> tuple[float, list[float]]:

@@ -79,3 +79,54 @@ def test_bench_layouts_refuses_a_bad_layout_before_running(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="layout 'engine=deepspeed,zero=0' is refused"):
         main(["layouts", str(tiny), "--layouts", "dp=1;engine=deepspeed,zero=0", "--runs", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def _tiny_overrides(corpus: Path) -> list[str]:
+    return ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.ffn_dim=64",
+            "moe.num_experts=4", "moe.expert_ffn_dim=32", "train.batch_size=4", "data.val_tokens=256",
+            f"data.path={corpus}", "launch.threads=1"]
+
+
+def test_bench_memory_measures_and_predicts_every_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.data import prepare, stdlib_sources
+
+    corpus = tmp_path / "corpus"
+    prepare(stdlib_sources()[:10], corpus, val_fraction=0.2)
+    out = tmp_path / "memory.json"
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    argv = ["memory", str(tiny), *_tiny_overrides(corpus), "--layouts", "dp=1", "--recompute", "none,full",
+            "--out", str(out), "--runs", str(tmp_path / "runs")]
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    rows = {r["recompute"]: r for r in payload["rows"]}
+    assert set(rows) == {"none", "full"}
+    for row in rows.values():
+        assert (row["layout"], row["dtype"], row["world_size"], row["note"]) == ("dp=1", "float32", 1, "")
+        [rank] = row["ranks"]
+        for key in ("states", "activations", "peak"):
+            assert rank[f"{key}_measured"] > 0 and rank[f"{key}_predicted"] > 0
+        # the peak is reached with the states and (at least) the activations a backward starts from
+        assert rank["peak_measured"] >= rank["states_measured"] + rank["activations_measured"]
+        assert rank["peak_ratio"] == rank["peak_predicted"] / rank["peak_measured"]
+    assert rows["full"]["ranks"][0]["activations_measured"] < rows["none"]["ranks"][0]["activations_measured"]
+    [ratio] = payload["activation_ratios"]
+    assert ratio["recompute"] == "full" and 0 < ratio["activations_vs_none"] < 1
+    printed = capsys.readouterr().out
+    assert "peak meas" in printed and "measured activations with full" in printed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recompute", "none,partial"], "--recompute 'none,partial': 'partial' is unknown"),
+    (["--dtype", "float32,fp16"], "--dtype 'float32,fp16': 'fp16' is unknown"),
+    (["--layouts", "garbage"], "layout 'garbage': 'garbage' is not key=value"),
+    (["--steps", "1"], "--steps 1: at least 2"),
+])
+def test_bench_memory_bad_arguments_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       flags: list[str], message: str) -> None:
+    from launch.cli import main as cli_main
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    assert cli_main(["bench", "memory", str(tiny), *flags, "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists()

@@ -777,15 +777,20 @@ def add_activations(memory: Memory, model: ModelConfig, moe: MoEConfig, layout: 
     layers = stage_layers(model, layout, stage)
     in_flight = t.pp - stage if t.pp > 1 else 1
     moe_ordinal = {i: j for j, i in enumerate(i for i in layers if model.is_moe_layer(i))}
-    act = sum(activation_elements(model, moe, layout, i, rows_layers[moe_ordinal[i]] if i in moe_ordinal else 0)
-              for i in layers)
+    rows = {i: rows_layers[moe_ordinal[i]] if i in moe_ordinal else 0 for i in layers}
+    act = sum(activation_elements(model, moe, layout, i, rows[i]) for i in layers)
     last = stage == t.pp - 1
     head = head_elements(model, layout) if last else 0
     memory.activations = int((in_flight * act + head) * _dtype_bytes(layout))
     # Largest transient: the loss's gradient over the logits (2·T·V) at the start of
-    # the backward, or AdamW's temporaries (one shard-sized buffer) in the update.
+    # the backward, AdamW's temporaries (one shard-sized buffer) in the update, or under
+    # full recomputation a recomputed block's activations: its backward first runs its
+    # forward again, which keeps everything (measured: `moe bench memory`).
     logits_grad = 2 * layout.tokens * model.vocab_size / t.tp * 4 if last else 0
-    memory.transient = int(max(logits_grad, 4 * shard))
+    kept = replace(layout, recompute="none")
+    recomputed = max((activation_elements(model, moe, kept, i, rows[i]) for i in layers
+                      if layout.block_recomputed(model, i)), default=0.0)
+    memory.transient = int(max(logits_grad, 4 * shard, recomputed * _dtype_bytes(layout)))
 
 
 def uniform_memory(model: ModelConfig, moe: MoEConfig, layout: Layout, engine: str, rank: int) -> Memory:
