@@ -107,10 +107,13 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def autocast_context(cfg: TrainConfig, device: torch.device) -> Any:
-    """bf16 autocast on GPU by default, fp32 on CPU; ``train.dtype`` forces either."""
+def train_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The parameters' and activations' dtype: ``train.dtype``, where ``auto`` is bf16 on a
+    GPU and fp32 on the CPU. In bf16 the engine keeps fp32 master weights, fp32 gradient
+    accumulation and fp32 Adam state (no autocast: the parameters themselves are bf16); the
+    router and the losses compute in fp32 whatever the dtype."""
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return torch.bfloat16 if use_bf16 else torch.float32
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -449,14 +452,16 @@ class Run:
 
     def _make_engine(self) -> Any:
         optim = OptimSettings.from_train(self.tcfg)
+        dtype = train_dtype(self.tcfg, self.device)
         if self.info.groups is None:
-            return LocalEngine(self.net, optim)
+            return LocalEngine(self.net, optim, dtype)
         if self.cfg.parallel.engine == "deepspeed":
             from parallel.deepspeed_engine import DeepSpeedEngine
 
             p = self.cfg.parallel
             # The routers' gradients are watched: _router_grad_norm reads them before ZeRO-2 frees them.
-            return DeepSpeedEngine(self.net, self.info.groups, optim, p.zero_stage, p.offload_optimizer, self.routers)
+            return DeepSpeedEngine(self.net, self.info.groups, optim, p.zero_stage, p.offload_optimizer, self.routers,
+                                   dtype)
         from parallel.engine import MegatronEngine
 
         if self.topology.pp > 1:
@@ -464,8 +469,9 @@ class Run:
 
             t = self.topology
             config = pipeline_config(self.cfg.model, t.pp, t.vpp, t.tp, t.first_stage_layers, t.last_stage_layers)
-            return MegatronEngine(self.chunks, self.info.groups, optim, config)
-        return MegatronEngine(self.net, self.info.groups, optim)
+            config.pipeline_dtype = dtype  # the activations the stages exchange: the parameters' dtype
+            return MegatronEngine(self.chunks, self.info.groups, optim, config, dtype)
+        return MegatronEngine(self.net, self.info.groups, optim, dtype=dtype)
 
     def _stage_chunks(self) -> list[Transformer]:
         """This rank's pipeline chunks (``parallel.pipeline.split_stages``); at pp=1 the model."""
@@ -595,13 +601,11 @@ class Run:
         rng = torch.get_rng_state()
         counts_LE = torch.zeros(self.n_moe_layers, self.cfg.moe.num_experts)
         if self.pipeline is not None:  # a forward-only schedule; each stage counts its own layers
-            with autocast_context(self.tcfg, self.device):
-                stats = self.pipeline.run(self._on_device(micro), None, forward_only=True)
+            stats = self.pipeline.run(self._on_device(micro), None, forward_only=True)
             counts_LE = sum_over(stats.counts_LE, self.info.groups.pp)
         else:
             for x_mBS, _ in micro:
-                with autocast_context(self.tcfg, self.device):
-                    out = self.model(x_mBS.to(self.device))
+                out = self.model(x_mBS.to(self.device))
                 counts_LE += torch.stack([s.tokens_per_expert_E for s in out.moe_stats]).cpu().float()
         torch.set_rng_state(rng)
         counts_LE = sum_over(counts_LE, self.info.dp_group)
@@ -646,8 +650,7 @@ class Run:
         else:
             for i, (x_mBS, y_mBS) in enumerate(micro):
                 with self.engine.no_sync() if i < n_micro - 1 else nullcontext():
-                    with autocast_context(self.tcfg, self.device):
-                        out = self.model(x_mBS.to(self.device), y_mBS.to(self.device), load_LE)
+                    out = self.model(x_mBS.to(self.device), y_mBS.to(self.device), load_LE)
                     (out.loss / n_micro).backward()
                 dropped = torch.stack([s.dropped_fraction for s in out.moe_stats]).mean() if out.moe_stats else torch.zeros(())
                 sums_4 += torch.stack([out.lm_loss, out.aux_loss, out.z_loss, dropped]).detach().cpu().float() / n_micro
@@ -705,8 +708,7 @@ class Run:
         """
         for module in self.engine.modules:
             module.train()
-        with autocast_context(self.tcfg, self.device):
-            stats = self.pipeline.run(self._on_device(micro), load_LE, forward_only=False)
+        stats = self.pipeline.run(self._on_device(micro), load_LE, forward_only=False)
         sums_4 = sum_over(stats.sums_4, self.info.groups.pp) / len(micro)
         sums_4[3] /= max(self.n_moe_layers, 1)
         return sums_4, sum_over(stats.counts_LE, self.info.groups.pp)
@@ -725,8 +727,7 @@ class Run:
         pad = (-len(batches)) % pp if self.topology.vpp > 1 else 0
         total_2 = torch.zeros(2, dtype=torch.float64)
         if batches:
-            with autocast_context(self.tcfg, self.device):
-                stats = self.pipeline.run(batches + batches[:1] * pad, None, forward_only=True)
+            stats = self.pipeline.run(batches + batches[:1] * pad, None, forward_only=True)
             for loss, (_, y_BS) in zip(stats.lm_losses, batches):  # empty before the last stage
                 total_2 += torch.tensor([loss * y_BS.numel(), y_BS.numel()], dtype=torch.float64)
         loss_sum, count = sum_over(sum_over(total_2, self.info.groups.pp), self.info.dp_group).tolist()
@@ -741,8 +742,7 @@ class Run:
         self.model.eval()
         total_2 = torch.zeros(2, dtype=torch.float64)
         for x_BS, y_BS in self.val_batches:
-            with autocast_context(self.tcfg, self.device):
-                out = self.model(x_BS.to(self.device), y_BS.to(self.device))
+            out = self.model(x_BS.to(self.device), y_BS.to(self.device))
             total_2 += torch.tensor([out.lm_loss.item() * y_BS.numel(), y_BS.numel()], dtype=torch.float64)
         loss_sum, count = sum_over(total_2, self.info.dp_group).tolist()
         return loss_sum / max(count, 1)

@@ -34,6 +34,15 @@ the whole global batch and against ``MegatronEngine`` on the same layout):
   or ``DeepSpeedCPUAdam`` (AdamW mode) when the optimizer is offloaded to the CPU. Each
   rank steps only its partition (``1/dp`` of the dense and ``1/edp`` of its experts'
   fp32 weights and Adam state), then the partitions are all-gathered.
+- **Precision** (``dtype``): fp32, or DeepSpeed's bf16 mode (``bf16.enabled``): DeepSpeed
+  casts the parameters to bf16 (buffers stay fp32: the RoPE tables), keeps each rank's
+  partition of fp32 master weights with its fp32 Adam state, accumulates gradients in fp32
+  (``data_types.grad_accum_dtype: fp32``) and reduces them in fp32
+  (``communication_data_type: fp32``), then rounds the updated masters into the bf16
+  parameters it all-gathers. Under ZeRO-2 this is its ZeRO optimizer with fp32 gradient
+  partitions; under ZeRO-1 DeepSpeed 0.19.8 hands bf16 with fp32 accumulation to its
+  ``BF16_Optimizer`` (fp32 accumulation buffers, the same partitioned masters and Adam
+  state). Both run on the CPU.
 - **Clipping** by the global gradient norm (DeepSpeed's ``gradient_clipping``: the norm
   over every rank's partition, dense and expert); :meth:`step` returns it before clipping.
 - **Gradient accumulation**: DeepSpeed runs with ``managed_gradient_accumulation: false``
@@ -95,7 +104,7 @@ from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from moe.config import ConfigError
-from parallel.engine import OptimSettings
+from parallel.engine import OptimSettings, check_dtype
 from parallel.groups import ParallelGroups
 
 SUPPORTED_ZERO_STAGES = (1, 2)
@@ -142,10 +151,10 @@ class DeepSpeedEngine:
         zero_stage: int,
         offload_optimizer: bool,
         watch_grads: Sequence[nn.Parameter] = (),
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         check_zero_stage(zero_stage)
-        if any(p.dtype != torch.float32 for p in model.parameters()):
-            raise ValueError("DeepSpeedEngine: parameters must be fp32 (mixed precision runs under autocast)")
+        check_dtype([model], dtype, "DeepSpeedEngine")  # DeepSpeed casts the parameters itself (bf16 mode)
         self.groups = groups
         self.optim = optim
         self.zero_stage = zero_stage
@@ -156,7 +165,7 @@ class DeepSpeedEngine:
             if is_moe_param(param):
                 param.group_name = group_name  # type: ignore[attr-defined]
         self._local_grads = _watch(watch_grads)
-        config = _config(optim, zero_stage, offload_optimizer)
+        config = _config(optim, zero_stage, offload_optimizer, dtype)
         runtime = _ExpertAwareRuntime(
             args=None,
             model=_LossTensorsVisible(model),
@@ -215,8 +224,8 @@ class DeepSpeedEngine:
         """This rank's model and optimizer state, as a plain dict of tensors and values.
 
         ``model``: the full (replicated dense, this rank's experts) model ``state_dict``;
-        ``optimizer``: DeepSpeed's ZeRO ``state_dict`` of this rank (its fp32 partitions and
-        their Adam state) without its non-plain entries (see ``_NOT_PLAIN_STATE_KEYS``);
+        ``optimizer``: DeepSpeed's ZeRO (or, ZeRO-1 in bf16, ``BF16_Optimizer``) ``state_dict``
+        of this rank (its fp32 partitions and their Adam state) without its non-plain entries (see ``_NOT_PLAIN_STATE_KEYS``);
         ``layout``: what the partitions depend on. Like torch's ``state_dict`` it references
         live tensors: save or copy it before training on. It loads only into an engine of
         the same layout, ZeRO stage and model.
@@ -248,8 +257,16 @@ class DeepSpeedEngine:
             "edp": (self.groups.edp_rank, self.groups.edp_size),
             "ep": (self.groups.ep_rank, self.groups.ep_size),
             "zero_stage": self.zero_stage,
-            "partitions": [p.numel() for p in self._runtime.optimizer.single_partition_of_fp32_groups],
+            "partitions": [p.numel() for p in self.fp32_partitions()],
         }
+
+    def fp32_partitions(self) -> list[torch.Tensor]:
+        """This rank's fp32 master partitions, one flat tensor per parameter group (what AdamW
+        steps): ZeRO's ``single_partition_of_fp32_groups``, or ``BF16_Optimizer``'s
+        ``fp32_groups_flat_partition`` (ZeRO-1 in bf16)."""
+        optimizer = self._runtime.optimizer
+        partitions = getattr(optimizer, "single_partition_of_fp32_groups", None)
+        return partitions if partitions is not None else optimizer.fp32_groups_flat_partition
 
 
 class DeepSpeedModule(nn.Module):
@@ -370,13 +387,14 @@ def register_expert_groups(groups: ParallelGroups) -> str:
 
 
 def _watch(params: Sequence[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
-    """A zeroed local-gradient sum per parameter, added to by a hook on every backward.
+    """A zeroed fp32 local-gradient sum per parameter, added to by a hook on every backward.
 
     A tensor hook on a leaf receives the gradient of this backward (all its uses summed)
     before it is accumulated into ``.grad``, so before DeepSpeed's post-accumulation hook
     reduces it (ZeRO-2) or anything is reduced at all (ZeRO-1).
     """
-    local = {param: torch.zeros_like(param, memory_format=torch.contiguous_format).detach() for param in params}
+    local = {param: torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format).detach()
+             for param in params}
     for param, total in local.items():
         param.register_hook(_adder(total))
     return local
@@ -419,10 +437,17 @@ def _optimizer(param_groups: list[dict[str, Any]], optim: OptimSettings, offload
     return torch.optim.AdamW(param_groups, lr=optim.lr, betas=betas, eps=optim.eps)
 
 
-def _config(optim: OptimSettings, zero_stage: int, offload: bool) -> dict[str, Any]:
+def _config(optim: OptimSettings, zero_stage: int, offload: bool, dtype: torch.dtype) -> dict[str, Any]:
     """DeepSpeed's config. The batch sizes are bookkeeping only (no DeepSpeed data loader or
-    LR scheduler): one accumulation step, and the caller owns the accumulation boundary."""
+    LR scheduler): one accumulation step, and the caller owns the accumulation boundary.
+    bf16: DeepSpeed's bf16 mode (bf16 parameters, fp32 master partitions and Adam state)
+    with gradients accumulated and reduced in fp32."""
+    precision: dict[str, Any] = {}
+    if dtype == torch.bfloat16:
+        precision = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                     "communication_data_type": "fp32"}
     return {
+        **precision,
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,

@@ -46,6 +46,12 @@ on the whole global batch):
 - **Clipping** by the global gradient norm (over all ranks and both buffers), as
   ``torch.nn.utils.clip_grad_norm_`` on the whole model; :meth:`step` returns that norm
   (before clipping).
+- **Precision** (``dtype``): fp32, or bf16 as megatron-core's mixed precision: the
+  parameters (and so the activations) are cast to bf16 before DDP wraps them, so its
+  parameter buffer is bf16; gradients accumulate and are reduced in its fp32 ``main_grad``
+  buffers (``grad_reduce_in_fp32``); the distributed optimizer (``OptimizerConfig(bf16=True)``)
+  keeps an fp32 main copy of each rank's ``1/dp`` (``1/edp``) shard, which clipping and
+  AdamW (fp32 moments) act on, then rounds it into the bf16 parameters and all-gathers them.
 - **Gradient accumulation**: megatron's DDP adds every backward into its fp32
   ``main_grad`` buffers and reduces only in :meth:`step` (``overlap_grad_reduce=False``),
   so N micro-batches whose losses are divided by N give the same update as one batch.
@@ -101,6 +107,27 @@ class OptimSettings:
         )
 
 
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_dtype(models: list[torch.nn.Module], dtype: torch.dtype, engine: str) -> None:
+    """Raise ``ValueError`` unless ``dtype`` is one the engines train in and every parameter
+    arrives in fp32 (the engine casts them itself, after taking what it needs from them)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"{engine}: dtype {dtype} is not one of {', '.join(map(str, DTYPES))}")
+    if any(p.dtype != torch.float32 for m in models for p in m.parameters()):
+        raise ValueError(f"{engine}: parameters must arrive as fp32; the engine casts them to dtype={dtype}")
+
+
+def cast_parameters(models: list[torch.nn.Module], dtype: torch.dtype) -> None:
+    """Cast every parameter to ``dtype`` in place: the same ``Parameter`` objects (the marks
+    expert and tensor parallelism set on them stay), new data. Buffers keep their dtype (the
+    fp32 RoPE tables)."""
+    for model in models:
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+
+
 def _no_decay(param: torch.nn.Parameter) -> bool:
     """``make_optimizer``'s rule: no weight decay below two dimensions."""
     return param.ndim < 2
@@ -122,6 +149,7 @@ class MegatronEngine:
         groups: ParallelGroups,
         optim: OptimSettings,
         config: Any | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         apply_cpu_compat()
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -130,10 +158,11 @@ class MegatronEngine:
         from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
         models = model if isinstance(model, list) else [model]
-        if any(p.dtype != torch.float32 for m in models for p in m.parameters()):
-            raise ValueError("MegatronEngine: parameters must be fp32 (mixed precision runs under autocast)")
+        check_dtype(models, dtype, "MegatronEngine")
+        cast_parameters(models, dtype)  # before DDP: its parameter buffer takes their dtype
         self.groups = groups
         self.optim = optim
+        self.dtype = dtype
         self._pg = _process_groups(groups)
         ddp_config = DistributedDataParallelConfig(
             use_distributed_optimizer=True,
@@ -160,9 +189,9 @@ class MegatronEngine:
             adam_eps=optim.eps,
             clip_grad=max(optim.grad_clip, 0.0),
             use_distributed_optimizer=True,
-            bf16=False,
+            bf16=dtype == torch.bfloat16,
             fp16=False,
-            params_dtype=torch.float32,
+            params_dtype=dtype,
         )
         no_decay = {ParamKey(predicate=ParamPredicate(name="ndim_below_2", fn=_no_decay)): ParamGroupOverride(wd_mult=0.0)}
         self.optimizer = get_megatron_optimizer(
@@ -216,7 +245,7 @@ class MegatronEngine:
             finalize_model_grads(self.modules, pg_collection=self._pg)
             self._set_hyperparameters(lr)
             ok, grad_norm, _ = self.optimizer.step()
-        if not ok:  # only a loss scaler (fp16) can skip a step; we run fp32 master weights
+        if not ok:  # only a loss scaler (fp16) can skip a step; bf16 runs without one
             raise RuntimeError("megatron optimizer skipped the step (inf/nan gradients)")
         return float(grad_norm)
 
@@ -229,8 +258,15 @@ class MegatronEngine:
     # -- introspection --------------------------------------------------------------
 
     def optimizer_shards(self) -> list[torch.Tensor]:
-        """The parameter shards this rank's AdamW updates (views into the model's buffers)."""
+        """The parameter shards this rank's AdamW updates: views into the model's buffers in
+        fp32, the fp32 main copies of the bf16 parameters' shards in bf16."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def main_shards(self) -> list[list[torch.Tensor]]:
+        """Per chained optimizer (dense, then experts), the fp32 main copies of this rank's
+        shards of the bf16 parameters (empty lists in fp32)."""
+        return [[m for group in opt.shard_fp32_from_float16_groups for m in group]
+                for opt in self.optimizer.chained_optimizers]
 
     # -- checkpointing --------------------------------------------------------------
 
@@ -240,15 +276,20 @@ class MegatronEngine:
         ``model``: the full (replicated) model's ``state_dict`` (with pipeline chunks, the union
         of this rank's chunks' entries, under the full model's names); ``optimizer``: for each of
         megatron's chained optimizers (dense, then experts if any) the inner AdamW's
-        ``state_dict`` over this rank's shards; ``layout``: what the shards depend on.
+        ``state_dict`` over this rank's shards; in bf16 ``main_params``: per chained optimizer
+        the fp32 main shards AdamW steps (in fp32 they are views of the parameters, which
+        ``model`` holds); ``layout``: what the shards depend on.
         Like torch's ``state_dict`` it references live tensors: save or copy it before
         training on. It loads only into an engine of the same layout and model.
         """
-        return {
+        state = {
             "model": {k: v for m in self.modules for k, v in m.module.state_dict().items()},
             "optimizer": [opt.optimizer.state_dict() for opt in self.optimizer.chained_optimizers],
             "layout": self._layout(),
         }
+        if self.dtype != torch.float32:
+            state["main_params"] = self.main_shards()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (saved by this rank, same layout)."""
@@ -261,11 +302,17 @@ class MegatronEngine:
         for module in self.modules:
             own = module.module.state_dict().keys()
             module.module.load_state_dict({k: v for k, v in state["model"].items() if k in own})
+        if self.dtype != torch.float32:
+            with torch.no_grad():
+                for mine, saved in zip(self.main_shards(), state["main_params"], strict=True):
+                    for main, value in zip(mine, saved, strict=True):
+                        main.copy_(value)
         for opt, opt_state in zip(self.optimizer.chained_optimizers, state["optimizer"], strict=True):
             opt.optimizer.load_state_dict(opt_state)
 
     def _layout(self) -> dict[str, Any]:
         return {
+            "dtype": str(self.dtype).removeprefix("torch."),
             "dp": (self.groups.dp_rank, self.groups.dp_size),
             "edp": (self.groups.edp_rank, self.groups.edp_size),
             "ep": (self.groups.ep_rank, self.groups.ep_size),

@@ -146,43 +146,59 @@ def patch_mixed_precision_optimizer_init() -> None:
 
 
 def patch_distributed_optimizer_fp32_shards() -> None:
-    """Let the distributed optimizer shard fp32 parameters that live on the CPU.
+    """Let the distributed optimizer shard fp32 and bf16 parameters that live on the CPU.
 
     megatron-core 0.16.1, ``megatron/core/optimizer/distrib_optimizer.py``,
     ``DistributedOptimizer._build_model_and_main_param_groups`` recognises parameters by
     ``param.type()`` in ``('torch.cuda.FloatTensor', 'torch.cuda.HalfTensor',
-    'torch.cuda.BFloat16Tensor')`` and raises ``TypeError`` for a CPU ``torch.FloatTensor``.
-    Replaced: that classmethod, by its fp32 branch (each rank's shard is a view of the
-    parameter, as upstream); any other dtype still raises.
+    'torch.cuda.BFloat16Tensor')`` and raises ``TypeError`` for a CPU ``torch.FloatTensor``
+    or ``torch.BFloat16Tensor``. Replaced: that classmethod, by its fp32 and bf16 branches
+    as upstream (no fp8, no precision-aware optimizer): an fp32 parameter's shard is a view
+    of the parameter, stepped in place; a bf16 parameter's shard gets an fp32 main copy
+    (``shard.clone().float()``, also set as ``param.main_param``), which the optimizer steps
+    and ``_copy_main_params_to_model_params`` rounds back into the bf16 parameter buffer.
+    Any other dtype still raises.
     """
     from megatron.core import tensor_parallel
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    def _with_attributes(shard: torch.Tensor, model_param: torch.nn.Parameter) -> torch.Tensor:
+        tensor_parallel.copy_tensor_model_parallel_attributes(shard, model_param)
+        if hasattr(model_param, "shared"):
+            shard.shared = model_param.shared
+        return shard
+
     def _build_model_and_main_param_groups(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config):
-        model_fp32_groups: list[list[torch.nn.Parameter]] = []
-        shard_fp32_groups: list[list[torch.Tensor]] = []
+        groups: dict[str, list[list[Any]]] = {
+            k: [] for k in ("model_float16", "model_fp32", "shard_float16", "shard_fp32", "shard_fp32_from_float16")
+        }
         for group_range in opt_group_ranges:
-            model_params, shard_params = [], []
+            group = {k: [] for k in groups}
             for model_param in group_range["params"]:
                 assert model_param.requires_grad
-                if model_param.dtype != torch.float32 or model_param.is_cuda:
+                if model_param.dtype not in (torch.float32, torch.bfloat16) or model_param.is_cuda:
                     raise TypeError(
-                        "megatron_compat: on CPU the distributed optimizer takes fp32 parameters only, "
+                        "megatron_compat: on CPU the distributed optimizer takes fp32 or bf16 parameters only, "
                         f"got {model_param.type()}"
                     )
                 gbuf_index, dtype, bucket_index = param_gbuf_map[model_param]
                 param_range = gbuf_ranges[gbuf_index][dtype][bucket_index]["param_map"][model_param]["param"]
-                shard = model_param.view(-1)[param_range.start : param_range.end]
-                tensor_parallel.copy_tensor_model_parallel_attributes(shard, model_param)
-                if hasattr(model_param, "shared"):
-                    shard.shared = model_param.shared
-                model_params.append(model_param)
-                shard_params.append(shard)
-            model_fp32_groups.append(model_params)
-            shard_fp32_groups.append(shard_params)
-            group_range["orig_group"]["params"] = list(shard_params)
-        empty = [[] for _ in opt_group_ranges]
-        return [list(g) for g in empty], model_fp32_groups, [list(g) for g in empty], shard_fp32_groups, empty
+                if model_param.dtype == torch.float32:
+                    shard = _with_attributes(model_param.view(-1)[param_range.start : param_range.end], model_param)
+                    group["model_fp32"].append(model_param)
+                    group["shard_fp32"].append(shard)
+                    continue
+                shard = _with_attributes(model_param.detach().view(-1)[param_range.start : param_range.end], model_param)
+                main = _with_attributes(shard.clone().float(), model_param)
+                model_param.main_param = main
+                model_param.main_param_sharded = True
+                group["model_float16"].append(model_param)
+                group["shard_float16"].append(shard)
+                group["shard_fp32_from_float16"].append(main)
+            for key, value in group.items():
+                groups[key].append(value)
+            group_range["orig_group"]["params"] = [*group["shard_fp32"], *group["shard_fp32_from_float16"]]
+        return tuple(groups.values())
 
     DistributedOptimizer._build_model_and_main_param_groups = classmethod(_build_model_and_main_param_groups)
 

@@ -59,6 +59,7 @@ from parallel.simulator.routing import ForwardRouting, expert_capacity_or_none, 
 from parallel.topology import BatchShape, Topology
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+MAIN_PARAM_BYTES = 4  # the fp32 master copy of a bf16 parameter
 STEP_BYTES = 4  # torch AdamW's per-parameter ``step`` scalar (fp32)
 NONFINITE_FLAGS = 4  # lm, aux and z-loss, local gradients: one flag each
 
@@ -233,8 +234,17 @@ class Memory:
         return self.states + self.activations + self.transient
 
 
-def _megatron_states(specs: list[ParamSpec], group: int, group_rank: int) -> tuple[int, int, int, int]:
-    """(params, grads, optimizer bytes, shard numel) of one megatron buffer on one rank."""
+def _param_bytes(layout: Layout) -> tuple[int, int]:
+    """(bytes of a parameter element, bytes of its fp32 master copy): bf16 states keep an
+    fp32 main copy beside each bf16 parameter; fp32 parameters are their own master."""
+    return (2, MAIN_PARAM_BYTES) if layout.dtype == "bfloat16" else (4, 0)
+
+
+def _megatron_states(specs: list[ParamSpec], group: int, group_rank: int, layout: Layout) -> tuple[int, int, int, int]:
+    """(params, grads, optimizer bytes, shard numel) of one megatron buffer on one rank: the
+    padded parameter buffer in the parameters' dtype, the padded fp32 gradient buffer
+    (``grad_reduce_in_fp32``), and for the rank's ``1/group`` shard Adam's fp32 moments,
+    in bf16 the fp32 main copy of the shard, and a step scalar per parameter it meets."""
     ranges, numel = megatron_buffer_layout([s.numel for s in specs], group)
     if not numel:
         return 0, 0, 0, 0
@@ -242,24 +252,33 @@ def _megatron_states(specs: list[ParamSpec], group: int, group_rank: int) -> tup
     lo, hi = group_rank * shard, (group_rank + 1) * shard
     meeting = sum(1 for a, b in ranges if min(b, hi) > max(a, lo))
     in_shard = sum(max(0, min(b, hi) - max(a, lo)) for a, b in ranges)
-    return 4 * numel, 4 * numel, ADAM_STATE_BYTES * in_shard + STEP_BYTES * meeting, shard
+    param, main = _param_bytes(layout)
+    return param * numel, 4 * numel, (ADAM_STATE_BYTES + main) * in_shard + STEP_BYTES * meeting, shard
 
 
 def state_memory(model: ModelConfig, moe: MoEConfig, layout: Layout, engine: str, rank: int) -> tuple[Memory, int]:
-    """Model-state bytes of global ``rank`` and the numel of its optimizer shard."""
+    """Model-state bytes of global ``rank`` and the numel of its optimizer shard.
+
+    Per parameter element, in fp32 (``layout.dtype``): the parameter 4 B, its gradient 4 B,
+    Adam's moments 8 B; with bf16 states: the parameter 2 B, the fp32 gradient accumulator
+    4 B, the fp32 master 4 B and the moments 8 B (the bf16 ``.grad`` of a backward lives
+    only until it is added into the accumulator). Megatron shards the masters and moments
+    over the (expert) data-parallel group; DeepSpeed's ZeRO-1/2 shard them over ``dp``
+    (``edp`` for experts), ZeRO-2 the gradients too."""
     t = layout.topology
     coords = rank_coords(t, rank)
     specs = rank_params(model, moe, layout, coords["pp"])
     dense = [s for s in specs if not s.expert]
     expert = [s for s in specs if s.expert]
-    if t.world_size == 1:  # LocalEngine: torch AdamW over plain parameters
+    param, main = _param_bytes(layout)
+    if t.world_size == 1:  # LocalEngine: torch AdamW over the parameters (or their fp32 masters)
         n = sum(s.numel for s in specs)
-        return Memory(4 * n, 4 * n, ADAM_STATE_BYTES * n + STEP_BYTES * len(specs)), n
+        return Memory(param * n, 4 * n, (ADAM_STATE_BYTES + main) * n + STEP_BYTES * len(specs)), n
     if engine == "megatron":
         memory, shard = Memory(), 0
         for members, is_expert in rank_buffers(model, moe, layout, coords["pp"]):
             group, group_rank = (t.edp, coords["edp"]) if is_expert else (t.dp, coords["dp"])
-            params, grads, optimizer, buffer_shard = _megatron_states(members, group, group_rank)
+            params, grads, optimizer, buffer_shard = _megatron_states(members, group, group_rank, layout)
             memory.params += params
             memory.grads += grads
             memory.optimizer += optimizer
@@ -269,9 +288,9 @@ def state_memory(model: ModelConfig, moe: MoEConfig, layout: Layout, engine: str
     sharded = psi_d / t.dp + psi_e / t.edp
     full = psi_d + psi_e
     stage = layout.zero_stage
-    params = 4 * (sharded if stage == 3 else full)
+    params = param * (sharded if stage == 3 else full)
     grads = 4 * (sharded if stage >= 2 else full)
-    optimizer = ADAM_STATE_BYTES * (sharded if stage >= 1 else full)
+    optimizer = (ADAM_STATE_BYTES + main) * (sharded if stage >= 1 else full)
     return Memory(int(params), int(grads), int(optimizer)), int(sharded)
 
 
