@@ -586,8 +586,8 @@ def activation_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _memory_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[str]:
-    header = (f"{'layout':<22}{'dtype':<10}{'recompute':<11}{'rank':>5}{'states':>9}{'act meas':>10}{'act pred':>10}"
-              f"{'ratio':>7}{'peak meas':>11}{'peak pred':>11}{'ratio':>7}  (MiB; ratio = predicted / measured)")
+    header = (f"{'layout':<22}{'dtype':<10}{'recompute':<11}{'rank':>5}{'st meas':>9}{'st pred':>9}{'act meas':>10}"
+              f"{'act pred':>10}{'ratio':>7}{'peak meas':>11}{'peak pred':>11}{'ratio':>7}  (MiB; ratio = predicted / measured)")
     lines = [header, "-" * len(header)]
     for row in rows:
         case = f"{row['layout']:<22}{row['dtype']:<10}{row['recompute']:<11}"
@@ -595,8 +595,9 @@ def _memory_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> l
             lines.append(f"{case}{'-':>5}  {row['note']}")
         for r in row["ranks"]:
             act_ratio = f"{r['activations_ratio']:7.3f}" if r["activations_ratio"] is not None else f"{'-':>7}"
-            lines.append(f"{case}{r['rank']:>5}{r['states_measured'] / MiB:9.1f}{r['activations_measured'] / MiB:10.1f}"
-                         f"{r['activations_predicted'] / MiB:10.1f}{act_ratio}{r['peak_measured'] / MiB:11.1f}"
+            lines.append(f"{case}{r['rank']:>5}{r['states_measured'] / MiB:9.1f}{r['states_predicted'] / MiB:9.1f}"
+                         f"{r['activations_measured'] / MiB:10.1f}{r['activations_predicted'] / MiB:10.1f}{act_ratio}"
+                         f"{r['peak_measured'] / MiB:11.1f}"
                          f"{r['peak_predicted'] / MiB:11.1f}{r['peak_ratio']:7.3f}")
     lines += [f"{r['layout']} {r['dtype']}: measured activations with {r['recompute']} = "
               f"{r['activations_vs_none']:.3f} of none's" for r in ratios]

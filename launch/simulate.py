@@ -324,7 +324,7 @@ def emulate_and_compare(cfg: Config, steps: int, out: Path) -> tuple[Any, list[s
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
                           emulated_dtype(cfg), cfg.train.recompute, threads=cfg.launch.threads,
                           recompute_layers=cfg.train.recompute_layers)
-    local = predict(cfg.model, cfg.moe, layout, _this_machine(), cfg.parallel.engine, routing)
+    local = predict(cfg.model, cfg.moe, layout, _with_rate(_this_machine(), layout.dtype), cfg.parallel.engine, routing)
     lines, record = compare(local, cfg, results, routing)
     return routing, lines, record
 
@@ -336,6 +336,14 @@ def emulated_dtype(cfg: Config) -> str:
 
     auto_bf16 = cfg.train.dtype == "auto" and resolve_device(cfg.train).type == "cuda"
     return "bfloat16" if cfg.train.dtype == "bfloat16" or auto_bf16 else "float32"
+
+
+def _with_rate(hw: Any, dtype: str) -> Any:
+    """``hw`` with a matmul rate for ``dtype``: ``calibrate`` measures fp32 only, so a bf16
+    emulation's step time is predicted at the fp32 rate (as the MFU is, ``predict._summary``)."""
+    if dtype in hw.peak_flops:
+        return hw
+    return dataclasses.replace(hw, peak_flops={**hw.peak_flops, dtype: hw.peak_flops["float32"]})
 
 
 def run_step_time(config: str, overrides: list[str], steps: int, out: Path) -> tuple[float, list[float]]:
