@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -428,3 +429,26 @@ def test_deepspeed_bf16_holds_fp32_masters_accumulators_and_adam_state_and_resum
         assert r["n_accumulators"] > 0 and r["accumulators"] == r["local_grads"] == {torch.float32}
         assert r["masters"] == r["adam"] == {torch.float32}
         assert r["resumed"] == r["uninterrupted"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.dp=2", "parallel.ep=2"],
+    ["parallel.tp=2"],
+    ["parallel.pp=2", "train.micro_batch_size=2"],
+    ["parallel.dp=2", "parallel.engine=deepspeed", "parallel.zero_stage=2"],
+], ids=["dp2-ep2", "tp2", "pp2", "deepspeed-zero2"])
+def test_bf16_layouts_train_like_one_process(
+    corpus: Path, tmp_path: Path, start_within: Callable[..., dict[str, Any]], layout: list[str],
+) -> None:
+    """The training loop in bf16 across two ranks (the pipeline exchanging bf16 activations
+    at pp=2) follows the one-process bf16 run: the same losses up to reduction order."""
+    small = ["train.steps=4", "train.eval_every=4", "train.ckpt_every=4", "train.log_every=1", "train.batch_size=8",
+             "launch.launcher=local", "train.dtype=bfloat16"]
+    one = train(_tiny(corpus, tmp_path / "one", *small), "tiny")
+    start_within(_tiny(corpus, tmp_path / "two", *small, *layout))
+    a, b = _records(tmp_path / "one", "train", "lm_loss"), _records(tmp_path / "two", "train", "lm_loss")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) / a[step] < 2e-3, (step, a[step], b[step])
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert abs(summary["final_val_loss"] - one["final_val_loss"]) / one["final_val_loss"] < 2e-3
