@@ -5,7 +5,9 @@ starts from.
 State bytes are counted from the tensors that hold them (no estimate): megatron's DDP
 buffers (``param_data``/``grad_data`` of the dense and the expert buffers) and the
 distributed optimizer's AdamW state; for the one-process ``LocalEngine`` the parameters,
-their ``.grad`` and torch AdamW's state.
+their ``.grad`` and torch AdamW's state. With bf16 parameters the fp32 masters count as
+optimizer state (megatron's main shards, ``LocalEngine.main_params``) and the fp32
+``main_grad`` accumulators as the gradients.
 
 The peak: the profiler's allocator accounting (``profile_memory=True``: every CPU
 allocation and free reports the running total) gives the largest increase of live tensor
@@ -48,6 +50,7 @@ def engine_state_bytes(engine: Any) -> dict[str, int]:
         chunks = getattr(engine, "modules", [module])
         buffers = [b for m in chunks for b in (*m.buffers, *m.expert_parallel_buffers)]
         optim = sum(_optimizer_bytes(o.optimizer) for o in engine.optimizer.chained_optimizers)
+        optim += sum(_bytes(m) for shards in engine.main_shards() for m in shards)  # bf16: fp32 masters
         return {
             "params": sum(_bytes(b.param_data) for b in buffers),
             "grads": sum(_bytes(b.grad_data) for b in buffers),
@@ -55,10 +58,11 @@ def engine_state_bytes(engine: Any) -> dict[str, int]:
         }
     if hasattr(engine, "optimizer") and isinstance(engine.optimizer, torch.optim.Optimizer):  # LocalEngine
         params = list(module.parameters())
+        masters = list(engine.main_params().values()) if engine.mixed else []
         return {
             "params": sum(_bytes(p) for p in params),
-            "grads": sum(_bytes(p.grad) for p in params),
-            "optimizer": _optimizer_bytes(engine.optimizer),
+            "grads": sum(_bytes(getattr(p, "main_grad", p.grad)) for p in params),
+            "optimizer": _optimizer_bytes(engine.optimizer) + sum(_bytes(m) for m in masters),
         }
     raise TypeError(f"engine_state_bytes: no state accounting for {type(engine).__name__}")
 
