@@ -1,5 +1,5 @@
-"""``moe bench kernels``, ``moe bench layer`` and ``moe bench layouts``: speed tables,
-printed and written as JSON.
+"""``moe bench kernels``, ``moe bench layer``, ``moe bench layouts`` and ``moe bench memory``:
+speed and memory tables, printed and written as JSON.
 
     moe bench kernels [--shapes T,H,E,K;...] [--out FILE]
     moe bench layer [--tokens 4096 --hidden 1024 --experts 8 --top-k 2 --capacity-factor 1.25] [--out FILE]
