@@ -4,8 +4,9 @@ gradient accumulation, fp32 Adam state (``train.dtype: bfloat16``).
 Each engine is checked for the dtypes it holds and for what they imply: gradients summed
 over micro-batches in fp32 (not bf16), parameters equal to their rounded masters after a
 step, masters that keep what bf16 cannot, resumes bit for bit. ``LocalEngine`` in this
-process, ``MegatronEngine`` on two gloo ranks; the training loop end to end on a shrunk
-``configs/tiny.yaml`` against its fp32 run.
+process, ``MegatronEngine`` and ``DeepSpeedEngine`` (ZeRO-1 and 2) on two gloo ranks; the
+simulator's model-state bytes against the engines' tensors; the training loop end to end on
+a shrunk ``configs/tiny.yaml`` against its fp32 run, and across two ranks against one.
 """
 
 from __future__ import annotations
