@@ -330,7 +330,7 @@ def emulate_and_compare(cfg: Config, steps: int, out: Path) -> tuple[Any, list[s
 
 
 def emulated_dtype(cfg: Config) -> str:
-    """The activation dtype an emulated rank computes in (``launch.train.autocast_context``):
+    """The activation dtype an emulated rank computes in (``launch.train.train_dtype``):
     what its prediction must assume for the memory to compare."""
     from launch.train import resolve_device
 
