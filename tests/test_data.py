@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch import data
+from launch.data import corpus as corpus_module
 from launch.data import (
     ByteTokenizer,
     DataConfig,
@@ -399,7 +399,7 @@ def test_an_unwritable_output_fails_before_tokenizing(
     (tmp_path / "afile").write_text("x")
     with pytest.raises(DataError, match=r"afile is a file, not a directory; choose a writable output directory"):
         prepare(corpus[0], tmp_path / "afile" / "sub" / "ds", 0.3)
-    monkeypatch.setattr(data, "stdlib_sources", lambda: corpus[0])
+    monkeypatch.setattr(corpus_module, "stdlib_sources", lambda: corpus[0])
     cfg = DataConfig(cache_dir=str(tmp_path / "afile" / "cache"), val_fraction=0.3)
     with pytest.raises(DataError, match=r"set data.cache_dir \(now '.*afile/cache'\) to a writable directory"):
         ensure_dataset(cfg)
@@ -439,7 +439,7 @@ def test_ensure_dataset_prepares_once_then_reuses(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sources, docs = corpus
-    monkeypatch.setattr(data, "stdlib_sources", lambda: sources)
+    monkeypatch.setattr(corpus_module, "stdlib_sources", lambda: sources)
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"), val_fraction=0.3)
     out = ensure_dataset(cfg)
     assert out == tmp_path / "cache" / "stdlib-bytes-v0.3"

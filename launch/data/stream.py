@@ -1,0 +1,245 @@
+"""Reading a prepared dataset: meta.json and the megatron-core .bin/.idx files checked against
+each other, one split as a flat token stream, and the deterministic batch sampler the trainer
+reads from.
+
+megatron-core is imported inside the functions that need it: the import takes seconds and
+prints fallback warnings, and loading a ``DataConfig`` or running ``moe --help`` should pay for
+neither.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import struct
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+
+from launch.data.config import DATASET_FILES, PREPARE_HINT, SPLITS, DataError
+from launch.data.tokenizer import ByteTokenizer, get_tokenizer
+
+# megatron-core's .idx layout: magic, version <Q, dtype code <B, sequence count <Q,
+# document count <Q, then int32 lengths, int64 pointers, int64 document indices.
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEADER = struct.Struct("<9sQBQQ")
+_INDEX_DTYPES: MappingProxyType[int, type[np.integer]] = MappingProxyType(
+    {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+)
+
+
+def _indexed_dataset_module() -> types.ModuleType:
+    """megatron-core's indexed dataset module, imported quietly: megatron warns at import
+    that TransformerEngine/Apex are absent, which says nothing about reading tokens."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("megatron.core.datasets.indexed_dataset")
+
+
+def read_meta(data_dir: Path) -> dict[str, Any]:
+    """A dataset's meta.json, checked against the tokenizer it names."""
+    path = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: not a prepared dataset; {PREPARE_HINT}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); {PREPARE_HINT} again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object; {PREPARE_HINT} again")
+    name = meta.get("tokenizer")
+    if name != ByteTokenizer.name:
+        raise DataError(
+            f"{path}: tokenizer {name!r} is unknown; this trainer supports "
+            f"'{ByteTokenizer.name}', {PREPARE_HINT} again"
+        )
+    tokenizer = get_tokenizer(name)
+    found = (meta.get("vocab_size"), meta.get("eod"))
+    if found != (tokenizer.vocab_size, tokenizer.eod):
+        raise DataError(
+            f"{path}: vocab_size={found[0]!r}, eod={found[1]!r} do not match tokenizer "
+            f"'{tokenizer.name}' ({tokenizer.vocab_size}, {tokenizer.eod}); {PREPARE_HINT} again"
+        )
+    return meta
+
+
+def _check_dataset_files(data_dir: Path, key: str) -> None:
+    """Presence of every file a prepared dataset needs, named in terms of the setting that
+    pointed here."""
+    if not data_dir.is_dir():
+        raise DataError(f"{key}={data_dir}: directory not found; {PREPARE_HINT}")
+    for name in DATASET_FILES:
+        if not (data_dir / name).is_file():
+            raise DataError(f"{key}={data_dir}: {name} not found; {PREPARE_HINT}")
+
+
+def _read_index_header(idx_path: Path) -> tuple[type[np.integer], int]:
+    """(token dtype, sequence count) of an .idx file, after checking its size matches its
+    header: megatron only asserts on the header and never checks sizes."""
+    actual = idx_path.stat().st_size
+    with idx_path.open("rb") as stream:
+        header = stream.read(_INDEX_HEADER.size)
+    if len(header) < _INDEX_HEADER.size:
+        raise DataError(f"{idx_path}: {actual} bytes, too short for an index; {PREPARE_HINT} again")
+    magic, version, code, sequences, documents = _INDEX_HEADER.unpack(header)
+    if magic != _INDEX_MAGIC or version != 1 or code not in _INDEX_DTYPES or documents < 1:
+        raise DataError(
+            f"{idx_path}: not a megatron-core integer token index (magic={magic!r}, "
+            f"version={version}, dtype code={code}); {PREPARE_HINT} again"
+        )
+    expected = _INDEX_HEADER.size + sequences * (4 + 8) + documents * 8
+    if actual != expected:
+        raise DataError(
+            f"{idx_path}: size mismatch: {actual} bytes but its header implies {expected}; "
+            f"the file is truncated or corrupt, {PREPARE_HINT} again"
+        )
+    return _INDEX_DTYPES[code], sequences
+
+
+def _read_documents(prefix: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(all tokens concatenated, per-document lengths) of one split, with .idx and .bin
+    checked against each other before any token is trusted."""
+    IndexedDataset = _indexed_dataset_module().IndexedDataset
+
+    idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    for path in (idx_path, bin_path):
+        if not path.is_file():
+            raise DataError(f"{path} not found; {PREPARE_HINT}")
+    dtype, sequences = _read_index_header(idx_path)
+    if sequences == 0:
+        raise DataError(f"{idx_path}: the split has no documents; {PREPARE_HINT} with more text")
+    try:
+        # mmap=False: megatron's mmap reader cannot open an empty .bin, and its file reader
+        # is only safe once the size check below has passed (it silently under-reads).
+        dataset = IndexedDataset(str(prefix), mmap=False)
+    except AssertionError as exc:
+        raise DataError(f"{idx_path}: inconsistent index ({exc}); {PREPARE_HINT} again") from None
+    lengths = dataset.sequence_lengths.astype(np.int64)
+    expected = int(lengths.sum()) * np.dtype(dtype).itemsize
+    actual = bin_path.stat().st_size
+    if actual != expected:
+        raise DataError(
+            f"{bin_path}: size mismatch with {idx_path.name}: the index lists {int(lengths.sum())} "
+            f"tokens ({expected} bytes) but the file has {actual} bytes; it is truncated or from "
+            f"another prepare, {PREPARE_HINT} again"
+        )
+    tokens = np.concatenate(dataset[0 : len(dataset)])
+    sequence_ends = np.concatenate([[0], np.cumsum(lengths)])
+    return tokens, np.diff(sequence_ends[dataset.document_indices])
+
+
+def _check_against_meta(
+    meta: dict[str, Any], meta_path: Path, split: str, tokens: np.ndarray, doc_lengths: np.ndarray
+) -> None:
+    """Token ids must fit the vocabulary (an out-of-range id would crash or silently corrupt
+    the embedding lookup), and the split's size must be the one meta.json recorded (catches
+    files mixed from two prepares)."""
+    vocab_size = int(meta["vocab_size"])
+    bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+    if bad.size:
+        raise DataError(
+            f"{meta_path.parent / split}.bin: token id {int(tokens[bad[0]])} at position "
+            f"{int(bad[0])} is outside vocab_size={vocab_size} from {meta_path}; "
+            f"the data was tokenized differently, {PREPARE_HINT} again"
+        )
+    recorded = meta.get(split)
+    found = {"documents": int(doc_lengths.size), "tokens": int(tokens.size)}
+    if recorded != found:
+        raise DataError(
+            f"{meta_path}: records {split}={recorded!r} but {split}.idx holds {found}; "
+            f"the files come from different prepares, {PREPARE_HINT} again"
+        )
+
+
+def load_split(data_dir: Path, split: str) -> TokenStream:
+    """One split as a flat token stream, each document followed by EOD."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    tokens, doc_lengths = _read_documents(data_dir / split)
+    _check_against_meta(meta, data_dir / "meta.json", split, tokens, doc_lengths)
+    vocab_size, eod = int(meta["vocab_size"]), int(meta["eod"])
+    dtype = np.uint16 if vocab_size <= 2**16 else np.int64
+    stream = np.empty(tokens.size + doc_lengths.size, dtype=dtype)
+    eod_positions = np.cumsum(doc_lengths + 1) - 1
+    is_token = np.ones(stream.size, dtype=bool)
+    is_token[eod_positions] = False
+    stream[is_token] = tokens
+    stream[eod_positions] = eod
+    return TokenStream(stream, vocab_size, eod)
+
+
+def _check_at_least(name: str, value: int, minimum: int) -> None:
+    """Sampling arguments come from config; a bad one should name itself."""
+    if value < minimum:
+        raise DataError(f"{name}={value}: must be >= {minimum}")
+
+
+@dataclass(frozen=True, eq=False)
+class TokenStream:
+    """A split's tokens as one flat array, sampled in fixed-length windows."""
+
+    tokens: np.ndarray
+    vocab_size: int
+    eod: int
+
+    def __len__(self) -> int:
+        return int(self.tokens.size)
+
+    def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, next-token targets) of the (seq_len + 1)-token windows at ``starts``."""
+        windows = self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+        return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+
+    def _check_fits(self, seq_len: int) -> None:
+        """A window needs seq_len inputs plus one more target token."""
+        _check_at_least("seq_len", seq_len, 1)
+        if len(self) < seq_len + 1:
+            raise DataError(
+                f"seq_len={seq_len}: the split has only {len(self)} tokens, fewer than "
+                f"seq_len + 1; use a shorter seq_len or prepare more text"
+            )
+
+    def batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_BS, y_BS`` (int64, y is x shifted by one) at random starts.
+
+        The batch is a pure function of (seed, step): resuming at a step reproduces it exactly,
+        and data-parallel ranks can each take a slice of the same global batch.
+        """
+        _check_at_least("step", step, 0)
+        _check_at_least("seed", seed, 0)
+        _check_at_least("batch_size", batch_size, 1)
+        self._check_fits(seq_len)
+        rng = np.random.default_rng([seed, step])
+        starts = rng.integers(0, len(self) - seq_len - 1, size=batch_size, endpoint=True)
+        return self._windows(starts, seq_len)
+
+    def val_batches(
+        self, batch_size: int, seq_len: int, n_tokens: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed windows tiling the start of the stream, every target token counted once, so
+        validation losses are comparable across evaluations and runs.
+
+        Covers at least ``n_tokens`` targets, rounded up to whole batches; a split too small
+        for that yields all its complete windows, with a smaller last batch.
+        """
+        _check_at_least("batch_size", batch_size, 1)
+        _check_at_least("n_tokens", n_tokens, 1)
+        self._check_fits(seq_len)
+        wanted = math.ceil(math.ceil(n_tokens / seq_len) / batch_size) * batch_size
+        count = min(wanted, (len(self) - 1) // seq_len)
+        starts = np.arange(count, dtype=np.int64) * seq_len
+        return [
+            self._windows(starts[first : first + batch_size], seq_len)
+            for first in range(0, count, batch_size)
+        ]
