@@ -68,10 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-layouts", help="train under several layouts and compare (see --help)", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
     check.set_defaults(run=_check_layouts)
-    ckpt = sub.add_parser("ckpt", help="checkpoints: moe ckpt inspect DIR [--verify]")
-    ckpt.add_argument("action", choices=["inspect"])
-    ckpt.add_argument("path", type=Path, help="a checkpoint, a checkpoints directory or a run directory")
-    ckpt.add_argument("--verify", action="store_true", help="read every rank's file and check its checksums")
+    ckpt = sub.add_parser("ckpt", help="checkpoints: moe ckpt inspect DIR [--verify] (see --help)", add_help=False)
+    ckpt.add_argument("rest", nargs=argparse.REMAINDER)
     ckpt.set_defaults(run=_ckpt)
     bench = sub.add_parser("bench", help="benchmarks: moe bench kernels | layer | layouts | memory (see --help)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -92,16 +90,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _ckpt(args: argparse.Namespace) -> int:
-    from parallel.checkpoint import describe_checkpoint, resolve_checkpoint
-    from parallel.dist_checkpoint import describe_dist_checkpoint, is_dist_checkpoint
+    from launch.ckpt.cli import ckpt_main
 
-    if not args.path.exists():
-        raise CheckpointError(
-            f"{str(args.path)!r}: no such file or directory; give a checkpoint, a checkpoints/ directory or a run directory"
-        )
-    describe = describe_dist_checkpoint if is_dist_checkpoint(resolve_checkpoint(args.path)) else describe_checkpoint
-    print(describe(args.path, args.verify))
-    return 0
+    return ckpt_main(args.rest)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -123,7 +114,7 @@ def _check_layouts(args: argparse.Namespace) -> int:
 
 
 # Subcommands whose arguments all go to their own parser (its --help included).
-PASS_THROUGH = ("check-layouts", "bench", "sweep", "simulate")
+PASS_THROUGH = ("check-layouts", "bench", "sweep", "simulate", "ckpt")
 
 
 def main(argv: list[str] | None = None) -> int:

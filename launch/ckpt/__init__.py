@@ -1,0 +1,1 @@
+"""``moe ckpt``: reading, converting and describing checkpoints (``launch/ckpt/cli.py``)."""
