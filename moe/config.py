@@ -8,7 +8,7 @@ in YAML (``moe.top_k``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 
@@ -122,7 +122,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Routed experts: the router, capacity, the losses that shape routing, the experts."""
+    """Routed experts: the router, capacity, the losses that shape routing, the experts.
+
+    The routing menu beside softmax top-k (``score``, ``routed_scaling_factor``,
+    ``expert_bias_update_rate``, ``n_groups``/``topk_groups``: ``moe.router.SigmoidRouter``;
+    ``granularity``: ``fine_grained``). ``num_experts``, ``top_k``, ``expert_ffn_dim`` and
+    ``num_shared_experts`` are the coarse values; the layer is built from ``fine_grained()``.
+    """
 
     num_experts: int = 8
     top_k: int = 2
@@ -138,6 +144,12 @@ class MoEConfig:
     activation: Activation = "gelu"
     num_shared_experts: int = 0
     kernels: Literal["auto", "fused", "torch"] = "auto"
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    routed_scaling_factor: float = 1.0
+    expert_bias_update_rate: float = 0.0
+    n_groups: int = 1
+    topk_groups: int | None = None
+    granularity: int = 1
 
     def __post_init__(self) -> None:
         require(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
@@ -153,10 +165,10 @@ class MoEConfig:
             self.capacity_factor,
             "must be > 0, or null for dropless routing",
         )
-        # With k=1 a renormalised gate is identically 1.0: the LM loss would no longer
-        # reach the router, which then learns only from the aux loss.
+        # With k=1 a renormalised gate is identically 1.0 (softmax or sigmoid scores): the LM
+        # loss would no longer reach the router, which then learns only from the aux loss.
         require(
-            not (self.normalize_weights and self.top_k == 1),
+            not (self.normalize_weights and self.top_k * self.granularity == 1),
             "moe.normalize_weights",
             self.normalize_weights,
             "with moe.top_k=1 every renormalised gate is 1.0 and the router gets no LM-loss "
@@ -176,4 +188,105 @@ class MoEConfig:
             "moe.num_shared_experts",
             self.num_shared_experts,
             "must be >= 0",
+        )
+        self._check_routing_menu()
+
+    def _check_routing_menu(self) -> None:
+        """Sigmoid scores, bias balancing, group-limited routing and fine-grained experts."""
+        require(
+            self.routed_scaling_factor > 0,
+            "moe.routed_scaling_factor",
+            self.routed_scaling_factor,
+            "must be > 0 (DeepSeek-V3: 2.5; 1.0 leaves the gates as they are)",
+        )
+        require(
+            self.expert_bias_update_rate >= 0,
+            "moe.expert_bias_update_rate",
+            self.expert_bias_update_rate,
+            "must be >= 0 (0 = no bias balancing; DeepSeek-V3: 1e-3)",
+        )
+        sigmoid_only = {
+            "expert_bias_update_rate": self.expert_bias_update_rate > 0,
+            "n_groups": self.n_groups != 1,
+            "routed_scaling_factor": self.routed_scaling_factor != 1.0,
+        }
+        for key, used in sigmoid_only.items():
+            require(
+                not used or (self.score == "sigmoid" and self.router == "topk"),
+                f"moe.{key}",
+                getattr(self, key),
+                f"needs moe.score=sigmoid and moe.router=topk (got score={self.score!r}, router={self.router!r})",
+            )
+        require(
+            self.score == "softmax" or self.router == "topk",
+            "moe.score",
+            self.score,
+            f"sigmoid scores need moe.router=topk (moe.router={self.router!r} scores by its own rule)",
+        )
+        require(self.granularity >= 1, "moe.granularity", self.granularity, "must be >= 1 (1 = coarse experts)")
+        require(
+            self.expert_ffn_dim % self.granularity == 0,
+            "moe.granularity",
+            self.granularity,
+            f"must divide moe.expert_ffn_dim={self.expert_ffn_dim}: each expert is split into granularity "
+            "experts of width expert_ffn_dim/granularity",
+        )
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        """Groups are over the ``routed_experts`` fine-grained experts (see ``fine_grained``)."""
+        experts, top_k = self.num_experts * self.granularity, self.top_k * self.granularity
+        require(
+            self.n_groups >= 1 and experts % self.n_groups == 0,
+            "moe.n_groups",
+            self.n_groups,
+            f"must be >= 1 and divide the routed experts moe.num_experts*moe.granularity={experts}",
+        )
+        require(
+            self.topk_groups is None or 1 <= self.topk_groups <= self.n_groups,
+            "moe.topk_groups",
+            self.topk_groups,
+            f"must be in [1, moe.n_groups={self.n_groups}] (null = moe.n_groups: every group eligible)",
+        )
+        held = self.eligible_groups * (experts // self.n_groups)
+        require(
+            top_k <= held,
+            "moe.top_k",
+            self.top_k,
+            f"the {self.eligible_groups} eligible group(s) (moe.topk_groups) of {experts // self.n_groups} experts "
+            f"hold {held} experts, fewer than the {top_k} chosen per token; raise moe.topk_groups",
+        )
+        require(
+            self.n_groups == 1 or experts // self.n_groups >= 2,
+            "moe.n_groups",
+            self.n_groups,
+            f"a group scores by the sum of its top-2 experts: each of the {experts} experts' groups needs >= 2",
+        )
+
+    @property
+    def eligible_groups(self) -> int:
+        """``topk_groups``, or ``n_groups`` when it is null."""
+        return self.n_groups if self.topk_groups is None else self.topk_groups
+
+    @property
+    def routed_experts(self) -> int:
+        """``E·G``: the experts the layer holds and routes to (``granularity`` G)."""
+        return self.num_experts * self.granularity
+
+    def fine_grained(self) -> MoEConfig:
+        """The config of the layer that is built (Krajewski et al. 2024): each of the E
+        experts split into G of width ``expert_ffn_dim / G``, so ``E·G`` experts, ``K·G``
+        chosen, and the shared experts counted in those units (``S·G`` of width F/G, the same
+        ``S·F`` hidden units). Total and active expert parameters are unchanged (the router
+        grows to ``E·G·D``). G = 1 returns the config itself."""
+        if self.granularity == 1:
+            return self
+        g = self.granularity
+        return replace(
+            self,
+            num_experts=self.num_experts * g,
+            top_k=self.top_k * g,
+            expert_ffn_dim=self.expert_ffn_dim // g,
+            num_shared_experts=self.num_shared_experts * g,
+            granularity=1,
         )

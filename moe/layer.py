@@ -26,7 +26,7 @@ from moe.losses import load_balancing_loss_from_stats, router_z_loss_from_stats,
 from moe.hash_router import HashRouter
 from moe.router import Routing
 from moe.mlp import MLP
-from moe.router import TopKRouter
+from moe.router import SigmoidRouter, TopKRouter
 from moe.sinkhorn_router import SinkhornRouter
 
 
@@ -70,12 +70,16 @@ class MoELayer(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig, vocab_size: int | None = None) -> None:
         """``vocab_size``: the token ids' range, needed by the hash router only."""
         super().__init__()
+        cfg = cfg.fine_grained()  # moe.granularity G: E·G experts of width F/G, K·G per token
         self.cfg = cfg
         self.router: TopKRouter | HashRouter
         if cfg.router == "hash":
             if vocab_size is None:
                 raise ValueError("moe.router='hash' maps token ids to experts: MoELayer needs vocab_size")
             self.router = HashRouter(vocab_size, cfg.num_experts, cfg.top_k)
+        elif cfg.score == "sigmoid":
+            self.router = SigmoidRouter(dim, cfg.num_experts, cfg.top_k, cfg.normalize_weights, cfg.jitter_eps,
+                                        cfg.routed_scaling_factor, cfg.n_groups, cfg.eligible_groups)
         else:
             router = SinkhornRouter if cfg.router == "sinkhorn" else TopKRouter
             self.router = router(dim, cfg.num_experts, cfg.top_k, cfg.normalize_weights, cfg.jitter_eps)
