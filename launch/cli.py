@@ -3,6 +3,8 @@
     moe train CONFIG [section.key=value ...]     train (e.g. moe.num_experts=16 train.steps=50)
     moe train CONFIG --address auto              ... on an existing Ray cluster (launch.address)
     moe data prepare PATHS... --out DIR          tokenize text/JSONL files into .bin/.idx (--overwrite: replace one)
+    moe data prepare PATHS... --out DIR --tokenizer PATH   ... with a Hugging Face tokenizer.json
+    moe data tokenizer train [FILES...] --vocab-size N --out PATH   train a byte-level BPE tokenizer
     moe check-layouts CONFIG --layouts "ep=1;ep=2;dp=2"   same training under several layouts, compared
     moe bench kernels | layer                    speed tables (printed, and JSON under runs/bench/)
     moe bench layouts CONFIG --layouts "dp=1;ep=2"   step time, tokens/s, peak memory per rank per layout
@@ -61,10 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         "ray://HOST:PORT; same as launch.address=... (default: a local Ray cluster started for the run)",
     )
     train.set_defaults(run=_train)
-    data = sub.add_parser("data", help="data preparation (moe data prepare PATHS... --out DIR)")
-    data.add_argument("action", choices=["prepare"])
+    data = sub.add_parser("data", help="data: moe data prepare PATHS... --out DIR | moe data tokenizer train (see --help)")
+    data.add_argument("action", choices=["prepare", "tokenizer"])
     data.add_argument("rest", nargs=argparse.REMAINDER)
-    data.set_defaults(run=lambda a: prepare_main(a.rest))
+    data.set_defaults(run=_data)
     check = sub.add_parser("check-layouts", help="train under several layouts and compare (see --help)", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
     check.set_defaults(run=_check_layouts)
@@ -81,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("rest", nargs=argparse.REMAINDER)
     simulate.set_defaults(run=_simulate)
     return parser
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.action == "prepare":
+        return prepare_main(args.rest)
+    from launch.data.bpe import main as tokenizer_main
+
+    return tokenizer_main(args.rest)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Training data: a byte tokenizer, corpus preparation into megatron-core indexed datasets,
+"""Training data: tokenizers (bytes, Hugging Face tokenizer.json), corpus preparation into megatron-core indexed datasets,
 and the deterministic batch sampler the trainer reads from.
 
 By job: ``config`` (the ``data`` section, ``DataError``), ``tokenizer``, ``corpus`` (collecting
@@ -17,7 +17,7 @@ from launch.data.corpus import (
     stdlib_sources,
 )
 from launch.data.stream import TokenStream, load_split, read_meta
-from launch.data.tokenizer import ByteTokenizer, get_tokenizer
+from launch.data.tokenizer import ByteTokenizer, HFTokenizer, load_hf_tokenizer
 
 __all__ = [
     "DATASET_FILES",
@@ -27,12 +27,13 @@ __all__ = [
     "ByteTokenizer",
     "DataConfig",
     "DataError",
+    "HFTokenizer",
     "PreparedData",
     "SplitStats",
     "TokenStream",
     "collect_sources",
     "ensure_dataset",
-    "get_tokenizer",
+    "load_hf_tokenizer",
     "load_split",
     "prepare",
     "prepare_main",

@@ -25,12 +25,15 @@ def _check_val_fraction(value: object, key: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where training tokens come from and how much is held out for validation."""
+    """Where training tokens come from, how they are tokenized and how much is held out for
+    validation. ``tokenizer``: a Hugging Face tokenizer.json (or a directory holding one) for the
+    embedded corpus, and the one a ``path`` dataset must have been prepared with; None: bytes."""
 
     path: str | None = None
     cache_dir: str = "data/cache"
     val_fraction: float = 0.05
     val_tokens: int = 65536
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         """Fail at config load rather than minutes into a run."""
@@ -39,3 +42,8 @@ class DataConfig:
             raise DataError(f"data.val_tokens={self.val_tokens!r}: must be an integer >= 1")
         if self.val_tokens < 1:
             raise DataError(f"data.val_tokens={self.val_tokens}: must be an integer >= 1")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
+            raise DataError(
+                f"data.tokenizer={self.tokenizer!r}: must be a path to a tokenizer.json (or a model directory "
+                "holding one), or null for bytes"
+            )

@@ -35,7 +35,17 @@ from launch.data.config import (
     _check_val_fraction,
 )
 from launch.data.stream import _check_dataset_files, _indexed_dataset_module, read_meta
-from launch.data.tokenizer import ByteTokenizer
+from launch.data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    check_same_tokenizer,
+    ids_dtype,
+    load_hf_tokenizer,
+)
+
+Tokenizer = ByteTokenizer | HFTokenizer
+# Documents handed to the tokenizer at once: a Hugging Face tokenizer encodes a batch on all cores.
+ENCODE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class PreparedData:
     val_fraction: float
     train: SplitStats
     val: SplitStats
+    tokenizer: Tokenizer
 
 
 def stdlib_sources() -> list[Path]:
@@ -223,26 +234,39 @@ def _jsonl_documents(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
                 yield f"{doc_id}:{lineno}", text
 
 
+def _batched(documents: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    """``documents`` in lists of ``size`` (the last one shorter)."""
+    batch: list[tuple[str, str]] = []
+    for document in documents:
+        batch.append(document)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _write_splits(
-    documents: Iterable[tuple[str, str]], directory: Path, val_fraction: float
+    documents: Iterable[tuple[str, str]], directory: Path, val_fraction: float, tokenizer: Tokenizer
 ) -> dict[str, SplitStats]:
     """Tokenize ``documents`` into ``directory/{train,val}.{bin,idx}``; one sequence per
-    document so megatron's document index stays meaningful."""
+    document so megatron's document index stays meaningful. Ids are stored as uint16, or
+    int32 for a vocabulary over 65,536 (``ids_dtype``)."""
     IndexedDatasetBuilder = _indexed_dataset_module().IndexedDatasetBuilder
 
-    tokenizer = ByteTokenizer()
     builders = {
-        split: IndexedDatasetBuilder(str(directory / f"{split}.bin"), dtype=np.uint16)
+        split: IndexedDatasetBuilder(str(directory / f"{split}.bin"), dtype=ids_dtype(tokenizer.vocab_size))
         for split in SPLITS
     }
     counts = {split: [0, 0] for split in SPLITS}
     try:
-        for doc_id, text in documents:
-            split = "val" if _is_val(doc_id, val_fraction) else "train"
-            tokens = tokenizer.encode(text)
-            builders[split].add_document(tokens, [len(tokens)])
-            counts[split][0] += 1
-            counts[split][1] += len(tokens)
+        for batch in _batched(documents, ENCODE_BATCH):
+            encoded = tokenizer.encode_batch([text for _, text in batch])
+            for (doc_id, _), tokens in zip(batch, encoded):
+                split = "val" if _is_val(doc_id, val_fraction) else "train"
+                builders[split].add_document(tokens, [len(tokens)])
+                counts[split][0] += 1
+                counts[split][1] += len(tokens)
         for split, builder in builders.items():
             builder.finalize(str(directory / f"{split}.idx"))
     finally:
@@ -267,11 +291,8 @@ def _check_splits(stats: dict[str, SplitStats], sources: int, val_fraction: floa
 
 def _meta_dict(prepared: PreparedData) -> dict[str, Any]:
     """The meta.json record of a prepared dataset."""
-    tokenizer = ByteTokenizer()
     return {
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
-        "eod": tokenizer.eod,
+        **prepared.tokenizer.meta(),
         "val_fraction": prepared.val_fraction,
         "sources": prepared.sources,
         "fingerprint": prepared.fingerprint,
@@ -331,16 +352,17 @@ def _publish(built: Path, out_dir: Path) -> None:
 
 def prepare(
     sources: list[Path], out_dir: Path, val_fraction: float, overwrite: bool = False,
-    fix: str = "choose a writable output directory",
+    fix: str = "choose a writable output directory", tokenizer: Tokenizer | None = None,
 ) -> PreparedData:
     """Tokenize ``sources`` into a dataset at ``out_dir``, split by document; an earlier
     dataset there is replaced only with ``overwrite``. ``fix``: what to tell the user when
-    ``out_dir`` cannot be written.
+    ``out_dir`` cannot be written. ``tokenizer``: bytes when None.
 
     Everything is built in a temporary directory beside ``out_dir`` and renamed into place,
     so a killed prepare leaves only a dot-named temp directory, never a dataset that looks valid.
     """
     _check_val_fraction(val_fraction, "val_fraction")
+    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     out_dir = Path(os.path.abspath(out_dir))  # "." and "x/.." name a directory: give them a name
     doc_ids = _document_ids(sources)
     fingerprint = _fingerprint(sources, doc_ids)
@@ -353,10 +375,10 @@ def prepare(
     except OSError as err:
         raise DataError(f"{out_dir}: cannot write in {out_dir.parent} ({err.strerror}); {fix}") from None
     try:
-        stats = _write_splits(_documents(sources, doc_ids), building, val_fraction)
+        stats = _write_splits(_documents(sources, doc_ids), building, val_fraction, tokenizer)
         _check_splits(stats, len(sources), val_fraction)
         prepared = PreparedData(
-            out_dir, len(sources), fingerprint, val_fraction, stats["train"], stats["val"]
+            out_dir, len(sources), fingerprint, val_fraction, stats["train"], stats["val"], tokenizer
         )
         (building / "meta.json").write_text(json.dumps(_meta_dict(prepared), indent=2) + "\n")
         _publish(building, out_dir)
@@ -370,18 +392,22 @@ def prepare(
 
 
 def ensure_dataset(cfg: DataConfig) -> Path:
-    """The dataset directory to train on, preparing the embedded corpus on first use.
+    """The dataset directory to train on, preparing the embedded corpus on first use (with
+    ``data.tokenizer`` when one is named: cached per tokenizer hash).
 
-    Call it on one process per machine before the others read: two concurrent first-time
-    prepares would both do the work and replace each other's result.
+    A ``data.path`` dataset prepared with another tokenizer than ``data.tokenizer`` names is
+    refused. Call it on one process per machine before the others read: two concurrent
+    first-time prepares would both do the work and replace each other's result.
     """
     if cfg.path is not None:
         data_dir = Path(cfg.path)
         _check_dataset_files(data_dir, "data.path")
-        read_meta(data_dir)
+        check_same_tokenizer(read_meta(data_dir), data_dir, cfg.tokenizer)
         return data_dir
+    tokenizer = ByteTokenizer() if cfg.tokenizer is None else load_hf_tokenizer(cfg.tokenizer, "data.tokenizer")
     sources = stdlib_sources()
-    out_dir = Path(cfg.cache_dir) / f"stdlib-bytes-v{cfg.val_fraction}"
+    tag = "bytes" if isinstance(tokenizer, ByteTokenizer) else f"{tokenizer.name}-{tokenizer.sha256[:12]}"
+    out_dir = Path(cfg.cache_dir) / f"stdlib-{tag}-v{cfg.val_fraction}"
     if _is_current(out_dir, _fingerprint(sources, _document_ids(sources)), cfg.val_fraction):
         return out_dir
     megabytes = sum(path.stat().st_size for path in sources) / 1e6
@@ -391,7 +417,7 @@ def ensure_dataset(cfg: DataConfig) -> Path:
         f"preparing embedded corpus: {len(sources)} files, {megabytes:.1f} MB -> {out_dir}",
         file=sys.stderr,
     )
-    prepare(sources, out_dir, cfg.val_fraction, overwrite=True, fix=fix)
+    prepare(sources, out_dir, cfg.val_fraction, overwrite=True, fix=fix, tokenizer=tokenizer)
     return out_dir
 
 
@@ -428,6 +454,12 @@ def _parse_prepare_args(argv: list[str]) -> argparse.Namespace:
         help="replace an earlier prepared dataset at --out (a directory of other files is never replaced)",
     )
     parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="a Hugging Face tokenizer.json, or a model directory holding one (default: UTF-8 bytes)",
+    )
+    parser.add_argument(
         "--val-fraction",
         type=float,
         default=DataConfig.val_fraction,
@@ -437,18 +469,23 @@ def _parse_prepare_args(argv: list[str]) -> argparse.Namespace:
 
 
 def prepare_main(argv: list[str]) -> int:
-    """`moe data prepare PATHS... --out DIR [--val-fraction F] [--overwrite]`; returns the exit status."""
+    """`moe data prepare PATHS... --out DIR [--tokenizer PATH] [--val-fraction F] [--overwrite]`;
+    returns the exit status."""
     try:
         args = _parse_prepare_args(argv)
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return exc.code if isinstance(exc.code, int) else 2
     try:
         _check_val_fraction(args.val_fraction, "--val-fraction")
-        prepared = prepare(collect_sources(args.paths), args.out, args.val_fraction, args.overwrite)
+        tokenizer = None if args.tokenizer is None else load_hf_tokenizer(args.tokenizer)
+        prepared = prepare(
+            collect_sources(args.paths), args.out, args.val_fraction, args.overwrite, tokenizer=tokenizer
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"prepared {prepared.out_dir} from {prepared.sources} source file(s)")
+    print(f"prepared {prepared.out_dir} from {prepared.sources} source file(s), tokenizer {prepared.tokenizer.name} "
+          f"({prepared.tokenizer.vocab_size} ids)")
     for name in SPLITS:
         stats: SplitStats = getattr(prepared, name)
         print(f"  {name:<5} {stats.documents:>10,} documents {stats.tokens:>14,} tokens")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from launch.data.config import DATASET_FILES, PREPARE_HINT, SPLITS, DataError
-from launch.data.tokenizer import ByteTokenizer, get_tokenizer
+from launch.data.tokenizer import check_meta_tokenizer
 
 # megatron-core's .idx layout: magic, version <Q, dtype code <B, sequence count <Q,
 # document count <Q, then int32 lengths, int64 pointers, int64 document indices.
@@ -54,19 +54,7 @@ def read_meta(data_dir: Path) -> dict[str, Any]:
         raise DataError(f"{path}: unreadable ({exc}); {PREPARE_HINT} again") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object; {PREPARE_HINT} again")
-    name = meta.get("tokenizer")
-    if name != ByteTokenizer.name:
-        raise DataError(
-            f"{path}: tokenizer {name!r} is unknown; this trainer supports "
-            f"'{ByteTokenizer.name}', {PREPARE_HINT} again"
-        )
-    tokenizer = get_tokenizer(name)
-    found = (meta.get("vocab_size"), meta.get("eod"))
-    if found != (tokenizer.vocab_size, tokenizer.eod):
-        raise DataError(
-            f"{path}: vocab_size={found[0]!r}, eod={found[1]!r} do not match tokenizer "
-            f"'{tokenizer.name}' ({tokenizer.vocab_size}, {tokenizer.eod}); {PREPARE_HINT} again"
-        )
+    check_meta_tokenizer(meta, path)
     return meta
 
 
