@@ -16,11 +16,23 @@ Three layouts differ; everything else is the same tensor under another name:
   input-major (``w_in_EDF``, ``w_out_EFD``).
 - Names: ``model.layers.{i}.self_attn.o_proj`` is ``blocks.{i}.attn.out``, and so on
   (``state_dict_from_hf``).
+
+Two forms of a transformers state dict: the in-memory one (``model.state_dict()``, experts
+fused as ``gate_up_proj``; ``state_dict_from_hf``) and the saved one (``save_pretrained``'s
+safetensors, one tensor per expert projection, Mixtral's under ``block_sparse_moe`` as
+``w1``/``w3``/``w2``). ``weight_table`` maps the saved form both ways, one ``Entry`` per
+tensor of ours: the HF tensors it is made of and the two conversions, each exact (only
+reshapes, stacks and transposes), so an import followed by an export gives the same bits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+
+from moe.config import ModelConfig, MoEConfig
 
 
 def fuse_qkv(
@@ -101,3 +113,123 @@ def state_dict_from_hf(
     out["norm.weight"] = hf["model.norm.weight"]
     out["lm_head.weight"] = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])
     return out
+
+
+# -- the saved (safetensors) form, both ways ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HFNames:
+    """Where a transformers architecture's saved checkpoint keeps its feed-forward weights:
+    ``model.layers.{i}.<ffn>`` holds the dense MLP (``gate_proj``, ``up_proj``, ``down_proj``)
+    or the router (``gate``) and experts (``experts.{e}.<gate|up|down>.weight``)."""
+
+    ffn: str
+    gate: str
+    up: str
+    down: str
+    moe: bool
+
+
+# The architectures ``weight_table`` maps (``moe ckpt import``/``export``).
+HF_NAMES: dict[str, HFNames] = {
+    "MixtralForCausalLM": HFNames("block_sparse_moe", "w1", "w3", "w2", moe=True),
+    "Qwen3MoeForCausalLM": HFNames("mlp", "gate_proj", "up_proj", "down_proj", moe=True),
+    "LlamaForCausalLM": HFNames("mlp", "gate_proj", "up_proj", "down_proj", moe=False),
+    "Qwen3ForCausalLM": HFNames("mlp", "gate_proj", "up_proj", "down_proj", moe=False),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of ours (``ours``) and the transformers tensors it is made of (``hf``):
+    ``to_ours(hf tensors in that order)`` and its inverse ``to_hf(ours) -> hf tensors``."""
+
+    ours: str
+    hf: tuple[str, ...]
+    to_ours: Callable[[list[torch.Tensor]], torch.Tensor]
+    to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+def _same(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0]
+
+
+def _one(tensor: torch.Tensor) -> list[torch.Tensor]:
+    return [tensor]
+
+
+def split_gate_up(w_in_2FD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``fuse_gate_up``: ``(gate [F, D], up [F, D])``."""
+    # [2F, D] -> [F, 2, D]
+    gate_FD, up_FD = w_in_2FD.unflatten(0, (-1, 2)).unbind(1)
+    return gate_FD.contiguous(), up_FD.contiguous()
+
+
+def _experts_in(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``w_in_EDF [E, D, 2F]`` from ``[gate_0, up_0, gate_1, up_1, ...]`` (each ``[F, D]``)."""
+    return torch.stack([fuse_gate_up(g, u).T for g, u in zip(tensors[0::2], tensors[1::2], strict=True)]).contiguous()
+
+
+def _experts_in_hf(w_in_EDF: torch.Tensor) -> list[torch.Tensor]:
+    return [w for e in range(w_in_EDF.shape[0]) for w in split_gate_up(w_in_EDF[e].T)]
+
+
+def _experts_out(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``w_out_EFD [E, F, D]`` from ``[down_0, down_1, ...]`` (each ``[D, F]``)."""
+    return torch.stack([d.T for d in tensors]).contiguous()
+
+
+def _experts_out_hf(w_out_EFD: torch.Tensor) -> list[torch.Tensor]:
+    return [w.T.contiguous() for w in w_out_EFD]
+
+
+def _qkv(model: ModelConfig) -> tuple[Callable[[list[torch.Tensor]], torch.Tensor], Callable[[torch.Tensor], list[torch.Tensor]]]:
+    heads = (model.n_heads, model.kv_heads, model.head_size)
+    return (lambda t: fuse_qkv(t[0], t[1], t[2], *heads),
+            lambda w: [x.contiguous() for x in split_qkv(w, *heads)])
+
+
+def _ffn_entries(arch: HFNames, src: str, dst: str, is_moe: bool, num_experts: int) -> list[Entry]:
+    ffn = f"{src}{arch.ffn}."
+    if not is_moe:
+        return [
+            Entry(dst + "ffn.w_in.weight", (ffn + "gate_proj.weight", ffn + "up_proj.weight"),
+                  lambda t: fuse_gate_up(t[0], t[1]), lambda w: list(split_gate_up(w))),
+            Entry(dst + "ffn.w_out.weight", (ffn + "down_proj.weight",), _same, _one),
+        ]
+    experts = range(num_experts)
+    return [
+        Entry(dst + "ffn.router.weight_ED", (ffn + "gate.weight",), _same, _one),
+        Entry(dst + "ffn.experts.w_in_EDF",
+              tuple(f"{ffn}experts.{e}.{p}.weight" for e in experts for p in (arch.gate, arch.up)),
+              _experts_in, _experts_in_hf),
+        Entry(dst + "ffn.experts.w_out_EFD", tuple(f"{ffn}experts.{e}.{arch.down}.weight" for e in experts),
+              _experts_out, _experts_out_hf),
+    ]
+
+
+def weight_table(architecture: str, model: ModelConfig, moe: MoEConfig) -> list[Entry]:
+    """Every tensor of our ``Transformer(model, moe)`` (its ``state_dict`` names, the tied LM
+    head left out: it is the embedding) against the saved checkpoint of ``architecture``
+    (a key of ``HF_NAMES``). Layer ``i`` is an MoE layer where ``model.is_moe_layer(i)``."""
+    arch = HF_NAMES[architecture]
+    fuse, split = _qkv(model)
+    table = [Entry("embed.weight", ("model.embed_tokens.weight",), _same, _one)]
+    for i in range(model.n_layers):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        attn = src + "self_attn."
+        table += [
+            Entry(dst + "attn_norm.weight", (src + "input_layernorm.weight",), _same, _one),
+            Entry(dst + "attn.qkv.weight", (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
+                  fuse, split),
+            Entry(dst + "attn.out.weight", (attn + "o_proj.weight",), _same, _one),
+        ]
+        if model.qk_norm:
+            table += [Entry(f"{dst}attn.{n}.weight", (f"{attn}{n}.weight",), _same, _one) for n in ("q_norm", "k_norm")]
+        table.append(Entry(dst + "ffn_norm.weight", (src + "post_attention_layernorm.weight",), _same, _one))
+        table += _ffn_entries(arch, src, dst, model.is_moe_layer(i), moe.num_experts)
+    table.append(Entry("norm.weight", ("model.norm.weight",), _same, _one))
+    if not model.tie_embeddings:
+        table.append(Entry("lm_head.weight", ("lm_head.weight",), _same, _one))
+    return table

@@ -1,6 +1,8 @@
 """``moe ckpt ACTION ...``: one parser per action.
 
-    moe ckpt inspect DIR [--verify]     a checkpoint's layout, step, tensors and checksums
+    moe ckpt inspect DIR [--verify]            a checkpoint's layout, step, tensors and checksums
+    moe ckpt import HF_DIR --out CKPT_DIR      a Hugging Face Mixtral/Qwen3-MoE/Llama/Qwen3 model as our checkpoint
+    moe ckpt export CKPT_OR_RUN_DIR --out HF_DIR [--arch A]   our checkpoint (any layout) for transformers
 """
 
 from __future__ import annotations
@@ -28,7 +30,19 @@ def _inspect(argv: list[str]) -> int:
     return 0
 
 
-ACTIONS = {"inspect": _inspect}
+def _import(argv: list[str]) -> int:
+    from launch.ckpt.hf_import import main
+
+    return main(argv)
+
+
+def _export(argv: list[str]) -> int:
+    from launch.ckpt.hf_export import main
+
+    return main(argv)
+
+
+ACTIONS = {"inspect": _inspect, "import": _import, "export": _export}
 
 
 def ckpt_main(argv: list[str]) -> int:

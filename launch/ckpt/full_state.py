@@ -1,0 +1,87 @@
+"""The whole (unsharded) model of any checkpoint, read in one process: what ``moe ckpt
+export`` converts and what ``train.init_from`` loads before the run shards it.
+
+Two formats (``docs/checkpoints.md``):
+
+- per-rank files (``parallel/checkpoint.py``: one process, DeepSpeed, ``moe ckpt import``):
+  each rank's ``state*.pt`` holds ``engine.model``, the full model's ``state_dict`` except
+  the expert tensors (``ShardInfo.expert_paths``), which hold the experts
+  ``[ep_rank·E/ep, (ep_rank+1)·E/ep)``; they are concatenated along dim 0 over the ranks
+  of data-parallel position 0, in expert-parallel order. fp32 master weights
+  (``engine.main_params``, a bf16 run) take the place of the bf16 parameters.
+- sharded (``parallel/dist_checkpoint.py``, megatron runs across ranks): a torch DCP
+  checkpoint whose keys are the full model's parameter names with their global shapes, so
+  one process reads each whole tensor (``torch.distributed.checkpoint`` with
+  ``no_dist=True``) whatever tp/pp/ep/etp/vpp wrote it; a tied LM head is saved only as
+  ``embed.weight``.
+
+Every file is checked against its recorded checksums first. The result is keyed like
+``Transformer.state_dict()`` (a tied ``lm_head.weight`` present, equal to the embedding).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel.checkpoint import CheckpointError, load_checkpoint, read_manifests, resolve_checkpoint, saved_world_size
+from parallel.dist_checkpoint import is_dist_checkpoint, read_manifest, verify_files
+
+_MODEL_PREFIX = "engine.model."
+
+
+def _tie(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    if config["model"]["tie_embeddings"]:
+        state["lm_head.weight"] = state["embed.weight"]
+    return state
+
+
+def _read_dist(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
+    return _tie(state, manifest["config"]), manifest["config"]
+
+
+def _read_per_rank(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    manifests = read_manifests(path)
+    if not manifests:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no manifests (written before checksums were recorded?)")
+    world = saved_world_size(path)
+    states = {m["rank"]: load_checkpoint(path, m["rank"], world)["engine"] for m in manifests}
+    config = manifests[0]["config"]
+    model = dict(states[0]["model"])
+    model.update(states[0].get("main_params", {}))
+    by_ep = sorted((m["shard"]["ep_rank"], m["rank"]) for m in manifests if m["shard"]["dp_rank"] == 0)
+    for path_name in manifests[0]["shard"]["expert_paths"]:
+        name = path_name.removeprefix(_MODEL_PREFIX)
+        parts = [{**states[r]["model"], **states[r].get("main_params", {})}[name] for _, r in by_ep]
+        model[name] = torch.cat(parts, dim=0)
+    return model, config
+
+
+def read_model_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+    """``(state_dict, config dict, checkpoint directory)`` of the checkpoint at ``path`` (a
+    checkpoint, a checkpoints directory or a run directory: its latest one)."""
+    if not path.exists():
+        raise CheckpointError(f"{str(path)!r}: no such file or directory; give a checkpoint, a checkpoints/ directory or a run directory")
+    found = resolve_checkpoint(path)
+    state, config = _read_dist(found) if is_dist_checkpoint(found) else _read_per_rank(found)
+    if "model" not in config or "moe" not in config:
+        raise CheckpointError(f"checkpoint {str(found)!r} records no model config; it was not written by moe train or moe ckpt import")
+    return state, config, found
