@@ -55,9 +55,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 0
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_layers: int | None = None
+    collapse_share: float | None = None
+    collapse_intervals: int = 3
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+        for key in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
+                    "collapse_intervals"):
             value = getattr(self, key)
             require(value >= 1, f"train.{key}", value, "must be >= 1")
         micro = self.micro_batch_size
@@ -100,6 +103,13 @@ class TrainConfig:
             "train.peak_tflops",
             self.peak_tflops,
             "must be > 0, or null when the device's peak is unknown (no MFU is logged)",
+        )
+        require(
+            self.collapse_share is None or 0 < self.collapse_share < 1,
+            "train.collapse_share",
+            self.collapse_share,
+            "must be in (0, 1): the share of an expert's assignments below which it counts as collapsing "
+            "(null = 1/(4·moe.num_experts))",
         )
 
     @property

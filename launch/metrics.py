@@ -3,6 +3,12 @@
 Everything a run writes as JSON is JSON (``to_json``): a non-finite number is written as
 null, never as the bare ``NaN``/``Infinity`` Python's json module would write, which other
 readers (``jq``, browsers, most JSON libraries) refuse.
+
+The live collapse alarm (:class:`CollapseAlarm`) watches each log interval's expert
+shares while the run goes: per MoE layer it reports the experts whose share of the
+interval's routed assignments stayed below ``train.collapse_share`` for
+``train.collapse_intervals`` consecutive intervals, with the layer's max/min share and the
+coefficient of variation of its shares; the train record carries it as ``collapse``.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from parallel.checkpoint import write_atomic_text
@@ -56,9 +64,67 @@ class MetricsLog:
                 for layer, shares in enumerate(value):
                     self.tb.add_scalar(f"expert_load/layer{layer}/min_share", min(shares), step)
                     self.tb.add_scalar(f"expert_load/layer{layer}/max_share", max(shares), step)
+            elif key == "collapse" and isinstance(value, dict):
+                for layer, dead in enumerate(value["dead_experts"]):
+                    self.tb.add_scalar(f"collapse/layer{layer}/dead_experts", len(dead), step)
+                    for stat in ("max_share", "min_share", "cv"):
+                        self.tb.add_scalar(f"collapse/layer{layer}/{stat}", value[stat][layer], step)
 
     def close(self) -> None:
         self.tb.close()
+
+
+@dataclass
+class CollapseAlarm:
+    """Counts, per (MoE layer, expert), the consecutive log intervals in which the expert's
+    share of the layer's routed assignments was below ``share``; an expert is dead once
+    that streak reaches ``intervals``. ``fired`` keeps, in order, where and at which step
+    each expert first became dead (an expert that recovers and collapses again fires again).
+
+    The streaks live in the process (rank 0): a resumed run starts them over.
+    """
+
+    share: float
+    intervals: int
+    streak_LE: np.ndarray | None = None
+    fired: list[dict[str, int]] = field(default_factory=list)
+
+    def update(self, step: int, shares_LE: np.ndarray) -> dict[str, Any]:
+        """Take the interval ending at ``step`` (its shares, rows summing to 1 or all zero for
+        a layer that routed nothing); return the record's ``collapse`` entry: per layer the
+        dead experts, max/min share and the coefficient of variation of the shares
+        (population std / mean), plus the experts that became dead at this interval."""
+        if self.streak_LE is None:
+            self.streak_LE = np.zeros(shares_LE.shape, dtype=np.int64)
+        below_LE = shares_LE < self.share
+        self.streak_LE = np.where(below_LE, self.streak_LE + 1, 0)
+        dead_LE = self.streak_LE >= self.intervals
+        new = [{"layer": int(layer), "expert": int(expert), "step": step}
+               for layer, expert in zip(*np.nonzero(self.streak_LE == self.intervals))]
+        self.fired += new
+        means_L = shares_LE.mean(axis=1)
+        cv_L = np.divide(shares_LE.std(axis=1), means_L, out=np.zeros_like(means_L), where=means_L > 0)
+        return {
+            "dead_experts": [np.nonzero(row)[0].tolist() for row in dead_LE],
+            "max_share": shares_LE.max(axis=1).round(5).tolist(),
+            "min_share": shares_LE.min(axis=1).round(5).tolist(),
+            "cv": cv_L.round(5).tolist(),
+            "new_dead": new,
+        }
+
+    def message(self, entry: dict[str, Any]) -> str | None:
+        """The console line for an interval's entry: None unless some expert just became dead."""
+        if not entry["new_dead"]:
+            return None
+        named = ", ".join(f"layer {d['layer']} expert {d['expert']}" for d in entry["new_dead"])
+        return (f"step {entry['new_dead'][0]['step']}: collapse alarm: {named} below {self.share:.4g} of the "
+                f"layer's assignments for {self.intervals} log intervals in a row")
+
+    def verdict(self) -> dict[str, Any]:
+        """For ``summary.json``: the thresholds, every firing, and the experts dead at the end."""
+        dead = [] if self.streak_LE is None else [np.nonzero(row >= self.intervals)[0].tolist() for row in self.streak_LE]
+        return {"share": self.share, "intervals": self.intervals, "fired": self.fired, "dead_at_end": dead,
+                "collapsed": any(dead)}
 
 
 class NullLog:

@@ -59,12 +59,13 @@ import torch.distributed as dist
 from launch.config import Config, TrainConfig, to_dict
 from launch.data import TokenStream, ensure_dataset, load_split
 from launch.memory import memory_kind, peak_memory_per_rank
-from launch.metrics import METRICS_FILE, MetricsLog, NullLog, read_metrics, to_json, truncate_after
+from launch.metrics import METRICS_FILE, CollapseAlarm, MetricsLog, NullLog, read_metrics, to_json, truncate_after
 from launch.plots import plot_expert_load, plot_loss_curve
 from launch.rank import NonFiniteStop
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
 from moe.model import Transformer
+from moe.noisy_router import set_noise_step
 from moe.recompute import apply_recompute
 from parallel.checkpoint import (
     CheckpointError,
@@ -78,7 +79,7 @@ from parallel.checkpoint import (
 from parallel.engine import OptimSettings
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.simulator.routing import RoutingRecorder, truncate_routing
-from parallel.tensor_parallel import apply_tensor_parallel
+from parallel.tensor_parallel import apply_tensor_parallel, check_whole_sequences
 from parallel.local_engine import LocalEngine
 from parallel.reduce import mean_over, sum_over
 from parallel.topology import BatchShape, Topology
@@ -93,7 +94,7 @@ RESUMABLE_KEYS = frozenset({
     "train.steps", "train.micro_batch_size", "train.device", "train.log_every", "train.eval_every",
     "train.ckpt_every", "train.keep_checkpoints", "train.run_dir", "train.resume", "train.peak_tflops",
     "train.record_routing", "train.max_nonfinite_steps", "train.recompute", "train.recompute_layers",
-    "data.path", "data.cache_dir",
+    "train.collapse_share", "train.collapse_intervals", "data.path", "data.cache_dir",
 })
 RESUMABLE_SECTIONS = ("launch",)
 LAYOUT_SECTION = "parallel"
@@ -135,6 +136,7 @@ def check_layout(cfg: Config) -> Topology:
     batch = BatchShape(cfg.train.batch_size, cfg.train.micro_batch_size or per_rank)
     topology = Topology.build(cfg.parallel, cfg.model, cfg.moe, batch, world_size=cfg.parallel.world_size)
     check_recompute_layers(cfg.train, topology, cfg.model.n_layers)
+    check_whole_sequences(cfg.moe, cfg.parallel.tp, batch.micro_batch)
     p = cfg.parallel
     if p.engine == "deepspeed":
         if p.is_single_process:
@@ -440,6 +442,8 @@ class Run:
         n_moe, n_exp = self.n_moe_layers, cfg.moe.num_experts
         self.tail_start = cfg.train.steps - max(1, cfg.train.steps // 10)
         self.tail_load = LoadTracker.zeros(n_moe, n_exp)
+        # The live collapse alarm over the log intervals (launch.metrics.CollapseAlarm).
+        self.alarm = CollapseAlarm(cfg.train.collapse_share or 1.0 / (4 * n_exp), cfg.train.collapse_intervals)
         self.step = 0
         self.best_val = math.inf
         self.nonfinite_steps = 0  # skipped so far (train.max_nonfinite_steps), kept in checkpoints
@@ -638,6 +642,8 @@ class Run:
         the engine averages over data-parallel ranks: the update is the global-batch one.
         """
         lr = lr_at(self.step, self.tcfg)
+        # Noisy top-k draws its noise per (step, sequence): the same in every layout and pass.
+        set_noise_step((layer.router for chunk in self.chunks for layer in chunk.moe_layers()), self.step)
         micro = self._micro_batches()
         load_LE = self._global_load(micro)
         n_micro = len(micro)
@@ -830,6 +836,11 @@ class Run:
             final = self.step == tcfg.steps
             if self.step % tcfg.log_every == 0 or final or stop:
                 record = self._train_record(interval, load)
+                if load.counts_LE.numel():
+                    record["collapse"] = self.alarm.update(self.step, load.shares_LE())
+                    alarm = self.alarm.message(record["collapse"])
+                    if alarm and self.info.is_main:
+                        tqdm.write(alarm)
                 log.write(record)
                 if record["lm_loss"] is not None:  # None when every step of the interval was skipped
                     postfix.update(loss=f"{record['lm_loss']:.3f}")
@@ -914,7 +925,7 @@ class Run:
         counts = param_counts(self.cfg.model, self.cfg.moe)
         shares_LE = self.tail_load.shares_LE()
         n_exp = self.cfg.moe.num_experts
-        threshold = 1.0 / (4 * n_exp)
+        threshold = self.alarm.share
         tokens_per_s = train_tokens / max(train_seconds, 1e-9)
         outputs = {
             "metrics": "metrics.jsonl",
@@ -955,6 +966,7 @@ class Run:
                 "collapse_threshold": threshold,
                 "collapsed": bool(shares_LE.size and shares_LE.min() < threshold),
             },
+            "collapse_alarm": self.alarm.verdict(),
             "outputs": outputs,
         }
         write_atomic_text(self.run_dir / "summary.json", to_json(summary, indent=2))

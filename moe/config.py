@@ -132,7 +132,7 @@ class MoEConfig:
 
     num_experts: int = 8
     top_k: int = 2
-    router: Literal["topk", "sinkhorn", "hash"] = "topk"
+    router: Literal["topk", "sinkhorn", "hash", "expert_choice", "noisy_topk"] = "topk"
     capacity_factor: float | None = None
     drop_policy: Literal["position", "probability"] = "position"
     normalize_weights: bool = True
@@ -150,6 +150,9 @@ class MoEConfig:
     n_groups: int = 1
     topk_groups: int | None = None
     granularity: int = 1
+    expert_choice_scope: Literal["sequence", "micro_batch"] = "sequence"
+    importance_loss_coeff: float = 0.0
+    load_loss_coeff: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
@@ -190,6 +193,7 @@ class MoEConfig:
             "must be >= 0",
         )
         self._check_routing_menu()
+        self._check_expert_choice_and_noisy()
 
     def _check_routing_menu(self) -> None:
         """Sigmoid scores, bias balancing, group-limited routing and fine-grained experts."""
@@ -232,6 +236,40 @@ class MoEConfig:
             "experts of width expert_ffn_dim/granularity",
         )
         self._check_groups()
+
+    def _check_expert_choice_and_noisy(self) -> None:
+        """Expert-choice routing (``moe.expert_choice_router``) and noisy top-k gating with
+        its importance and load losses (``moe.noisy_router``)."""
+        require(
+            self.router != "expert_choice" or self.capacity_factor is not None,
+            "moe.capacity_factor",
+            self.capacity_factor,
+            "moe.router=expert_choice needs a capacity factor: each expert takes its top "
+            "ceil(capacity_factor*T*top_k/num_experts) tokens (Zhou et al. 2022: 2.0)",
+        )
+        require(
+            self.router != "expert_choice" or self.aux_loss_coeff == 0,
+            "moe.aux_loss_coeff",
+            self.aux_loss_coeff,
+            "moe.router=expert_choice balances by construction (every expert takes the same number of tokens): "
+            "set moe.aux_loss_coeff=0",
+        )
+        require(
+            self.router != "noisy_topk" or self.top_k < self.num_experts,
+            "moe.top_k",
+            self.top_k,
+            f"moe.router=noisy_topk needs moe.top_k < moe.num_experts={self.num_experts}: with every expert "
+            "chosen the noise changes nothing and the load estimate is undefined",
+        )
+        for key in ("importance_loss_coeff", "load_loss_coeff"):
+            value = getattr(self, key)
+            require(value >= 0, f"moe.{key}", value, "must be >= 0 (Shazeer et al. 2017: 0.1)")
+            require(
+                value == 0 or self.router == "noisy_topk",
+                f"moe.{key}",
+                value,
+                f"is a loss of moe.router=noisy_topk (moe.router={self.router!r}); set it to 0 or the router to noisy_topk",
+            )
 
     def _check_groups(self) -> None:
         """Groups are over the ``routed_experts`` fine-grained experts (see ``fine_grained``)."""

@@ -6,7 +6,10 @@ N expert-sorted rows, V vocabulary.
 The router is learned from the hidden states (``moe.router: topk``, softmax top-k, or
 ``sinkhorn``, a balanced assignment in training) or a fixed hash of the token ids
 (``moe.router: hash``, from ``ids_BS``, which the model hands to every MoE layer; no aux
-or z-loss, as there is no gate to train).
+or z-loss, as there is no gate to train). ``expert_choice`` (``moe.expert_choice_router``:
+experts take tokens; not causal over a sequence) and ``noisy_topk``
+(``moe.noisy_router``: Shazeer et al. 2017, with its importance and load losses added to
+the aux loss) complete the menu.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from torch import nn
 from moe.capacity import expert_capacity, keep_mask
 from moe.config import MoEConfig
 from moe.dispatcher import LocalDispatcher
+from moe.expert_choice_router import ExpertChoiceRouter, ExpertChoiceRouting
 from moe.experts import GroupedExperts
 from moe.kernels._triton import Impl
 from moe.losses import load_balancing_loss_from_stats, router_z_loss_from_stats, sequence_load_balancing_loss
+from moe.losses import importance_loss, load_loss
+from moe.noisy_router import NoisyRouting, NoisyTopKRouter
 from moe.hash_router import HashRouter
 from moe.router import Routing
 from moe.mlp import MLP
@@ -72,8 +78,14 @@ class MoELayer(nn.Module):
         super().__init__()
         cfg = cfg.fine_grained()  # moe.granularity G: E·G experts of width F/G, K·G per token
         self.cfg = cfg
-        self.router: TopKRouter | HashRouter
-        if cfg.router == "hash":
+        self.router: TopKRouter | HashRouter | NoisyTopKRouter
+        if cfg.router == "expert_choice":
+            assert cfg.capacity_factor is not None  # MoEConfig requires it for expert choice
+            self.router = ExpertChoiceRouter(dim, cfg.num_experts, cfg.top_k, cfg.capacity_factor,
+                                             cfg.expert_choice_scope, cfg.jitter_eps)
+        elif cfg.router == "noisy_topk":
+            self.router = NoisyTopKRouter(dim, cfg.num_experts, cfg.top_k)
+        elif cfg.router == "hash":
             if vocab_size is None:
                 raise ValueError("moe.router='hash' maps token ids to experts: MoELayer needs vocab_size")
             self.router = HashRouter(vocab_size, cfg.num_experts, cfg.top_k)
@@ -124,7 +136,11 @@ class MoELayer(nn.Module):
         global_load_E = load_E if self.cfg.aux_loss_scope == "global_batch" else None
         return load_balancing_loss_from_stats(routing.prob_sum_E, routing.counts_E, num_tokens, top_k, coeff, global_load_E)
 
-    def _route(self, x_TD: torch.Tensor, ids_BS: torch.Tensor | None, impl: Impl) -> Routing:
+    def _route(self, x_TD: torch.Tensor, ids_BS: torch.Tensor | None, impl: Impl, batch: int) -> Routing:
+        if isinstance(self.router, ExpertChoiceRouter):
+            return self.router.choose(x_TD.view(batch, -1, x_TD.shape[1]))
+        if isinstance(self.router, NoisyTopKRouter):
+            return self.router(x_TD, ids_BS)
         if isinstance(self.router, TopKRouter):
             return self.router(x_TD, impl)
         if ids_BS is None:
@@ -138,7 +154,20 @@ class MoELayer(nn.Module):
             return zero, zero
         num_tokens = routing.experts_TK.shape[0]
         z_loss = router_z_loss_from_stats(routing.lse_sq_sum, num_tokens, self.cfg.z_loss_coeff)
-        return self._aux_loss(routing, batch, load_E), z_loss
+        aux_loss = self._aux_loss(routing, batch, load_E)
+        if isinstance(routing, NoisyRouting):  # Shazeer et al.'s losses, beside the Switch aux loss
+            aux_loss = aux_loss + importance_loss(routing.gate_sum_E, self.cfg.importance_loss_coeff)
+            aux_loss = aux_loss + load_loss(routing.load_E, self.cfg.load_loss_coeff)
+        return aux_loss, z_loss
+
+    @staticmethod
+    def _dropped_fraction(routing: Routing, keep_TK: torch.Tensor | None) -> torch.Tensor:
+        """The assignments capacity dropped; under expert choice the tokens no expert took."""
+        if keep_TK is None:
+            return torch.zeros((), device=routing.logits_TE.device)
+        if isinstance(routing, ExpertChoiceRouting):
+            return 1.0 - keep_TK.any(dim=1).float().mean()
+        return 1.0 - keep_TK.float().mean().detach()
 
     def forward(
         self, x_BSD: torch.Tensor, load_E: torch.Tensor | None = None, ids_BS: torch.Tensor | None = None
@@ -148,9 +177,12 @@ class MoELayer(nn.Module):
         batch, seq, dim = x_BSD.shape
         x_TD = x_BSD.reshape(batch * seq, dim)
         impl = self._impl(x_TD)
-        routing = self._route(x_TD, ids_BS, impl)
-        capacity = self.capacity(x_TD.shape[0])
-        keep_TK = self._keep(routing.experts_TK, routing.weights_TK, capacity)
+        routing = self._route(x_TD, ids_BS, impl, batch)
+        if isinstance(routing, ExpertChoiceRouting):  # E slots per token, kept where an expert took it
+            capacity, keep_TK = routing.capacity, routing.keep_TK
+        else:
+            capacity = self.capacity(x_TD.shape[0])
+            keep_TK = self._keep(routing.experts_TK, routing.weights_TK, capacity)
 
         x_ND, plan = self.dispatcher.permute(x_TD, routing.experts_TK, keep_TK, capacity, impl)
         y_ND = self.experts(x_ND, plan.tokens_per_expert_E)
@@ -163,10 +195,6 @@ class MoELayer(nn.Module):
             aux_loss=aux_loss,
             z_loss=z_loss,
             tokens_per_expert_E=routing.counts_E.detach(),
-            dropped_fraction=(
-                torch.zeros((), device=x_TD.device)
-                if keep_TK is None
-                else 1.0 - keep_TK.float().mean().detach()
-            ),
+            dropped_fraction=self._dropped_fraction(routing, keep_TK),
         )
         return y_TD.reshape(batch, seq, dim), stats

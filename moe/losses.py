@@ -79,3 +79,24 @@ def router_z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:
 def router_z_loss_from_stats(lse_sq_sum: torch.Tensor, num_tokens: int, coeff: float) -> torch.Tensor:
     """``router_z_loss`` from the gating pass's ``sum_t logsumexp(logits_t)^2``."""
     return coeff * lse_sq_sum / max(num_tokens, 1)
+
+
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """The squared coefficient of variation ``Var(x) / mean(x)^2`` (population variance),
+    0 for a single expert; ``1e-10`` in the denominator keeps an all-zero ``x`` finite, as in
+    Shazeer et al.'s tensor2tensor ``cv_squared``."""
+    if x_E.numel() < 2:
+        return x_E.new_zeros(())
+    return x_E.var(unbiased=False) / (x_E.mean().square() + 1e-10)
+
+
+def importance_loss(gate_sum_E: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Shazeer et al. 2017's importance loss ``w_imp · CV(sum_x G(x))^2`` over this forward's
+    tokens; ``gate_sum_E`` is the gates summed over tokens (zero where not chosen)."""
+    return coeff * cv_squared(gate_sum_E)
+
+
+def load_loss(load_E: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Shazeer et al. 2017's load loss ``w_load · CV(sum_x P(x, ·))^2`` over this forward's
+    tokens; ``load_E`` is the smooth load estimate (``moe.noisy_router.smooth_load``)."""
+    return coeff * cv_squared(load_E)

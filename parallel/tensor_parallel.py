@@ -76,6 +76,11 @@ are summed over tp. Capacity is per source rank, as under expert parallelism:
 the layer drops what one process applying it to each rank's tokens separately drops.
 Router jitter draws each rank's noise for its own tokens, so with ``moe.jitter_eps > 0`` TP
 (like DP) routes differently from one process.
+
+Routers that need whole sequences (expert choice over a sequence, which chooses among a
+sequence's tokens; noisy top-k, whose noise is seeded by the sequence): a TP rank must hold
+whole sequences, i.e. tp must divide the micro-batch (:func:`check_whole_sequences`, run
+before training). Then each rank routes its sequences exactly as one process does.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moe.config import ConfigError, MoEConfig
 from moe.layer import MoELayer, MoEStats
 from moe.losses import load_balancing_loss_from_stats
 from moe.model import Transformer
@@ -108,6 +114,20 @@ def local_shape(batch: int, seq: int, tp: int) -> tuple[int, int]:
     if (batch * seq) % tp:
         raise ValueError(f"a micro-batch of {batch}x{seq} = {batch * seq} tokens does not split over tp={tp}")
     return (batch // tp, seq) if batch % tp == 0 else (1, batch * seq // tp)
+
+
+def check_whole_sequences(moe: MoEConfig, tp: int, micro_batch: int) -> None:
+    """Refuse a TP layout that splits sequences when the router needs them whole (see the
+    module docstring); ``micro_batch``: sequences per forward of one data-parallel rank."""
+    if tp == 1 or micro_batch % tp == 0:
+        return
+    why = ("moe.router=noisy_topk seeds its noise by whole sequences" if moe.router == "noisy_topk"
+           else "moe.router=expert_choice with moe.expert_choice_scope=sequence chooses among a sequence's tokens")
+    if moe.router == "noisy_topk" or (moe.router == "expert_choice" and moe.expert_choice_scope == "sequence"):
+        raise ConfigError(
+            f"parallel.tp={tp} with micro-batches of {micro_batch} sequence(s): {why}, and tensor parallelism would "
+            f"split sequences over the TP ranks; make train.micro_batch_size a multiple of parallel.tp={tp}"
+        )
 
 
 class TokenSplit:
@@ -307,6 +327,7 @@ class TensorParallelMoELayer(MoELayer):
         if not self.sequence_parallel:
             self.token_split.shape = (x_BSD.shape[0], x_BSD.shape[1])
         batch, seq = self.token_split.micro_batch()
+        check_whole_sequences(self.cfg, size, batch)
         rows, cols = self.token_split.local()
         x_bsD = x_BSD
         if not self.sequence_parallel:
