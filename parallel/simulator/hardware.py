@@ -18,6 +18,15 @@ times and the early ones wait (on a shared CPU a waiting rank also has to be wok
 ``sync_wait_oversubscribed_s``: the same with more ranks than cores (CPU), where a peer may
 be descheduled when the collective starts. ``moe simulate calibrate`` measures both.
 
+GPU clusters (``parallel.simulator.cluster``, optional for a CPU): ``memory_efficiency``
+(the share of ``memory_bandwidth`` fused elementwise kernels reach), ``reserved_bytes`` (per
+device: CUDA context, NCCL and dispatcher buffers, cuBLAS workspaces), ``fragmentation``
+(the caching allocator's unusable share on top of activations), and ``dispatchers``: per
+token-dispatcher profile (``alltoall``: NCCL all-to-all; ``deepep``: DeepEP-class kernels)
+the bandwidth per GPU its many-peer all-to-all reaches within a node
+(``intra_node_bandwidth``) and across nodes (``inter_node_bandwidth``), and its per-call
+``latency_s``.
+
 ``cores`` is set only for a CPU "device" (``kind: cpu``): every rank of a CPU emulation
 runs on the same cores, so ranks share them (see ``predict.rank_compute_share``).
 """
@@ -25,7 +34,7 @@ runs on the same cores, so ranks share them (see ``predict.rank_compute_share``)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,19 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Dispatcher:
+    """A token dispatcher's many-peer all-to-all: bytes/s per GPU within a node and across
+    nodes, and seconds per call."""
+
+    intra_node_bandwidth: float
+    inter_node_bandwidth: float
+    latency_s: float
+    node_dedup: bool = False  # a token crosses to a node once, then NVLink forwards it (DeepEP)
+    compute_share: float = 1.0  # share of the GPU's compute left to kernels overlapped with it (SMs it takes)
+    sync_s: float = 0.0  # GPU idle time per dispatch: the host waits for the token counts, then launches the rest
+
+
+@dataclass(frozen=True)
 class Hardware:
     """One cluster description; see the module docstring for the fields' meaning."""
 
@@ -69,6 +91,10 @@ class Hardware:
     collective_efficiency: dict[str, float] = field(default_factory=dict)
     sync_wait_s: float = 0.0
     sync_wait_oversubscribed_s: float = 0.0
+    memory_efficiency: float = 0.0
+    reserved_bytes: float = 0.0
+    fragmentation: float = 0.0
+    dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
 
     def sync_wait(self, world: int) -> float:
         """Seconds one blocking collective call waits for its peers (see the module doc)."""
@@ -157,7 +183,45 @@ def parse_hardware(raw: Any, where: str) -> Hardware:
         collective_efficiency=collective_of,
         sync_wait_s=_optional_number(raw, "sync_wait_s", where),
         sync_wait_oversubscribed_s=_optional_number(raw, "sync_wait_oversubscribed_s", where),
+        memory_efficiency=_optional_share(raw, "memory_efficiency", where),
+        reserved_bytes=_optional_number(raw, "reserved_bytes", where),
+        fragmentation=_optional_number(raw, "fragmentation", where),
+        dispatchers=_dispatchers(raw, where),
     )
+
+
+def _optional_share(raw: dict[str, Any], key: str, where: str) -> float:
+    """A share in (0, 1] that may be absent (0: not given)."""
+    if key not in raw:
+        return 0.0
+    value = _number(raw, key, where)
+    if value > 1:
+        raise ConfigError(f"{where}: {key}={value} is a share and must be in (0, 1]")
+    return value
+
+
+def _dispatchers(raw: dict[str, Any], where: str) -> dict[str, Dispatcher]:
+    """The optional ``dispatchers`` mapping: name -> {intra_node_bandwidth, inter_node_bandwidth, latency_s}."""
+    section = raw.get("dispatchers", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where}: dispatchers must map profile names to "
+                          "{intra_node_bandwidth, inter_node_bandwidth, latency_s[, node_dedup, compute_share, sync_s]}")
+    out = {}
+    for name, profile in section.items():
+        at = f"{where}: dispatchers.{name}"
+        if not isinstance(profile, dict):
+            raise ConfigError(f"{at} must be a mapping with intra_node_bandwidth, inter_node_bandwidth, latency_s")
+        unknown = sorted(set(profile) - {f.name for f in fields(Dispatcher)})
+        if unknown:
+            raise ConfigError(f"{at}: unknown field(s) {unknown}; allowed: {[f.name for f in fields(Dispatcher)]}")
+        dedup = profile.get("node_dedup", False)
+        if not isinstance(dedup, bool):
+            raise ConfigError(f"{at}: node_dedup={dedup!r} must be true or false")
+        share = _optional_share(profile, "compute_share", at) or 1.0
+        out[str(name)] = Dispatcher(_number(profile, "intra_node_bandwidth", at), _number(profile, "inter_node_bandwidth", at),
+                                    _number(profile, "latency_s", at, strict=False), dedup, share,
+                                    _optional_number(profile, "sync_s", at))
+    return out
 
 
 def _optional_number(raw: dict[str, Any], key: str, where: str) -> float:
@@ -197,9 +261,11 @@ def hardware_dict(hw: Hardware) -> dict[str, Any]:
     for f in fields(Hardware):
         value = getattr(hw, f.name)
         out[f.name] = {"bandwidth": value.bandwidth, "latency_s": value.latency_s} if isinstance(value, Link) else value
+    out["dispatchers"] = {name: asdict(d) for name, d in hw.dispatchers.items()}
     if hw.kind != "cpu":
         out.pop("cores")
-    for key in ("kernel_efficiency", "collective_efficiency", "sync_wait_s", "sync_wait_oversubscribed_s"):
+    for key in ("kernel_efficiency", "collective_efficiency", "sync_wait_s", "sync_wait_oversubscribed_s",
+                "memory_efficiency", "reserved_bytes", "fragmentation", "dispatchers"):
         if not out[key]:
             out.pop(key)
     return out
