@@ -100,7 +100,9 @@ class SweepConfig:
     the non-embedding active parameters (resp. training FLOPs per token) of its dense
     baseline: the same config with one expert, top-1, learned router (a one-expert MoE layer
     computes exactly the dense MLP). For top-1 that narrows the experts by about E/2 to pay
-    for the router; with top-k it divides the width by about k.
+    for the router; with top-k it divides the width by about k. A ``moe.granularity`` axis
+    (fine-grained experts) is held against the same coarse dense baseline, the width a
+    multiple of G; its routers (E·G·D) cost it a slightly narrower width.
     """
 
     base: str
@@ -239,18 +241,24 @@ def _to_overrides(flat: dict[str, Any]) -> list[str]:
 
 def _held_ffn_dim(cfg: Config, hold: Hold) -> int:
     """The ``moe.expert_ffn_dim`` that matches the trial's dense baseline (one expert,
-    top-1, learned router) in active non-embedding params or FLOPs/token. Both are
-    affine in the width, so two evaluations give the exact solution; rounded."""
+    top-1, learned router, coarse: granularity 1) in active non-embedding params or
+    FLOPs/token. Both are affine in the width, so two evaluations give the exact solution;
+    rounded to a multiple of ``moe.granularity`` G (the width of each of the G fine-grained
+    experts is ``expert_ffn_dim / G``). A granularity axis then holds the budget too: at
+    equal width the fine-grained trial pays only for its router's ``E·G·D`` weights."""
     def metric(moe: MoEConfig) -> float:
         if hold == "active_params":
             return float(param_counts(cfg.model, moe).non_embedding_active)
         return train_flops_per_token(cfg.model, moe)
 
-    dense = dataclasses.replace(cfg.moe, num_experts=1, top_k=1, router="topk", normalize_weights=False)
+    g = cfg.moe.granularity
+    dense = dataclasses.replace(cfg.moe, num_experts=1, top_k=1, router="topk", normalize_weights=False, granularity=1,
+                                score="softmax", routed_scaling_factor=1.0, expert_bias_update_rate=0.0, n_groups=1,
+                                topk_groups=None)
     width = cfg.moe.expert_ffn_dim
     at_w = metric(cfg.moe)
-    slope = metric(dataclasses.replace(cfg.moe, expert_ffn_dim=width + 1)) - at_w
-    return round(width + (metric(dense) - at_w) / slope)
+    slope = (metric(dataclasses.replace(cfg.moe, expert_ffn_dim=width + g)) - at_w) / g
+    return g * round((width + (metric(dense) - at_w) / slope) / g)
 
 
 def _trial_key(flat: dict[str, Any]) -> str:

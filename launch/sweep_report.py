@@ -13,6 +13,10 @@ is ``learned`` (``topk`` or ``sinkhorn``: a sweep may pick the router per E, one
 router per (base, E)), ``hash`` (top-1, Clark et al.'s baseline) or ``hash-topK`` (Roller et
 al.'s multi-hash with K experts per token, the same expert widths as learned top-K). Only
 learned-router trials enter the fit; each hash routing is compared with them at equal (base, E).
+A granularity axis (``moe.granularity`` G > 1, fine-grained experts: E·G experts of width
+F/G, K·G per token) gives the routing ``learned-gG``: not in the fit, which is Clark et al.'s
+law in E at G = 1, but compared with coarse learned routing at equal (base, E), where total
+and active parameters are equal (``moe.accounting``).
 
 Legend: rows are dicts, one per finished trial.
 """
@@ -35,7 +39,8 @@ from launch.scaling_fit import COEFFS, ExpertLaw, fit_power_law, fit_with_uncert
 from moe.config import ConfigError
 
 NOT_SIZE = {
-    "moe.num_experts", "moe.router", "moe.top_k", "moe.normalize_weights", "train.seed", "train.steps", "moe.expert_ffn_dim"
+    "moe.num_experts", "moe.router", "moe.top_k", "moe.normalize_weights", "train.seed", "train.steps", "moe.expert_ffn_dim",
+    "moe.granularity",
 }
 
 
@@ -65,6 +70,7 @@ def _read_row(trial_dir: Path, summary_path: Path) -> dict[str, Any]:
         "experts": cfg["moe"]["num_experts"],
         "router": cfg["moe"]["router"],
         "top_k": cfg["moe"]["top_k"],
+        "granularity": cfg["moe"].get("granularity", 1),  # trials run before fine-grained experts: 1
         "expert_ffn_dim": cfg["moe"]["expert_ffn_dim"],
         "seed": cfg["train"]["seed"],
         "params_total": params["total"],
@@ -84,10 +90,11 @@ def _read_row(trial_dir: Path, summary_path: Path) -> dict[str, Any]:
     }
 
 
-def routing_of(router: str, top_k: int) -> str:
-    """``learned`` for any learned router; ``hash`` (top-1) or ``hash-topK`` for hash routing."""
+def routing_of(router: str, top_k: int, granularity: int = 1) -> str:
+    """``learned`` for any learned router (``learned-gG`` with fine-grained experts,
+    granularity G > 1); ``hash`` (top-1) or ``hash-topK`` for hash routing."""
     if router != "hash":
-        return "learned"
+        return "learned" if granularity == 1 else f"learned-g{granularity}"
     return "hash" if top_k == 1 else f"hash-top{top_k}"
 
 
@@ -98,7 +105,7 @@ def collect(out_dir: Path) -> list[dict[str, Any]]:
     varying = [k for k in size_keys if len({json.dumps(r["overrides"].get(k)) for r in rows}) > 1]
     for r in rows:
         r["base"] = ", ".join(f"{k}={r['overrides'].get(k)}" for k in varying) or "base"
-        r["routing"] = routing_of(r["router"], r["top_k"])
+        r["routing"] = routing_of(r["router"], r["top_k"], r["granularity"])
     _check_one_learned_router(rows)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -115,13 +122,13 @@ def collect(out_dir: Path) -> list[dict[str, Any]]:
 def _check_one_learned_router(rows: list[dict[str, Any]]) -> None:
     """Learned routers are one line per base size: two of them at one (base, E) would be
     averaged together as if they were seeds."""
-    routers: dict[tuple[str, int], set[str]] = defaultdict(set)
+    routers: dict[tuple[str, int, str], set[str]] = defaultdict(set)
     for r in rows:
-        if r["routing"] == "learned":
-            routers[(r["base"], r["experts"])].add(r["router"])
+        if r["routing"].startswith("learned"):
+            routers[(r["base"], r["experts"], r["routing"])].add(r["router"])
     clash = {k: sorted(v) for k, v in routers.items() if len(v) > 1}
     if clash:
-        (base, e), names = next(iter(clash.items()))
+        (base, e, _), names = next(iter(clash.items()))
         raise ConfigError(
             f"base size '{base}', E={e} has trials of the learned routers {names}: a report compares "
             "one learned router with hash routing; put each learned router in its own sweep (out_dir)"
@@ -207,14 +214,14 @@ def write_results_table(out_dir: Path) -> int:
 
 def _write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     lines = [
-        "| trial | base size | router | E | seed | params total (non-emb) | active (non-emb) | embedding "
+        "| trial | base size | router | E | G | seed | params total (non-emb) | active (non-emb) | embedding "
         "| FLOPs/token | tokens | final val loss | best val loss | tokens/s | expert share min-max |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         share = f"{_fmt(r['load_min_share'], 3)}-{_fmt(r['load_max_share'], 3)}"
         lines.append(
-            f"| {r['key']} | {r['base']} | {r['router']} | {r['experts']} | {r['seed']} | "
+            f"| {r['key']} | {r['base']} | {r['router']} | {r['experts']} | {r['granularity']} | {r['seed']} | "
             f"{_si(r['params_non_embedding_total'])} | {_si(r['params_non_embedding_active'])} | "
             f"{_si(r['params_embedding'])} | {_si(r['flops_per_token'])} | {_si(r['tokens_seen'])} | "
             f"{_fmt(r['final_val_loss'])} | {_fmt(r['best_val_loss'])} | {r['tokens_per_s']:.0f} | {share} |"
@@ -266,10 +273,14 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
             "monotone": all(d > 0 for d in drops),
             "beyond_noise": None if sigma is None else all(d > 2 * sigma for d in drops),
         }
-    versus = []
+    versus, fine = [], []
     for (n, routing, e), (loss, _) in sorted(means.items()):
         if routing != "learned" and (n, "learned", e) in means:
-            versus.append({"N": n, "experts": e, "routing": routing, "learned": means[(n, "learned", e)][0], "hash": loss})
+            pair = {"N": n, "experts": e, "routing": routing, "learned": means[(n, "learned", e)][0]}
+            if routing.startswith("learned-g"):
+                fine.append({**pair, "fine_grained": loss})
+            else:
+                versus.append({**pair, "hash": loss})
     big = [v for v in versus if v["experts"] >= 8]
     by_routing = {}
     for routing in sorted({v["routing"] for v in big}):
@@ -285,6 +296,7 @@ def checks(rows: list[dict[str, Any]], loss_key: str, sigma: float | None, b: fl
         "learned_beats_hash_at_E_ge_8": all(t["all"] for t in by_routing.values()) if by_routing else None,
         "learned_beats_hash_at_E_ge_8_by_routing": by_routing,
         "learned_vs_hash_equal_total_params": matched,
+        "fine_grained_vs_coarse": fine,
     }
 
 
@@ -302,7 +314,7 @@ def equal_total_pairs(rows: list[dict[str, Any]], loss_key: str, tolerance: floa
     totals = {(r["N"], r["routing"], r["experts"]): r["params_non_embedding_total"] for r in rows}
     pairs = []
     for (n, routing, e), total in sorted(totals.items()):
-        if routing == "learned":
+        if routing.startswith("learned"):
             continue
         near = [(abs(t / total - 1), ee, t) for (nn, rr, ee), t in totals.items() if nn == n and rr == "learned"]
         if not near or min(near)[0] > tolerance:
@@ -522,6 +534,9 @@ def _markdown(rows: list[dict[str, Any]], analysis: dict[str, Any], plots: list[
         for m in matched:
             out.append(f"  - N={_si(m['N'])}: learned E={m['learned_experts']} ({_si(m['learned_total'])} params) "
                        f"{m['learned']:.4f} vs {m['routing']} E={m['hash_experts']} ({_si(m['hash_total'])}) {m['hash']:.4f}")
+    for v in chk["fine_grained_vs_coarse"]:
+        out.append(f"- fine-grained experts, N={_si(v['N'])} E={v['experts']}: coarse learned {v['learned']:.4f} vs "
+                   f"{v['routing']} {v['fine_grained']:.4f} (equal total and active parameters)")
     walls = sorted(r["wall_seconds"] for r in rows)
     speeds = sorted(r["tokens_per_s"] for r in rows)
     out.append(f"\n## Timing\n\nPer trial, training loop only (summary.json `wall_seconds`, without process start, "

@@ -73,7 +73,13 @@ def _non_embedding(cfg: ModelConfig, moe: MoEConfig, experts_per_moe_layer: int)
 
 
 def param_counts(cfg: ModelConfig, moe: MoEConfig) -> ParamCounts:
-    """Counts as the model in ``moe.model`` holds them (its tests check this equality)."""
+    """Counts as the model in ``moe.model`` holds them (its tests check this equality).
+
+    Fine-grained experts (``moe.granularity`` G) are counted as built: ``E·G`` experts of
+    width F/G, ``K·G`` active, so expert parameters, total and active, do not change with
+    G (an MLP's parameters are linear in its width); only the router grows, to ``E·G·D``.
+    """
+    moe = moe.fine_grained()
     embedding = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
     return ParamCounts(
         embedding=embedding,

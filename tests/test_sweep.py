@@ -300,3 +300,62 @@ def test_hash_top1_and_multi_hash_are_separate_baselines(tmp_path: Path) -> None
     assert pairs == {"hash": 8, "hash-top2": 8}
     report = write_report(out).read_text()
     assert "learned 1.9000 vs hash-top2 1.8500" in report and "against hash-top2: False (learned better at 0 of 1)" in report
+
+
+# -- fine-grained experts (moe.granularity) ------------------------------------------------
+
+
+@pytest.mark.parametrize("hold", ["active_params", "flops_per_token"])
+def test_hold_with_a_granularity_axis(tmp_path: Path, hold: str) -> None:
+    """Fine-grained trials are held against the same coarse dense baseline, their widths a
+    multiple of G; at equal E they are as wide as the coarse trial up to their larger router."""
+    grid = {"moe.num_experts": [1, 4], "moe.granularity": [1, 2, 4]}
+    trials = plan(load_sweep(_sweep_file(tmp_path, hold=hold, grid=grid)))
+    cfgs = {(t.cfg.moe.num_experts, t.cfg.moe.granularity): t.cfg for t in trials}
+    dense = cfgs[(1, 1)]
+
+    def metric(cfg: Any) -> float:
+        if hold == "active_params":
+            return param_counts(cfg.model, cfg.moe).non_embedding_active
+        return train_flops_per_token(cfg.model, cfg.moe)
+
+    width_unit = metric(dense) - metric(type(dense)(**{**dense.__dict__, "moe": type(dense.moe)(
+        **{**dense.moe.__dict__, "expert_ffn_dim": dense.moe.expert_ffn_dim - 1})}))
+    for (e, g), cfg in cfgs.items():
+        assert cfg.moe.expert_ffn_dim % g == 0
+        assert abs(metric(cfg) - metric(dense)) <= g * width_unit / 2, (e, g)
+    widths = [cfgs[(4, g)].moe.expert_ffn_dim for g in (1, 2, 4)]
+    assert widths == sorted(widths, reverse=True) and widths[0] - widths[-1] <= 8  # only the router grows
+
+
+def _fine_grained(out: Path, key: str, granularity: int) -> None:
+    """Turn fake trial ``key`` into a granularity-G one (its override and its config)."""
+    trial_dir = out / "trials" / key
+    trial = json.loads((trial_dir / "trial.json").read_text())
+    trial["overrides"]["moe.granularity"] = granularity
+    (trial_dir / "trial.json").write_text(json.dumps(trial))
+    cfg = yaml.safe_load((trial_dir / "config.yaml").read_text())
+    cfg["moe"]["granularity"] = granularity
+    (trial_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_report_compares_fine_grained_with_coarse_at_equal_experts(tmp_path: Path) -> None:
+    """A granularity axis stays in its base size (same N), is its own routing ``learned-gG``
+    (not averaged with the coarse trials as seeds, not in the fit, not a hash baseline) and
+    is compared with coarse learned routing at equal E, in fit.json, the report and the table."""
+    out = tmp_path / "out"
+    _fake_trial(out, "d1", 32, 20000, 1, "topk", 1, 2.0)
+    _fake_trial(out, "c8", 32, 20000, 8, "topk", 1, 1.90)
+    _fake_trial(out, "f8", 32, 20000, 8, "topk", 1, 1.85)
+    _fine_grained(out, "f8", 4)
+    rows = collect(out)
+    assert {r["key"]: (r["routing"], r["N"], r["granularity"]) for r in rows} == {
+        "d1": ("learned", 20000, 1), "c8": ("learned", 20000, 1), "f8": ("learned-g4", 20000, 4)}
+    chk = analyse(rows, "final_val_loss", delta=1e-3, bootstrap=0)["checks"]
+    assert chk["monotone_in_E"]["20000"]["losses"] == [2.0, 1.90]
+    assert chk["fine_grained_vs_coarse"] == [
+        {"N": 20000, "experts": 8, "routing": "learned-g4", "learned": 1.90, "fine_grained": 1.85}]
+    assert chk["learned_vs_hash"] == [] and chk["learned_vs_hash_equal_total_params"] == []
+    report = write_report(out).read_text()
+    assert "coarse learned 1.9000 vs learned-g4 1.8500" in report
+    assert "| f8 | base | topk | 8 | 4 | 1 |" in (out / "results.md").read_text()
