@@ -3,6 +3,8 @@
     moe simulate CONFIG [section.key=value ...] --cluster configs/hardware/h100-ib.yaml
                  [--steps N] [--no-emulate] [--routing DIR] [--out DIR]
     moe simulate calibrate [--out configs/hardware/this-machine.yaml]
+    moe simulate plan CONFIG [section.key=value ...] --cluster h100-ib --gpus N [--dispatcher NAME]
+                 [--global-batch B] [--top K] [--json FILE]
 
 Emulation runs the layout's W ranks as W processes on this machine's CPU with gloo, each
 running the real training step (``launch.train.Run.train_step``), so its numerics are
@@ -182,7 +184,8 @@ def statistics_median(values: list[float]) -> float:
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="moe simulate", description=__doc__.split("\n\n")[0],
-        epilog="also: moe simulate calibrate [--out FILE]; moe simulate validate CONFIG [k=v ...] --layouts \"dp=1;ep=2\"",
+        epilog="also: moe simulate calibrate [--out FILE]; moe simulate validate CONFIG [k=v ...] --layouts \"dp=1;ep=2\"; "
+        "moe simulate plan CONFIG --gpus N [--cluster HW]",
     )
     parser.add_argument("config", help="a YAML config, or 'calibrate'")
     parser.add_argument("overrides", nargs="*", help="section.key=value; anything that scales the model down is listed")
@@ -439,6 +442,49 @@ def _validate(argv: list[str]) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    """``moe simulate plan``: rank the megatron-core layouts of a model on N GPUs of a cluster
+    (``parallel.simulator.plan``); a table, and the whole ranking as JSON with ``--json``."""
+    from parallel.simulator.plan import plan, plan_table
+
+    parser = argparse.ArgumentParser(prog="moe simulate plan", description=_plan.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--cluster", default="h100-ib", help="a GPU hardware file: a path or a shipped name")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs the layouts use (tp x pp x dp)")
+    parser.add_argument("--global-batch", type=int, default=None, help="sequences per step (default train.batch_size)")
+    parser.add_argument("--dispatcher", default=None, help="one dispatcher profile of the hardware file (default: each)")
+    parser.add_argument("--top", type=int, default=20, help="rows of the table (default %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="write every fitting layout, ranked, to this file")
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top}: give at least 1 row")
+    if args.json is not None:
+        check_output_file(args.json, "--json", "moe simulate plan", _is_plan)
+    hw = _hardware(args.cluster, "--cluster")
+    cfg = load_config(args.config, args.overrides)
+    global_batch = args.global_batch or cfg.train.batch_size
+    if global_batch < 1:
+        raise ConfigError(f"--global-batch {global_batch}: give at least 1 sequence")
+    result = plan(cfg.model, cfg.moe, hw, args.gpus, global_batch, args.dispatcher)
+    print("\n".join(plan_table(result, args.top)))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        temporary = args.json.with_name(args.json.name + ".tmp")
+        temporary.write_text(json.dumps({"plan": result.to_dict()}, indent=1))
+        os.replace(temporary, args.json)
+        print(f"written to {args.json}")
+    return 0
+
+
+def _is_plan(path: Path) -> bool:
+    """Whether ``path`` is a ranking ``plan --json`` wrote (it may be replaced)."""
+    try:
+        return path.read_text(encoding="utf-8").startswith('{\n "plan"')
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def main(argv: list[str]) -> int:
     """``moe simulate ...``; returns the exit status."""
     from parallel.simulator.predict import Layout, predict
@@ -448,6 +494,8 @@ def main(argv: list[str]) -> int:
         return _calibrate(argv[1:])
     if argv[:1] == ["validate"]:
         return _validate(argv[1:])
+    if argv[:1] == ["plan"]:
+        return _plan(argv[1:])
     args = _parse(argv)
     _check_emulation_args(args)
     hw = _hardware(args.cluster, "--cluster")  # a bad hardware file fails before any work

@@ -525,6 +525,11 @@ def stage_memory(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, hw: 
     return mem
 
 
+def peak_memory(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, hw: Hardware) -> float:
+    """The largest per-rank peak over the stages that can hold it (first: most in flight; last: the head)."""
+    return max(stage_memory(model, moe, layout, hw, s).peak for s in sorted({0, layout.pp - 1}))
+
+
 # -- the step ---------------------------------------------------------------------
 
 @dataclass
@@ -572,11 +577,14 @@ def predict_cluster(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, h
     # interleaved 1F1B schedule (or without pipelining) only
     overlap = dispatcher.compute_share if t.overlap_moe_a2a and (t.pp == 1 or t.vpp > 1) else None
     worst: tuple[float, dict[str, float]] = (-1.0, {})
-    memories = [stage_memory(model, moe, t, hw, s) for s in range(t.pp)]
-    stage_times = [stage_micro_time(model, moe, t, hw, dispatcher, s) for s in range(t.pp)]
+    # Stages 0 and 1 hold the most layers (the split gives the remainder to the first
+    # chunks) and stage 0 the most micro-batches in flight; the last holds the head.
+    stages = sorted({0, min(1, t.pp - 1), t.pp - 1})
+    memories = [stage_memory(model, moe, t, hw, s) for s in stages]
+    stage_times = [stage_micro_time(model, moe, t, hw, dispatcher, s) for s in stages]
     t_micro = max(st.total(overlap) for st in stage_times)
     bubble = (t.pp - 1) * t_micro / t.vpp
-    for s, st in enumerate(stage_times):
+    for s, st in zip(stages, stage_times):
         grads, params = data_parallel_time(model, moe, t, hw, s)
         backward = (st.compute + st.tp_comm) * 2 / 3
         forward = (st.compute + st.tp_comm) / 3
