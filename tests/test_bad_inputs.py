@@ -148,6 +148,15 @@ ROWS = (
     row("check-layouts-zero-steps", f"check-layouts {TINY} --layouts dp=1;dp=2 --steps 0", 2, "--steps 0: must be >= 1"),
     row("check-layouts-unknown-key", f"check-layouts {TINY} --layouts dp=1;sequence_paralel=true", 2,
         "(did you mean 'sequence_parallel'?)"),
+    # moe simulate plan (the GPU cluster model)
+    row("plan-gpus-no-layout", "simulate plan {configs}/qwen3-235b-a22b.yaml --gpus 255", 2,
+        "--gpus 255: no layout of this model uses 255 GPUs"),
+    row("plan-unknown-dispatcher", "simulate plan {configs}/qwen3-30b-a3b.yaml --gpus 16 --dispatcher hybridep", 2,
+        "dispatcher 'hybridep' is not a profile of hardware 'h100-ib'; known: ['alltoall', 'deepep']"),
+    row("plan-hardware-missing-field", "simulate plan {configs}/qwen3-30b-a3b.yaml --gpus 16 --cluster {fx}/hw-no-dispatchers.yaml",
+        2, "missing field 'dispatchers' (the all-to-all profiles) that the cluster model needs"),
+    row("plan-cpu-cluster", "simulate plan {configs}/qwen3-30b-a3b.yaml --gpus 2 --cluster this-machine", 2,
+        "is kind cpu; the cluster model predicts GPU clusters"),
 )
 
 
@@ -197,6 +206,7 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "hw-garbage.yaml").write_text("kind: gpu\n  bad: [\n")
     (fx / "hw-dup.yaml").write_text(hardware + "\nkind: cpu\n")
     (fx / "hw-nan.yaml").write_text(hardware.replace("matmul_efficiency:", "matmul_efficiency: .nan #", 1))
+    (fx / "hw-no-dispatchers.yaml").write_text(hardware.split("\ndispatchers:")[0] + "\n")
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:

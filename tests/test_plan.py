@@ -1,0 +1,160 @@
+"""The GPU cluster model's pieces (parallel/simulator/cluster.py) against hand-computed
+values, and ``moe simulate plan`` (parallel/simulator/plan.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from launch.config import load_config
+from moe.config import ConfigError
+from parallel.simulator.cluster import (
+    ClusterLayout, all_to_all_time, dp_group, edp_group, ep_group, gemm_time, group_split, in_flight, predict_cluster,
+    remote_node_share, stage_layers, stage_memory, tp_group,
+)
+from parallel.simulator.hardware import load_hardware, parse_hardware
+from parallel.simulator.plan import plan
+
+ROOT = Path(__file__).resolve().parent.parent
+H100 = load_hardware(ROOT / "configs" / "hardware" / "h100-ib.yaml")
+QWEN = load_config(ROOT / "configs" / "qwen3-235b-a22b.yaml")
+SMALL = load_config(ROOT / "configs" / "qwen3-30b-a3b.yaml")
+
+
+def test_placement_follows_megatron_core_order() -> None:
+    """tp innermost, then dp (dense) / ep then edp (experts), pp outermost: with tp=2 ep=32
+    the EP group is 32 consecutive ranks over 4 nodes, the DP group strides by tp."""
+    layout = ClusterLayout(tp=2, pp=8, ep=32, dp=16)
+    assert tp_group(layout) == [0, 1]
+    assert ep_group(layout) == list(range(32))
+    assert dp_group(layout) == list(range(0, 32, 2))
+    assert edp_group(layout) == [0]
+    assert group_split(H100, ep_group(layout)) == (7, 24)  # same node, other nodes
+    assert group_split(H100, tp_group(layout)) == (1, 0)
+    assert group_split(H100, ep_group(ClusterLayout(tp=4, ep=8, dp=8))) == (7, 0)  # ep=8 with tp=4: one node
+
+
+def test_deepep_sends_a_token_once_per_node() -> None:
+    """128 experts over 4 nodes (32 each), top-8: a node is missed with probability
+    C(96, 8) / C(128, 8); of 8 rows a token sends, 3·(1 − that)/8 cross to other nodes
+    instead of the 24/32 an all-to-all sends."""
+    members = list(range(32))
+    expected = 3 * (1 - math.comb(96, 8) / math.comb(128, 8)) / 8
+    assert remote_node_share(H100, QWEN.moe, members) == pytest.approx(expected)
+    assert expected < 24 / 32
+    deepep, nccl = H100.dispatchers["deepep"], H100.dispatchers["alltoall"]
+    plain = dataclasses.replace(deepep, node_dedup=False)
+    n_bytes = 1e8
+    assert all_to_all_time(H100, plain, QWEN.moe, members, n_bytes) == pytest.approx(
+        max(n_bytes * 7 / 32 / deepep.intra_node_bandwidth, n_bytes * 24 / 32 / deepep.inter_node_bandwidth) + deepep.latency_s)
+    assert all_to_all_time(H100, deepep, QWEN.moe, members, n_bytes) < all_to_all_time(H100, plain, QWEN.moe, members, n_bytes)
+    within = list(range(8))  # one node: NVLink only
+    assert all_to_all_time(H100, nccl, QWEN.moe, within, n_bytes) == pytest.approx(
+        n_bytes * 7 / 8 / nccl.intra_node_bandwidth + nccl.latency_s)
+
+
+def test_small_gemms_are_memory_bound() -> None:
+    """The roofline: a 4096³ GEMM runs at the matmul rate, a 64-row one at the memory rate."""
+    rate = H100.peak_flops["bfloat16"] * H100.matmul_efficiency
+    assert gemm_time(H100, 4096, 4096, 4096) == pytest.approx(2 * 4096**3 / rate)
+    small = gemm_time(H100, 64, 3072, 4096)
+    assert small == pytest.approx(2 * (64 * 4096 + 4096 * 3072 + 64 * 3072) / (H100.memory_bandwidth * H100.memory_efficiency))
+    assert 2 * 64 * 3072 * 4096 / small < 0.3 * rate
+
+
+def test_stage_split_and_interleaved_in_flight() -> None:
+    """94 layers + embedding + loss over 32 chunks of 3 slots (megatron's account_for_*):
+    the first stage's first chunk holds the embedding and 2 layers; megatron's interleaved
+    warm-up keeps 2(p − s − 1) + (v − 1)p + 1 chunks in flight."""
+    layout = ClusterLayout(tp=2, pp=8, vpp=4, ep=32, dp=16, global_batch=2048, embedding_loss_slots=True)
+    assert stage_layers(QWEN.model, layout, 0) == [0, 1, 23, 24, 25, 47, 48, 49, 71, 72, 73]
+    assert stage_layers(QWEN.model, layout, 7)[-2:] == [92, 93]
+    assert sum(len(stage_layers(QWEN.model, layout, s)) for s in range(8)) == 94
+    assert in_flight(layout, 0) == (2 * 7 + 3 * 8 + 1, True)
+    assert in_flight(layout, 7) == (3 * 8 + 1, True)
+    assert in_flight(dataclasses.replace(layout, vpp=1, embedding_loss_slots=False), 2) == (6, False)
+
+
+def test_memory_states_follow_the_distributed_optimizer() -> None:
+    """bf16 parameters 2 B, fp32 gradients 4 B, fp32 main copy and Adam 12 B over dp (dense)
+    and edp (experts); full recomputation keeps a block's input only; fragmentation is its
+    own line, a share of activations + transient."""
+    layout = ClusterLayout(tp=1, pp=1, ep=8, dp=8, global_batch=8, seq_len=SMALL.model.seq_len)
+    mem = stage_memory(SMALL.model, SMALL.moe, layout, H100, 0)
+    total = mem.params / 2
+    assert mem.grads == pytest.approx(4 * total)
+    assert mem.fragmentation == pytest.approx(H100.fragmentation * (mem.activations + mem.transient))
+    full = stage_memory(SMALL.model, SMALL.moe, dataclasses.replace(layout, recompute="full"), H100, 0)
+    assert full.activations == pytest.approx(2 * SMALL.model.seq_len * SMALL.model.dim * SMALL.model.n_layers)
+    assert full.activations < stage_memory(SMALL.model, SMALL.moe, dataclasses.replace(layout, recompute="selective"),
+                                           H100, 0).activations < mem.activations
+
+
+def test_overlap_and_recompute_move_step_time_the_right_way() -> None:
+    base = ClusterLayout(tp=2, pp=8, vpp=4, ep=32, dp=16, global_batch=2048, recompute="selective",
+                         dispatcher="deepep", embedding_loss_slots=True)
+    step = {name: predict_cluster(QWEN.model, QWEN.moe, layout, H100).step_time_s for name, layout in {
+        "base": base, "overlap": dataclasses.replace(base, overlap_moe_a2a=True),
+        "full": dataclasses.replace(base, recompute="full"), "nccl": dataclasses.replace(base, dispatcher="alltoall")}.items()}
+    assert step["overlap"] < step["base"] < step["full"]
+    assert step["base"] < step["nccl"]  # DeepEP's node dedup and bandwidth beat NCCL's all-to-all across 4 nodes
+
+
+@pytest.fixture(scope="module")
+def qwen_plan() -> object:
+    return plan(QWEN.model, QWEN.moe, H100, 256, 2048)
+
+
+def test_plan_ranks_the_published_layouts(qwen_plan: object) -> None:
+    """The published 256-H100 Qwen3-235B layouts (tests/test_simulate_published.py) are among
+    the layouts plan considers and keeps, at the rank their predicted step time gives."""
+    from test_simulate_published import RUNS
+
+    ranked = qwen_plan.ranked  # type: ignore[attr-defined]
+    layouts = [p.layout for p in ranked]
+    times = [p.step_time_s for p in ranked]
+    assert times == sorted(times)
+    for run in RUNS:
+        if run.model == "qwen3-235b-a22b":
+            assert run.cluster_layout() in layouts, run.name
+
+
+def test_plan_json_and_table(tmp_path: Path) -> None:
+    from launch.simulate import main
+
+    out = tmp_path / "plan.json"
+    args = ["plan", str(ROOT / "configs" / "qwen3-30b-a3b.yaml"), "--gpus", "16", "--top", "3", "--json", str(out)]
+    assert main(args) == 0
+    ranked = json.loads(out.read_text())["plan"]["layouts"]
+    assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+    assert all(r["peak_memory_bytes"] <= H100.memory_capacity for r in ranked)
+    assert main(args) == 0  # its own file may be replaced
+    other = tmp_path / "mine.json"
+    other.write_text("{}")
+    with pytest.raises(ConfigError, match="exists and was not written by `moe simulate plan`"):
+        main([*args[:-1], str(other)])
+
+
+def test_plan_refuses_bad_input() -> None:
+    with pytest.raises(ConfigError, match="--gpus 255: no layout of this model uses 255 GPUs"):
+        plan(QWEN.model, QWEN.moe, H100, 255, 2048)
+    with pytest.raises(ConfigError, match="--gpus 512: cluster 'h100-ib' has 32 x 8 = 256 GPUs"):
+        plan(QWEN.model, QWEN.moe, H100, 512, 2048)
+    with pytest.raises(ConfigError, match=r"dispatcher 'hybridep' is not a profile of hardware 'h100-ib'; known: \['alltoall', 'deepep'\]"):
+        plan(QWEN.model, QWEN.moe, H100, 256, 2048, "hybridep")
+    no_profiles = dataclasses.replace(H100, dispatchers={})
+    with pytest.raises(ConfigError, match="missing field 'dispatchers'"):
+        plan(QWEN.model, QWEN.moe, no_profiles, 256, 2048)
+    with pytest.raises(ConfigError, match="missing field 'memory_efficiency'"):
+        predict_cluster(QWEN.model, QWEN.moe, ClusterLayout(tp=2, ep=8, dp=4, global_batch=8),
+                        dataclasses.replace(H100, memory_efficiency=0.0))
+    with pytest.raises(ConfigError, match="dispatchers.deepep: missing field 'inter_node_bandwidth'"):
+        raw = {"name": "x", "kind": "gpu", "nodes": 1, "devices_per_node": 8, "peak_flops": {"bfloat16": 1e15, "float32": 1e14},
+               "matmul_efficiency": 0.7, "memory_bandwidth": 3e12, "memory_capacity": 8e10, "op_overhead_s": 0,
+               "intra_node": {"bandwidth": 4e11, "latency_s": 0}, "inter_node": {"bandwidth": 5e10, "latency_s": 0},
+               "dispatchers": {"deepep": {"intra_node_bandwidth": 3e11, "latency_s": 0}}}
+        parse_hardware(raw, "x.yaml")
