@@ -2,7 +2,7 @@
 
     moe simulate CONFIG [section.key=value ...] --cluster configs/hardware/h100-ib.yaml
                  [--steps N] [--no-emulate] [--routing DIR] [--out DIR]
-    moe simulate calibrate [--out configs/hardware/this-machine.yaml]
+    moe simulate calibrate [--out configs/hardware/this-machine.yaml] [--gpu BASE --out FILE]
     moe simulate plan CONFIG [section.key=value ...] --cluster h100-ib --gpus N [--dispatcher NAME]
                  [--global-batch B] [--top K] [--json FILE]
 
@@ -207,13 +207,26 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _calibrate(argv: list[str]) -> int:
-    from parallel.simulator.calibrate import calibrate
+    from parallel.simulator.calibrate import calibrate, calibrate_gpu
 
     cal = argparse.ArgumentParser(prog="moe simulate calibrate")
-    cal.add_argument("--out", type=Path, default=_this_machine_path(),
-                     help="the hardware file to write (default %(default)s)")
-    path = cal.parse_args(argv).out
+    cal.add_argument("--out", type=Path, default=None,
+                     help=f"the hardware file to write (default {_this_machine_path()}; required with --gpu)")
+    cal.add_argument("--gpu", default=None, metavar="BASE",
+                     help="measure this node's GPU instead (bf16 GEMM roofline, grouped GEMM, flash attention, copy "
+                     "bandwidth, kernel overhead) over a copy of the cluster file BASE (e.g. h100-ib)")
+    args = cal.parse_args(argv)
+    if args.gpu is not None and args.out is None:
+        raise ConfigError("moe simulate calibrate --gpu BASE needs --out FILE (e.g. configs/hardware/h100-measured.yaml)")
+    path = args.out or _this_machine_path()
     check_output_file(path, "--out", "moe simulate calibrate", _is_calibration)
+    if args.gpu is not None:
+        base = _hardware(args.gpu, "--gpu")
+        gpu = calibrate_gpu(path, base)
+        print(f"wrote {path}: GEMM {gpu.matmul_efficiency:.2f} of peak, grouped {gpu.kernel_efficiency['grouped_mm']:.2f} "
+              f"and attention {gpu.kernel_efficiency['attention']:.2f} of that, copy {gpu.memory_efficiency:.2f} of HBM, "
+              f"{gpu.op_overhead_s * 1e6:.1f} us per kernel")
+        return 0
     hw = calibrate(path)
     print(f"wrote {path}: matmul {hw.peak_flops['float32'] / 1e9:.1f} GFLOP/s per core, memory "
           f"{hw.memory_bandwidth / 1e9:.1f} GB/s, op overhead {hw.op_overhead_s * 1e6:.1f} us, gloo all-to-all "
@@ -226,7 +239,9 @@ def _is_calibration(path: Path) -> bool:
     with (so a shipped hardware file is never replaced by a measurement)."""
     try:
         with path.open(encoding="utf-8") as stream:
-            return stream.readline().startswith("# This machine, measured by `moe simulate calibrate`")
+            line = stream.readline()
+            return line.startswith("# This machine, measured by `moe simulate calibrate`") or (
+                "measured by `moe simulate calibrate --gpu" in line)
     except (OSError, UnicodeDecodeError):
         return False
 

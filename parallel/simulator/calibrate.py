@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from moe.config import ModelConfig, MoEConfig
+from moe.config import ConfigError, ModelConfig, MoEConfig
 from parallel.config import ParallelConfig
 from parallel.simulator.hardware import Hardware, Link, hardware_dict
 
@@ -296,4 +296,132 @@ def calibrate(out: Path) -> Hardware:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + yaml.safe_dump(hardware_dict(hw), sort_keys=False))
+    return hw
+
+
+# -- one GPU of a cluster (``moe simulate calibrate --gpu BASE``) ------------------------
+#
+# A GPU's per-device numbers, measured with CUDA events in bf16, written over a copy of a
+# cluster file BASE (its nodes, links and dispatcher profiles need a cluster to measure):
+# the GEMM roofline (``matmul_efficiency``) from ``[m, 4096] @ [4096, 4096]`` for m = 64 ...
+# 8192 (small m is memory-bound), the grouped GEMM's share (``torch._grouped_mm`` over 8
+# experts), flash attention's share (causal ``scaled_dot_product_attention``, forward and
+# backward), ``memory_efficiency`` (a 1 GiB device copy) and ``op_overhead_s`` (a chain of
+# tiny kernels). The fitting is plain arithmetic on the timings (CPU-tested on synthetic ones).
+
+GEMM_ROWS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+GEMM_DIM = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmPoint:
+    """One timed bf16 GEMM ``[m, k] @ [k, n]`` (``experts`` of them for a grouped GEMM)."""
+
+    m: int
+    n: int
+    k: int
+    seconds: float
+    experts: int = 1
+
+
+def fit_roofline(points: list[GemmPoint], peak_flops: float, memory_bandwidth: float) -> tuple[float, float]:
+    """(efficiency, memory efficiency) of ``cluster.gemm_time``'s roofline
+    ``t = max(F / (peak·e), B / (bw·e_mem))`` from timed GEMMs: each point achieves at most
+    ``e`` of the peak and at most ``e_mem`` of the bandwidth, with equality for the bound it
+    is limited by, so each is the largest share any point achieves."""
+    if not points:
+        raise ValueError("fit_roofline needs at least one timed GEMM")
+    flop_share = [p.experts * 2.0 * p.m * p.n * p.k / p.seconds / peak_flops for p in points]
+    byte_share = [p.experts * 2.0 * (p.m * p.k + p.k * p.n + p.m * p.n) / p.seconds / memory_bandwidth for p in points]
+    return min(max(flop_share), 1.0), min(max(byte_share), 1.0)
+
+
+def _cuda_time(fn: Callable[[], Any], repeats: int = 20) -> float:
+    """Median seconds of ``fn`` on the current CUDA stream (CUDA events, after a warm-up)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def gpu_gemm_points() -> list[GemmPoint]:
+    w = torch.randn(GEMM_DIM, GEMM_DIM, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for m in GEMM_ROWS:
+        x = torch.randn(m, GEMM_DIM, device="cuda", dtype=torch.bfloat16)
+        out.append(GemmPoint(m, GEMM_DIM, GEMM_DIM, _cuda_time(lambda: x @ w)))
+    return out
+
+
+def gpu_grouped_points(experts: int = 8) -> list[GemmPoint]:
+    w = torch.randn(experts, GEMM_DIM, GEMM_DIM, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for m in GEMM_ROWS:
+        x = torch.randn(experts * m, GEMM_DIM, device="cuda", dtype=torch.bfloat16)
+        offsets = torch.arange(m, experts * m + 1, m, device="cuda", dtype=torch.int32)
+        out.append(GemmPoint(m, GEMM_DIM, GEMM_DIM, _cuda_time(lambda: torch._grouped_mm(x, w, offs=offsets)), experts))
+    return out
+
+
+def gpu_attention_flops(seq: int = 4096, heads: int = 32, head_dim: int = 128) -> float:
+    """FLOP/s of causal flash attention, forward + backward (``2·S²·H·Dh`` forward FLOPs
+    under the mask, backward 2.5x: ``cluster.ATTENTION_BACKWARD``)."""
+    from parallel.simulator.cluster import ATTENTION_BACKWARD
+
+    q, k, v = (torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+
+    def step() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return (1 + ATTENTION_BACKWARD) * 2 * seq * seq * heads * head_dim / _cuda_time(step)
+
+
+def gpu_copy_bandwidth() -> float:
+    src = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / _cuda_time(lambda: dst.copy_(src))
+
+
+def gpu_kernel_overhead(kernels: int = 1000) -> float:
+    x = torch.zeros(1, device="cuda")
+
+    def chain() -> None:
+        for _ in range(kernels):
+            x.add_(1)
+
+    return _cuda_time(chain, 5) / kernels
+
+
+def calibrate_gpu(out: Path, base: Hardware) -> Hardware:
+    """Measure this process's GPU (bf16), write ``out`` as ``base`` with the measured
+    per-device fields (YAML, the conditions as comments), return it."""
+    if not torch.cuda.is_available():
+        raise ConfigError("moe simulate calibrate --gpu: no CUDA device here; run it on a node of the cluster")
+    peak, bandwidth = base.peak_flops["bfloat16"], base.memory_bandwidth
+    efficiency, _ = fit_roofline(gpu_gemm_points(), peak, bandwidth)
+    grouped, _ = fit_roofline(gpu_grouped_points(), peak, bandwidth)
+    rate = peak * efficiency
+    hw = dataclasses.replace(
+        base, name=out.stem, matmul_efficiency=efficiency,
+        kernel_efficiency={"grouped_mm": min(grouped / efficiency, 1.0),
+                           "attention": min(gpu_attention_flops() / rate, 1.0)},
+        memory_efficiency=min(gpu_copy_bandwidth() / bandwidth, 1.0), op_overhead_s=gpu_kernel_overhead())
+    header = (
+        f"# {torch.cuda.get_device_name()}, measured by `moe simulate calibrate --gpu {base.name}` "
+        f"(parallel/simulator/calibrate.py) on {time.strftime('%Y-%m-%d %H:%M:%S')}.\n"
+        "# Measured (bf16, CUDA events, medians): matmul_efficiency, kernel_efficiency, memory_efficiency, op_overhead_s.\n"
+        f"# Everything else is {base.name}'s (vendor figures, estimates, the cluster's links and dispatcher profiles).\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    temporary.write_text(header + yaml.safe_dump(hardware_dict(hw), sort_keys=False))
+    os.replace(temporary, out)
     return hw

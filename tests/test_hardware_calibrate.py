@@ -1,0 +1,50 @@
+"""GPU hardware files: the cluster fields round-trip, bad dispatcher profiles are refused,
+and ``moe simulate calibrate --gpu``'s fitting recovers a known roofline from timings."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe.config import ConfigError
+from parallel.simulator.calibrate import GEMM_DIM, GEMM_ROWS, GemmPoint, calibrate_gpu, fit_roofline
+from parallel.simulator.cluster import gemm_time
+from parallel.simulator.hardware import hardware_dict, load_hardware, parse_hardware
+
+H100 = load_hardware(Path(__file__).resolve().parent.parent / "configs" / "hardware" / "h100-ib.yaml")
+
+
+def test_fit_recovers_the_roofline_of_synthetic_timings() -> None:
+    """Timings made by the cluster model's own roofline (efficiency 0.63, memory 0.81) give
+    those two back: small m is memory-bound, large m compute-bound."""
+    hw = dataclasses.replace(H100, matmul_efficiency=0.63, memory_efficiency=0.81)
+    points = [GemmPoint(m, GEMM_DIM, GEMM_DIM, gemm_time(hw, m, GEMM_DIM, GEMM_DIM)) for m in GEMM_ROWS]
+    efficiency, memory = fit_roofline(points, hw.peak_flops["bfloat16"], hw.memory_bandwidth)
+    assert efficiency == pytest.approx(0.63) and memory == pytest.approx(0.81)
+    grouped = [dataclasses.replace(p, seconds=8 * p.seconds / 0.9, experts=8) for p in points]
+    assert fit_roofline(grouped, hw.peak_flops["bfloat16"], hw.memory_bandwidth)[0] == pytest.approx(0.63 * 0.9)
+    with pytest.raises(ValueError, match="at least one"):
+        fit_roofline([], 1.0, 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="measures the GPU when there is one")
+def test_gpu_calibration_needs_a_gpu(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no CUDA device here"):
+        calibrate_gpu(tmp_path / "h100-measured.yaml", H100)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cluster_fields_round_trip_and_bad_profiles() -> None:
+    raw = hardware_dict(H100)
+    assert parse_hardware(raw, "x.yaml") == H100
+    assert H100.dispatchers["deepep"].node_dedup and not H100.dispatchers["alltoall"].node_dedup
+    deepep = raw["dispatchers"]["deepep"]
+    with pytest.raises(ConfigError, match="node_dedup='yes' must be true or false"):
+        parse_hardware({**raw, "dispatchers": {"deepep": {**deepep, "node_dedup": "yes"}}}, "x.yaml")
+    with pytest.raises(ConfigError, match=r"dispatchers.deepep: unknown field\(s\) \['bandwidth'\]"):
+        parse_hardware({**raw, "dispatchers": {"deepep": {**deepep, "bandwidth": 1}}}, "x.yaml")
+    with pytest.raises(ConfigError, match="memory_efficiency=1.5 is a share"):
+        parse_hardware({**raw, "memory_efficiency": 1.5}, "x.yaml")
