@@ -500,6 +500,24 @@ def _is_plan(path: Path) -> bool:
         return False
 
 
+def _cluster_model(cfg: Config, hw: Any) -> tuple[list[str], dict[str, Any] | None]:
+    """On a GPU cluster: the megatron-core bf16 run of the config's layout as the cluster
+    model predicts it (``parallel.simulator.cluster``; NCCL all-to-all dispatcher, megatron's
+    even layer split, no overlap of the expert all-to-all), or why it cannot."""
+    from parallel.simulator.cluster import ClusterLayout, predict_cluster
+    from parallel.simulator.report import cluster_lines
+
+    p, train = cfg.parallel, cfg.train
+    layout = ClusterLayout(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, etp=p.etp, dp=p.dp,
+                           micro_batch=train.micro_batch_size or max(1, train.batch_size // p.dp),
+                           global_batch=train.batch_size, seq_len=cfg.model.seq_len, recompute=train.recompute)
+    try:
+        prediction = predict_cluster(cfg.model, cfg.moe, layout, hw)
+    except ConfigError as err:
+        return [f"megatron-core bf16 run of this layout: not predicted ({err})"], None
+    return cluster_lines(prediction), prediction.to_dict()
+
+
 def main(argv: list[str]) -> int:
     """``moe simulate ...``; returns the exit status."""
     from parallel.simulator.predict import Layout, predict
@@ -533,6 +551,9 @@ def main(argv: list[str]) -> int:
         routing, comparison, extra["emulation"] = emulate_and_compare(cfg, args.steps, out / "emulation")
     pred = predict(cfg.model, cfg.moe, layout, hw, cfg.parallel.engine, routing)
     report = text_report(pred, scaled, comparison)
+    if hw.kind == "gpu":
+        lines, extra["cluster_model"] = _cluster_model(cfg, hw)
+        report += "\n" + "\n".join(lines)
     (out / "report.txt").write_text(report + "\n")
     write_json(pred, out / "prediction.json", extra)
     plot_breakdown(pred, out / "breakdown.png")

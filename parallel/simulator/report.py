@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from parallel.simulator.cluster import ClusterPrediction
 from parallel.simulator.predict import Layout, Prediction, RankPrediction
 
 GIB = 2**30
@@ -102,3 +103,19 @@ def plot_breakdown(pred: Prediction, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def cluster_lines(pred: ClusterPrediction) -> list[str]:
+    """The cluster model's prediction of a megatron-core run (``parallel.simulator.cluster``)
+    as report lines: step, throughput, memory by kind (fragmentation its own line), the
+    step's components."""
+    mem = pred.memory
+    parts = ", ".join(f"{k} {v:.3g}" for k, v in sorted(pred.breakdown.items(), key=lambda kv: -kv[1]) if v > 0)
+    return [
+        f"megatron-core bf16 run of this layout (cluster model, {pred.layout.describe()}):",
+        f"  step {pred.step_time_s:.3f} s, {pred.tokens_per_s:,.0f} tokens/s, MFU {pred.mfu:.1%}, bottleneck {pred.bottleneck}",
+        "  memory per GPU (GiB): " + ", ".join(f"{k} {mem[k] / GIB:.2f}" for k in
+                                           ("params", "grads", "optimizer", "activations", "transient", "reserved",
+                                            "fragmentation", "peak")) + (" (fits)" if pred.fits else " (DOES NOT FIT)"),
+        f"  step (s): {parts}",
+    ]
