@@ -50,6 +50,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     run_dir: str | None = None
     resume: bool = False
+    init_from: str | None = None
     peak_tflops: float | None = None
     record_routing: bool = False
     max_nonfinite_steps: int = 0
@@ -78,6 +79,13 @@ class TrainConfig:
             value = getattr(self, key)
             require(0 <= value < 1, f"train.{key}", value, "must be in [0, 1)")
         require(self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
+        require(
+            self.init_from is None or self.init_from.strip() != "",
+            "train.init_from",
+            self.init_from,
+            "must name a checkpoint, a checkpoints/ directory or a run directory (moe ckpt import's --out), "
+            "or be null for random initialisation",
+        )
         require(
             self.max_nonfinite_steps >= 0,
             "train.max_nonfinite_steps",

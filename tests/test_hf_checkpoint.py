@@ -1,0 +1,206 @@
+"""Hugging Face interop against transformers itself (5.25, models built from configs here,
+nothing downloaded): ``moe ckpt import`` then our forward gives transformers' logits;
+import then export gives back the original safetensors bit for bit; an imported model
+trained under dp=2·ep=2 and tp=2·pp=2 through ``moe train`` (``train.init_from``), then
+exported, loads in transformers with our logits; the YAML written beside an import loads
+and maps transformers' conventions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from launch.ckpt.cli import ckpt_main
+from launch.ckpt.full_state import read_model_state
+from launch.ckpt.hf_export import export_hf
+from launch.ckpt.hf_import import import_hf
+from launch.ckpt.init_from import load_initial_weights
+from launch.config import build, load_config, to_dict
+from launch.data.config import DataConfig
+from moe.config import ModelConfig, MoEConfig
+from moe.model import Transformer
+from parallel.checkpoint import CheckpointError
+
+# Odd vocabularies (transformers' grouped_mm wants expert widths in 16-byte multiples), grouped-query attention (3 query heads per key/value head), head_dim != dim/heads.
+MIXTRAL = dict(vocab_size=263, hidden_size=36, intermediate_size=20, num_hidden_layers=2, num_attention_heads=6,
+               num_key_value_heads=2, head_dim=10, num_local_experts=4, num_experts_per_tok=2,
+               max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+               rms_norm_eps=1e-5, tie_word_embeddings=False)
+# Qwen3-MoE, tied embeddings, q/k norms, dense layers 0 and 2 (decoder_sparse_step=2), unnormalised gates.
+QWEN3 = dict(vocab_size=261, hidden_size=28, intermediate_size=30, moe_intermediate_size=12, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=6, num_experts_per_tok=2,
+             decoder_sparse_step=2, norm_topk_prob=False, max_position_embeddings=64, rms_norm_eps=1e-6,
+             tie_word_embeddings=True, router_aux_loss_coef=0.01)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _hf_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(7)
+    if arch == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**MIXTRAL)).eval()
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN3)).eval()
+    with torch.no_grad():  # q/k norm gains start at 1: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for arch in ("mixtral", "qwen3"):
+        out[arch] = tmp_path_factory.mktemp("hf") / arch
+        _hf_model(arch).save_pretrained(out[arch])
+    return out
+
+
+def _ours(ckpt: Path) -> Transformer:
+    """Our model from a checkpoint or run directory, with the config it recorded."""
+    state, saved, _ = read_model_state(ckpt)
+    net = Transformer(build(ModelConfig, saved["model"], "model"), build(MoEConfig, saved["moe"], "moe")).eval()
+    net.load_state_dict(state)
+    return net
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.logits_BSV
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3"])
+def test_import_gives_transformers_logits(hf_dirs: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    out = tmp_path / "ckpt"
+    assert ckpt_main(["import", str(hf_dirs[arch]), "--out", str(out)]) == 0
+    ids = torch.randint(0, 261, (3, 29))
+    hf = AutoModelForCausalLM.from_pretrained(hf_dirs[arch]).eval()
+    ours = _ours(out)
+    assert (_logits(ours, ids) - _logits(hf, ids)).abs().max() <= 1e-5
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "hf_config.json", "tokenizer"]
+    assert [p.name for p in (out / "tokenizer").iterdir()] == ["generation_config.json"]  # save_pretrained's
+
+
+def test_tokenizer_files_are_copied_and_named(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dirs["qwen3"], hf)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainers.BpeTrainer(vocab_size=261))
+    tokenizer.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    import_hf(hf, tmp_path / "ckpt")
+    copied = tmp_path / "ckpt" / "tokenizer"
+    assert sorted(p.name for p in copied.iterdir()) == ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert (copied / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    raw = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
+    if "tokenizer" in {f.name for f in dataclasses.fields(DataConfig)}:
+        assert raw["data"]["tokenizer"] == str((copied / "tokenizer.json").resolve())
+
+
+def test_imported_config_maps_the_conventions(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import_hf(hf_dirs["qwen3"], tmp_path / "q")
+    cfg = load_config(tmp_path / "q" / "config.yaml")
+    assert (cfg.model.moe_every, cfg.model.qk_norm, cfg.model.tie_embeddings, cfg.model.n_kv_heads) == (2, True, True, 2)
+    assert (cfg.moe.normalize_weights, cfg.moe.expert_ffn_dim, cfg.model.ffn_dim, cfg.model.norm_eps) == (False, 12, 30, 1e-6)
+    assert cfg.moe.aux_loss_coeff == pytest.approx(2 * 0.01) and cfg.moe.z_loss_coeff == 0.0
+    assert cfg.train.init_from == str((tmp_path / "q").resolve())
+    text = (tmp_path / "q" / "config.yaml").read_text()
+    assert "num_experts_per_tok (2) x router_aux_loss_coef (0.01): HF's aux loss is K x ours" in text
+    assert "decoder_sparse_step=2" in text
+    import_hf(hf_dirs["mixtral"], tmp_path / "m")
+    cfg = load_config(tmp_path / "m" / "config.yaml")
+    assert (cfg.moe.normalize_weights, cfg.model.rope_theta, cfg.model.head_dim, cfg.model.tie_embeddings) == (True, 5e5, 10, False)
+
+
+def _tensors_of(file: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(file), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in _tensors_of(file).items()}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3"])
+def test_import_then_export_is_bitwise_equal(hf_dirs: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    import_hf(hf_dirs[arch], tmp_path / "ckpt")
+    assert ckpt_main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    original, exported = _tensors(hf_dirs[arch]), _tensors(tmp_path / "hf")
+    assert original.keys() == exported.keys()
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [{"mixtral": "MixtralForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}[arch]]
+    assert (tmp_path / "hf" / "generation_config.json").is_file()
+
+
+def test_sharded_export_and_import_of_shards(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Shards of at most 20 kB (5 GB in use) with their index; the shards import again, identically."""
+    import_hf(hf_dirs["qwen3"], tmp_path / "ckpt")
+    summary = export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_bytes=20_000)
+    shards = [f for f in summary["files"] if f.endswith(".safetensors")]
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    for shard in shards:  # full (a tensor larger than a shard gets one of its own)
+        tensors = _tensors_of(tmp_path / "hf" / shard)
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 20_000
+    ids = torch.randint(0, 261, (2, 13))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert torch.equal(_logits(hf, ids), _logits(AutoModelForCausalLM.from_pretrained(hf_dirs["qwen3"]).eval(), ids))
+    import_hf(tmp_path / "hf", tmp_path / "again")
+    a, b = read_model_state(tmp_path / "ckpt")[0], read_model_state(tmp_path / "again")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_names_a_tensor_that_does_not_fit(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import_hf(hf_dirs["mixtral"], tmp_path / "ckpt")
+    cfg = load_config(tmp_path / "ckpt" / "config.yaml", ["moe.expert_ffn_dim=24"])
+    with pytest.raises(CheckpointError, match=r"'blocks.0.ffn.experts.w_in_EDF' is \[4, 36, 40\] there but \[4, 36, 48\] "
+                                              r"here .*moe.expert_ffn_dim=20 there, 24 here"):
+        load_initial_weights(Transformer(cfg.model, cfg.moe), tmp_path / "ckpt", to_dict(cfg))
+
+
+TRAIN = ["model.seq_len=32", "train.lr=1e-6", "train.steps=3", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
+         "train.eval_every=100", "train.ckpt_every=3", "data.val_tokens=512", "launch.threads=1",
+         "launch.timeout_minutes=2", "launch.launcher=local"]
+
+
+@pytest.mark.parametrize(("arch", "layout"), [
+    ("mixtral", ["parallel.dp=2", "parallel.ep=2"]),
+    ("qwen3", ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "train.micro_batch_size=1"]),
+], ids=["mixtral-dp2-ep2", "qwen3-tp2-pp2"])
+def test_imported_model_trains_under_a_layout_and_exports_to_transformers(
+    hf_dirs: dict[str, Path], small_corpus: Path, tmp_path: Path, start_within: Callable[..., dict[str, Any]],
+    arch: str, layout: list[str],
+) -> None:
+    """moe train with train.init_from (the imported weights, resharded to the layout), 3
+    steps, a sharded checkpoint; exported in one process, transformers' logits are ours."""
+    import_hf(hf_dirs[arch], tmp_path / "ckpt")
+    run = tmp_path / "run"
+    cfg = load_config(tmp_path / "ckpt" / "config.yaml", [*TRAIN, *layout, f"data.path={small_corpus}", f"train.run_dir={run}"])
+    summary = start_within(cfg, 240.0, "imported")
+    assert summary["steps"] == 3
+    export_hf(run, tmp_path / "hf")
+    ids = torch.randint(0, 257, (2, 19))
+    trained = _ours(run)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (_logits(hf, ids) - _logits(trained, ids)).abs().max() <= 1e-5
+    # It started from the imported weights (another initialisation differs by ~0.05) and trained
+    # them (at lr 1e-6 Adam moves each weight by about 1e-6 a step).
+    before, after = read_model_state(tmp_path / "ckpt")[0], read_model_state(run)[0]
+    for name in ("blocks.1.ffn.experts.w_in_EDF", "blocks.1.attn.qkv.weight", "embed.weight"):
+        assert 0 < (after[name] - before[name]).abs().max() < 1e-4, name
