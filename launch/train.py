@@ -424,9 +424,9 @@ class Run:
 
         torch.manual_seed(cfg.train.seed)
         self.net = Transformer(cfg.model, cfg.moe).to(self.device)  # same init on every rank
-        if self.topology.ep > 1:
         if init_from is not None:  # the whole model on every rank; the parallelism below shards it
             load_initial_weights(self.net, init_from, to_dict(cfg))
+        if self.topology.ep > 1:
             apply_expert_parallel(self.net, info.groups.ep)
         # Tensor parallelism after expert parallelism: EP replaces the expert parameters, and
         # TP sets the marks (allreduce, tensor_model_parallel, partition_dim, sequence_parallel)
