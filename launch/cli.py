@@ -9,6 +9,7 @@
     moe bench kernels | layer                    speed tables (printed, and JSON under runs/bench/)
     moe bench layouts CONFIG --layouts "dp=1;ep=2"   step time, tokens/s, peak memory per rank per layout
     moe bench memory CONFIG --recompute none,full    measured vs predicted memory per rank (layouts x modes x dtypes)
+    moe eval CKPT_OR_RUN_DIR [k=v ...] [--data PATH]   loss and perplexity on held-out text (JSON), any layout
     moe ckpt inspect DIR [--verify]              a checkpoint's layout, step, tensors and checksums
     moe simulate CONFIG [k=v ...] --cluster HW   emulate a layout here, predict memory/comm/time on HW
     moe simulate calibrate                       measure this machine (configs/hardware/this-machine.yaml)
@@ -79,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="sweeps: moe sweep CONFIG | moe sweep report DIR (see --help)", add_help=False)
     sweep.add_argument("rest", nargs=argparse.REMAINDER)
     sweep.set_defaults(run=_sweep)
+    evaluate = sub.add_parser("eval", help="a checkpoint's loss and perplexity (see --help)", add_help=False)
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
+    evaluate.set_defaults(run=_eval)
     simulate = sub.add_parser("simulate", help="emulate and predict a layout (see --help)", add_help=False)
     simulate.add_argument("rest", nargs=argparse.REMAINDER)
     simulate.set_defaults(run=_simulate)
@@ -91,6 +95,12 @@ def _data(args: argparse.Namespace) -> int:
     from launch.data.bpe import main as tokenizer_main
 
     return tokenizer_main(args.rest)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from launch.eval.evaluate import main as eval_main
+
+    return eval_main(args.rest)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -124,7 +134,7 @@ def _check_layouts(args: argparse.Namespace) -> int:
 
 
 # Subcommands whose arguments all go to their own parser (its --help included).
-PASS_THROUGH = ("check-layouts", "bench", "sweep", "simulate", "ckpt")
+PASS_THROUGH = ("check-layouts", "bench", "sweep", "simulate", "ckpt", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -454,10 +454,15 @@ class Run:
         self.nonfinite_steps = 0  # skipped so far (train.max_nonfinite_steps), kept in checkpoints
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.moe)
         self.local_batch = cfg.train.batch_size // self.topology.dp
+        self.val_batches = self.make_val_batches(self.val_stream)
+
+    def make_val_batches(self, stream: TokenStream) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's rows of ``stream``'s fixed validation windows (``TokenStream.val_batches``,
+        ``data.val_tokens`` targets): each batch holds one micro-batch per data-parallel rank, and
+        a smaller last batch is dropped. ``moe eval`` calls it on the stream it evaluates."""
         micro = self.local_batch // self.topology.micro_batches
-        # Each validation batch holds one micro-batch per data-parallel rank.
-        val = self.val_stream.val_batches(micro * self.topology.dp, cfg.model.seq_len, cfg.data.val_tokens)
-        self.val_batches = [(x[self._dp_rows(micro)], y[self._dp_rows(micro)]) for x, y in val if len(x) == len(val[0][0])]
+        val = stream.val_batches(micro * self.topology.dp, self.cfg.model.seq_len, self.cfg.data.val_tokens)
+        return [(x[self._dp_rows(micro)], y[self._dp_rows(micro)]) for x, y in val if len(x) == len(val[0][0])]
 
     def _make_engine(self) -> Any:
         optim = OptimSettings.from_train(self.tcfg)
@@ -724,12 +729,13 @@ class Run:
         sums_4[3] /= max(self.n_moe_layers, 1)
         return sums_4, sum_over(stats.counts_LE, self.info.groups.pp)
 
-    def _pipeline_evaluate(self) -> float:
+    def _pipeline_evaluate(self, progress: Callable[[int], None] | None) -> float:
         """``evaluate`` through a forward-only schedule, one validation batch per micro-batch.
 
         The interleaved schedule needs a multiple of ``pp`` micro-batches: the list is padded
         with repeats of the first batch, whose losses are not counted. Only the last stage
-        has losses; sums run over the pipeline, then the data-parallel group.
+        has losses; sums run over the pipeline, then the data-parallel group. The schedule
+        runs every batch at once: ``progress`` hears of them all at its end.
         """
         for module in self.engine.modules:
             module.eval()
@@ -741,20 +747,25 @@ class Run:
             stats = self.pipeline.run(batches + batches[:1] * pad, None, forward_only=True)
             for loss, (_, y_BS) in zip(stats.lm_losses, batches):  # empty before the last stage
                 total_2 += torch.tensor([loss * y_BS.numel(), y_BS.numel()], dtype=torch.float64)
+            if progress is not None:
+                progress(len(batches))
         loss_sum, count = sum_over(sum_over(total_2, self.info.groups.pp), self.info.dp_group).tolist()
         return loss_sum / max(count, 1)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, progress: Callable[[int], None] | None = None) -> float:
         """Mean LM loss (nats per token) over the fixed held-out windows, every
-        data-parallel rank evaluating its rows of each batch."""
+        data-parallel rank evaluating its rows of each batch: sum over batches and ranks of
+        loss·targets, divided by the targets. ``progress(n)``: n more batches done (a progress bar)."""
         if self.pipeline is not None:
-            return self._pipeline_evaluate()
+            return self._pipeline_evaluate(progress)
         self.model.eval()
         total_2 = torch.zeros(2, dtype=torch.float64)
         for x_BS, y_BS in self.val_batches:
             out = self.model(x_BS.to(self.device), y_BS.to(self.device))
             total_2 += torch.tensor([out.lm_loss.item() * y_BS.numel(), y_BS.numel()], dtype=torch.float64)
+            if progress is not None:
+                progress(1)
         loss_sum, count = sum_over(total_2, self.info.dp_group).tolist()
         return loss_sum / max(count, 1)
 
@@ -986,10 +997,16 @@ def train(cfg: Config, config_name: str) -> dict[str, Any]:
 
 def train_rank(cfg: Config, config_name: str) -> dict[str, Any]:
     """One rank of a multi-rank run; torch.distributed is initialised by the launcher.
+    Returns the summary on rank 0 (an empty dict elsewhere)."""
+    with rank_info(cfg) as info:
+        return Run(cfg, config_name, info).fit()
 
-    Builds megatron-core's process groups for the validated layout, trains, tears the
-    groups down. Returns the summary on rank 0 (an empty dict elsewhere).
-    """
+
+@contextmanager
+def rank_info(cfg: Config) -> Iterator[RankInfo]:
+    """This process's place in ``cfg``'s multi-rank layout (torch.distributed initialised by
+    the launcher): megatron-core's process groups built for the validated layout, torn down
+    on exit. ``train_rank`` and ``moe eval``'s ranks run inside it."""
     from parallel.groups import destroy_groups, init_groups
 
     # megatron-core warns at import that TransformerEngine/Apex are absent and it falls
@@ -1003,7 +1020,6 @@ def train_rank(cfg: Config, config_name: str) -> dict[str, Any]:
     topology = check_layout(cfg)
     groups = init_groups(topology, timeout_minutes=cfg.launch.timeout_minutes)
     try:
-        info = RankInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), groups=groups)
-        return Run(cfg, config_name, info).fit()
+        yield RankInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), groups=groups)
     finally:
         destroy_groups()

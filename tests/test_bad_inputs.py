@@ -157,6 +157,22 @@ ROWS = (
         2, "missing field 'dispatchers' (the all-to-all profiles) that the cluster model needs"),
     row("plan-cpu-cluster", "simulate plan {configs}/qwen3-30b-a3b.yaml --gpus 2 --cluster this-machine", 2,
         "is kind cpu; the cluster model predicts GPU clusters"),
+    # subword tokenizers and moe eval ({fx}/bpe-dataset: 300 ids, prepared with {fx}/tokenizer.json)
+    row("tokenizer-vocab-above-model", f"train {TINY} data.path={{fx}}/bpe-dataset", 2,
+        "model.vocab_size=257 is smaller than the dataset's vocabulary (300 ids); set model.vocab_size=300"),
+    row("tokenizer-hash-mismatch", f"train {TINY} data.path={{fx}}/bpe-dataset model.vocab_size=300 "
+        "data.tokenizer={fx}/other-tokenizer.json", 2, "is not the tokenizer"),
+    row("tokenizer-not-found", "data prepare {fx}/src --tokenizer {fx}/nowhere.json --out {scratch}/ds", 2,
+        "nowhere.json: not found; give a Hugging Face tokenizer.json or a model directory"),
+    row("tokenizer-not-a-tokenizer", "data prepare {fx}/src --tokenizer {fx}/a-file --out {scratch}/ds", 2,
+        "a-file: not a Hugging Face tokenizer ("),
+    row("tokenizer-dir-without-one", "data prepare {fx}/src --tokenizer {fx}/src --out {scratch}/ds", 2,
+        "no tokenizer.json in this directory"),
+    row("tokenizer-train-small-vocab", "data tokenizer train {fx}/src --vocab-size 100 --out {scratch}/t.json", 2,
+        "--vocab-size=100: must be >= 258"),
+    row("tokenizer-train-over-a-file", "data tokenizer train {fx}/src --vocab-size 300 --out {fx}/a-file", 2,
+        "exists; choose another path (a tokenizer is never overwritten)"),
+    row("eval-not-a-checkpoint", "eval {fx}/src", 2, "is not a checkpoint, a checkpoints directory or a run directory"),
 )
 
 
@@ -207,6 +223,18 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "hw-dup.yaml").write_text(hardware + "\nkind: cpu\n")
     (fx / "hw-nan.yaml").write_text(hardware.replace("matmul_efficiency:", "matmul_efficiency: .nan #", 1))
     (fx / "hw-no-dispatchers.yaml").write_text(hardware.split("\ndispatchers:")[0] + "\n")
+    _make_tokenizer_fixtures(fx)
+
+
+def _make_tokenizer_fixtures(fx: Path) -> None:
+    """A 300-id BPE tokenizer, a dataset prepared with it, and another tokenizer."""
+    from launch.data import load_hf_tokenizer, prepare
+    from launch.data.bpe import main as tokenizer_main
+
+    code = str(ROOT / "launch" / "data")  # varied text: enough pairs for every merge asked for
+    assert tokenizer_main(["train", code, "--vocab-size", "300", "--out", str(fx / "tokenizer.json")]) == 0
+    assert tokenizer_main(["train", code, "--vocab-size", "270", "--out", str(fx / "other-tokenizer.json")]) == 0
+    prepare(sorted((fx / "src").iterdir()), fx / "bpe-dataset", 0.3, tokenizer=load_hf_tokenizer(fx / "tokenizer.json"))
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:

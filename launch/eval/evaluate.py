@@ -1,0 +1,345 @@
+"""``moe eval CKPT_OR_RUN_DIR [section.key=value ...] [--data PATH] [--out FILE]``: a
+checkpoint's loss (nats per token) and perplexity on the validation split of its run's
+dataset, of another prepared dataset, or of a text/.jsonl file tokenized with the
+checkpoint's tokenizer.
+
+What is evaluated, and how, is the training run's own validation (``launch.train.Run``):
+the checkpoint's saved config with the overrides applied, ``train.init_from`` = the
+checkpoint (every rank reads the whole model, then takes its shard: any saved layout
+loads under any other), and ``Run.evaluate`` over ``Run.make_val_batches``, so under the
+run's config it reports the validation loss the run logged at that step.
+
+    loss = Σ_batches Σ_ranks lm_loss·targets / Σ targets,   perplexity = exp(loss)
+
+A file is every one of its complete ``model.seq_len`` windows (each document followed by
+EOD, as prepared data is), in batches of the run's validation batch size; a smaller last
+batch is dropped, as in training.
+
+Layouts of several ranks run as one process per rank on this machine (gloo on CPU, one GPU
+per rank), set up as ``moe train``'s ranks are (``launch.rank``: rendezvous, logs, failure
+records; ``launch.train.rank_info``: megatron's groups), under the local launcher's
+supervision; Ray is not used. Rank 0 shows the progress bar (stderr) and writes the result.
+
+The result is printed as JSON and written to ``--out`` (default
+``runs/eval/<run>-step<N>-<time>.json``), never over an existing file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from launch.config import Config, apply_overrides, build
+from launch.data import DataError, TokenStream, ensure_dataset, load_hf_tokenizer, read_meta
+from launch.data.corpus import _documents, collect_sources
+from launch.data.tokenizer import ByteTokenizer, HFTokenizer
+from launch.rank import RankEnv, _record_failure, init_distributed, log_path, pick_port, redirect_output
+from moe.config import ConfigError
+from parallel.checkpoint import CheckpointError, read_manifests, resolve_checkpoint
+from parallel.dist_checkpoint import is_dist_checkpoint, read_manifest
+
+LOCALHOST = "127.0.0.1"
+RESULT_FILE = "result.json"
+Tokenizer = ByteTokenizer | HFTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory and what its manifest records."""
+
+    path: Path
+    config: dict[str, Any]
+    step: int
+
+    @property
+    def run_name(self) -> str:
+        """The run directory's name for ``<run>/checkpoints/step-N``, else the checkpoint's."""
+        return self.path.parent.parent.name if self.path.parent.name == "checkpoints" else self.path.name
+
+
+def find_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint ``path`` names (itself, a checkpoints/ directory or a run directory: its
+    latest), with the config and step its manifest records; no tensor is read."""
+    if not path.exists():
+        raise CheckpointError(
+            f"{str(path)!r}: no such file or directory; give a checkpoint, a checkpoints/ directory or a run directory"
+        )
+    found = resolve_checkpoint(path)
+    if is_dist_checkpoint(found):
+        manifest = read_manifest(found)
+    else:
+        manifests = read_manifests(found)
+        if not manifests:
+            raise CheckpointError(f"checkpoint {str(found)!r} has no manifests; it cannot be evaluated")
+        manifest = manifests[0]
+    config = manifest.get("config") or {}
+    if "model" not in config or "moe" not in config:
+        raise CheckpointError(
+            f"checkpoint {str(found)!r} records no model config; it was not written by moe train or moe ckpt import"
+        )
+    return Checkpoint(found, config, int(manifest["step"]))
+
+
+def model_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer the checkpoint's model reads: ``data.tokenizer``, else the one its
+    ``data.path`` dataset was prepared with, else bytes (the embedded corpus)."""
+    if cfg.data.tokenizer is not None:
+        return load_hf_tokenizer(cfg.data.tokenizer, "data.tokenizer")
+    if cfg.data.path is None:
+        return ByteTokenizer()
+    meta = read_meta(Path(cfg.data.path))
+    if meta["tokenizer"] == ByteTokenizer.name:
+        return ByteTokenizer()
+    record = meta["tokenizer_file"]
+    tokenizer = load_hf_tokenizer(record["path"], f"the tokenizer of data.path={cfg.data.path}")
+    if tokenizer.sha256 != record["sha256"]:
+        raise DataError(
+            f"{record['path']} changed since data.path={cfg.data.path} was prepared with it (sha256 "
+            f"{record['sha256'][:12]}, now {tokenizer.sha256[:12]}); name the original with data.tokenizer=PATH"
+        )
+    return tokenizer
+
+
+def _identity(tokenizer: Tokenizer) -> str:
+    return tokenizer.name if isinstance(tokenizer, ByteTokenizer) else f"{tokenizer.path} (sha256 {tokenizer.sha256[:12]})"
+
+
+def check_dataset_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
+    """``--data DIR`` must hold ids of the model's tokenizer: same kind, same file hash."""
+    meta = read_meta(data_dir)
+    record = meta.get("tokenizer_file") or {}
+    same = (
+        meta["tokenizer"] == ByteTokenizer.name
+        if isinstance(tokenizer, ByteTokenizer)
+        else record.get("sha256") == tokenizer.sha256
+    )
+    if not same:
+        found = ByteTokenizer.name if meta["tokenizer"] == ByteTokenizer.name else f"{record.get('path')} (sha256 {str(record.get('sha256'))[:12]})"
+        fix = "" if isinstance(tokenizer, ByteTokenizer) else f" --tokenizer {tokenizer.path}"
+        raise DataError(
+            f"--data {data_dir} was prepared with tokenizer {found}, but the checkpoint's model reads "
+            f"{_identity(tokenizer)}; prepare it again with `moe data prepare PATHS{fix} --out DIR`"
+        )
+
+
+def file_tokens(path: Path, tokenizer: Tokenizer) -> np.ndarray:
+    """A text or .jsonl file as one token stream, each document followed by EOD (int64)."""
+    sources = collect_sources([path])
+    texts = [text for _, text in _documents(sources, [source.name for source in sources])]
+    if not texts:
+        raise DataError(f"--data {path}: no text to evaluate; give a file with some")
+    parts: list[np.ndarray] = []
+    for ids in tokenizer.encode_batch(texts):
+        parts += [ids.astype(np.int64), np.array([tokenizer.eod], dtype=np.int64)]
+    return np.concatenate(parts)
+
+
+def eval_config(ckpt: Checkpoint, overrides: list[str], work_dir: Path) -> Config:
+    """The checkpoint's config with ``overrides`` (e.g. a layout), starting from its weights."""
+    forced = [f"train.init_from={ckpt.path}", "train.resume=false", f"train.run_dir={work_dir}"]
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in ("train.init_from", "train.resume", "train.run_dir"):
+            raise ConfigError(f"override {item!r}: moe eval sets {key} itself; leave it out")
+    return build(Config, apply_overrides(copy.deepcopy(ckpt.config), [*overrides, *forced]), "")
+
+
+def evaluate_rank(cfg: Config, info: Any, stream: TokenStream | None) -> dict[str, Any]:
+    """This rank's part of the evaluation: the run built from the checkpoint, its validation
+    windows (or those of a file's ``stream``), evaluated; the loss and token count (the same
+    on every rank)."""
+    from tqdm import tqdm
+
+    from launch.train import Run
+
+    run = Run(cfg, "eval", info)
+    if stream is not None:
+        run.val_batches = run.make_val_batches(stream)
+    if not run.val_batches:
+        raise DataError(
+            f"nothing to evaluate: fewer than one validation batch of {cfg.train.batch_size} windows of "
+            f"model.seq_len={cfg.model.seq_len} tokens; give more text or a smaller train.batch_size"
+        )
+    bar = tqdm(total=len(run.val_batches), desc="eval", unit="batch", file=sys.stderr, mininterval=1.0,
+               dynamic_ncols=True, disable=not info.is_main)
+    loss = run.evaluate(bar.update)
+    bar.close()
+    return {"loss": loss, "tokens": run.val_token_count}
+
+
+def _rank_main(cfg: Config, env: RankEnv, work_dir: Path, stream: TokenStream | None) -> None:
+    """One rank of a multi-rank evaluation, in a spawned process."""
+    import torch
+    import torch.distributed as dist
+
+    from launch.train import rank_info
+
+    gpu = env.local_rank % torch.cuda.device_count() if torch.cuda.is_available() else None
+    env = dataclasses.replace(env, gpu=gpu)
+    redirect_output(log_path(work_dir, env.rank), echo=env.rank == 0)
+    try:
+        init_distributed(cfg.launch, env)
+        with rank_info(cfg) as info:
+            result = evaluate_rank(cfg, info, stream)
+        if env.rank == 0:
+            (work_dir / RESULT_FILE).write_text(json.dumps(result))
+    except BaseException as err:
+        _record_failure(work_dir, env.rank, err)
+        import traceback
+
+        traceback.print_exc()  # into the rank's log
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _launch(cfg: Config, world_size: int, work_dir: Path, stream: TokenStream | None) -> dict[str, Any]:
+    """Every rank of the layout as a local process; rank 0's result."""
+    from launch.local_launcher import _supervise
+
+    port = pick_port(LOCALHOST, cfg.launch.master_port)
+    threads = cfg.launch.threads or max(1, (os.cpu_count() or 1) // world_size)
+    envs = [RankEnv(r, world_size, r, world_size, LOCALHOST, port, threads) for r in range(world_size)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(cfg, env, work_dir, stream)) for env in envs]
+    for proc in procs:
+        proc.start()
+    try:
+        _supervise(procs, work_dir)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.kill()
+        raise
+    return json.loads((work_dir / RESULT_FILE).read_text())
+
+
+def _out_path(arg: str | None, ckpt: Checkpoint) -> Path:
+    """``--out``, refused now if it exists or cannot be written; else a new name under runs/eval/."""
+    if arg is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / "eval" / f"{ckpt.run_name}-step{ckpt.step}-{stamp}.json"
+    path = Path(arg)
+    if path.exists() or path.is_symlink():
+        raise ConfigError(f"--out {arg}: exists; choose another path (moe eval never overwrites a file)")
+    existing = Path(os.path.abspath(path)).parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {arg}: {existing} is not a writable directory; give a path in one")
+    return path
+
+
+def write_new(path: Path, text: str, numbered: bool) -> Path:
+    """Write ``text`` to ``path`` atomically (temp file, then a hard link, which never replaces
+    a file); ``numbered``: take ``name-2.json``, ``-3``... when ``path`` exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    temp.write_text(text)
+    try:
+        for n in range(1, 1000):
+            candidate = path if n == 1 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+            try:
+                os.link(temp, candidate)
+                return candidate
+            except FileExistsError:
+                if not numbered:
+                    raise ConfigError(f"--out {path}: appeared meanwhile; choose another path") from None
+        raise ConfigError(f"{path}: 999 results of that name already; give --out")
+    finally:
+        temp.unlink()
+
+
+def evaluate(ckpt_arg: Path, overrides: list[str], data: str | None, out: str | None) -> tuple[dict[str, Any], Path]:
+    """Evaluate the checkpoint ``ckpt_arg`` names; (the result, the file it was written to)."""
+    from launch.train import RankInfo, check_layout
+
+    ckpt = find_checkpoint(ckpt_arg)
+    out_path = _out_path(out, ckpt)
+    work_dir = Path(tempfile.mkdtemp(prefix="moe-eval-"))
+    try:
+        saved = eval_config(ckpt, [], work_dir)
+        tokenizer = model_tokenizer(saved)
+        data_path = None if data is None else Path(data)
+        stream = None
+        if data_path is not None and not data_path.exists():
+            raise DataError(f"--data {data}: not found; give a prepared dataset directory or a text/.jsonl file")
+        if data_path is not None and data_path.is_dir():
+            check_dataset_tokenizer(data_path, tokenizer)
+            overrides = [*overrides, f"data.path={data_path.resolve()}"]
+        elif data_path is not None:
+            tokens = file_tokens(data_path, tokenizer)
+            stream = TokenStream(tokens, tokenizer.vocab_size, tokenizer.eod)
+            overrides = [*overrides, f"data.val_tokens={tokens.size}"]
+        cfg = eval_config(ckpt, overrides, work_dir)
+        topology = check_layout(cfg)
+        ensure_dataset(cfg.data)  # once, before any rank reads it (the embedded corpus may need preparing)
+        start = time.perf_counter()
+        if topology.world_size == 1:
+            result = evaluate_rank(cfg, RankInfo(), stream)
+        else:
+            result = _launch(cfg, topology.world_size, work_dir, stream)
+        seconds = time.perf_counter() - start
+    except BaseException:
+        print(f"(moe eval's working files, rank logs included: {work_dir})", file=sys.stderr)
+        raise
+    shutil.rmtree(work_dir, ignore_errors=True)
+    record = {
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+        "data": {"kind": "file", "path": str(data_path)} if stream is not None
+        else {"kind": "dataset", "path": str(cfg.data.path or "embedded corpus"), "split": "val"},
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
+        "layout": {key: getattr(topology, key) for key in ("world_size", "dp", "ep", "tp", "pp", "etp", "vpp", "micro_batches")},
+        "tokens": result["tokens"],
+        "loss": result["loss"],
+        "perplexity": math.exp(result["loss"]),
+        "seconds": round(seconds, 3),
+    }
+    text = json.dumps(record, indent=2) + "\n"
+    return record, write_new(out_path, text, numbered=out is None)
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="moe eval",
+        description="Loss (nats/token) and perplexity of a checkpoint on held-out text, as JSON. Overrides "
+        "(section.key=value) change the checkpoint's config, e.g. the layout: parallel.ep=2.",
+    )
+    parser.add_argument("checkpoint", type=Path, metavar="CKPT_OR_RUN_DIR",
+                        help="a checkpoint, a checkpoints/ directory or a run directory (its latest checkpoint)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.dp=2 parallel.ep=2")
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help="a prepared dataset (its val split) or a text/.jsonl file (all of it); "
+                        "default: the run's dataset, val split")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="the JSON result (never overwritten; default runs/eval/<run>-step<N>-<time>.json)")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    """`moe eval`; errors propagate to the ``moe`` command line, which prints them as one line."""
+    try:
+        args = _parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    record, path = evaluate(args.checkpoint, args.overrides, args.data, args.out)
+    print(json.dumps(record, indent=2))
+    print(f"loss {record['loss']:.6f} nats/token, perplexity {record['perplexity']:.4f} on {record['tokens']} tokens; "
+          f"written to {path}", file=sys.stderr)
+    return 0
