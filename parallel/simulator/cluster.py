@@ -35,19 +35,23 @@ Recompute: ``full`` runs each block's forward again in the backward; ``selective
 (megatron's ``layernorm`` + ``moe_act``/``mlp`` act modules, this trainer's ``selective``)
 reruns the norms and the activation function.
 
-**Communication**: TP (sequence parallel) all-gathers and reduce-scatters ``Tn·D·2`` bytes
-per rank twice per attention (and dense MLP) forward and backward, ring over the TP group;
-the EP dispatcher moves ``R·D·2·(ep−1)/ep`` bytes per rank 4 times per MoE layer (dispatch,
-combine; forward, backward) at the dispatcher profile's NVLink and inter-node bandwidths,
-both in flight at once (``max``), plus its latency; PP sends ``Tn·D·2`` per chunk boundary
+**Communication**: TP (sequence parallel) all-gathers and reduce-scatters the ``T·D·2``-byte
+activation (``Tn·D·2`` per rank) twice per attention (and dense MLP) forward and backward,
+ring over the TP group;
+the EP dispatcher moves ``R·D·2`` bytes of rows per rank 4 times per MoE layer (dispatch,
+combine; forward, backward), the same-node share over NVLink and the other-node share
+across nodes, both in flight at once (``max``), at the dispatcher profile's bandwidths plus
+its latency (``all_to_all_time``; a DeepEP-class profile sends a token once per node,
+``remote_node_share``), and the profile's ``sync_s`` per MoE layer forward (the host waits
+for the token counts); PP sends ``Tn·D·2`` per chunk boundary
 per micro-batch each way (the interleaved schedule overlaps it with compute, leaving the
 latency); DP reduce-scatters the fp32 gradient buffers over ``dp`` (dense) and ``edp``
 (experts) and all-gathers the bf16 parameters, ring over the group's link; with
 ``overlap_grad_reduce`` the reduce-scatter hides behind the last micro-batch's backward,
 with ``overlap_param_gather`` the all-gather behind the first micro-batch's forward (only
 what exceeds it is exposed). ``overlap_moe_a2a`` (megatron-core's
-``overlap_moe_expert_parallel_comm``, interleaved 1F1B or no PP) hides a micro-batch's
-all-to-all behind another micro-batch's compute: per micro-batch ``max(compute, a2a)``.
+``overlap_moe_expert_parallel_comm``, interleaved 1F1B or no PP) pairs each all-to-all with
+another micro-batch's attention or MLP (``StageTime.exposed_ep``).
 
 **Step**: ``m · t_micro`` of the slowest stage, the bubble ``(p−1)·t_micro`` (1F1B) or
 ``(p−1)·t_micro / v`` (interleaved), the exposed DP time and the optimizer (memory-bound
