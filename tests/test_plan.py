@@ -119,7 +119,7 @@ def test_plan_ranks_the_published_layouts(qwen_plan: object) -> None:
     times = [p.step_time_s for p in ranked]
     assert times == sorted(times)
     for run in RUNS:
-        if run.model == "qwen3-235b-a22b":
+        if run.model == "qwen3-235b-a22b" and run.layout["global_batch"] == 2048:
             assert run.cluster_layout() in layouts, run.name
 
 

@@ -32,8 +32,9 @@ FLOPs (data and weight gradients) and ``ATTENTION_BACKWARD`` times the attention
   ``memory_bandwidth · memory_efficiency`` (``elementwise_bytes``);
 - ``op_overhead_s`` per kernel (``KERNELS_*``).
 Recompute: ``full`` runs each block's forward again in the backward; ``selective``
-(megatron's ``layernorm`` + ``moe_act``/``mlp`` act modules, this trainer's ``selective``)
-reruns the norms and the activation function.
+(megatron's ``--recompute-modules layernorm moe_act``, this trainer's ``selective``) reruns
+the norms and the activation function; ``moe`` (``--recompute-modules layernorm moe``) the
+norms and each MoE block's forward, its all-to-alls included.
 
 **Communication**: TP (sequence parallel) all-gathers and reduce-scatters the ``T·D·2``-byte
 activation (``Tn·D·2`` per rank) twice per attention (and dense MLP) forward and backward,
@@ -79,8 +80,8 @@ from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.mlp import input_width
 from parallel.simulator.hardware import Dispatcher, Hardware
 
-Recompute = Literal["none", "selective", "full"]
-RECOMPUTE_MODES = ("none", "selective", "full")
+Recompute = Literal["none", "selective", "moe", "full"]
+RECOMPUTE_MODES = ("none", "selective", "moe", "full")
 BF16 = 2  # bytes per bf16 element
 ATTENTION_BACKWARD = 2.5  # flash attention's backward: 5 GEMM-like passes to the forward's 2 (Dao 2023)
 OPTIMIZER_BYTES = 30  # per shard element: fp32 main param, exp_avg, exp_avg_sq read+write (24), fp32 grad read (4), bf16 param write (2)
@@ -338,9 +339,10 @@ class StageTime:
         return self.compute + self.tp_comm + self.exposed_ep(overlap_share) + self.pp_comm
 
 
-def elementwise_bytes(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, moe_layer: bool) -> tuple[float, float]:
+def elementwise_bytes(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout,
+                      moe_layer: bool) -> tuple[float, float, float]:
     """(bytes every layer's fused elementwise kernels move forward, the share that
-    ``selective`` recomputation moves again): 2 norms (read and write ``Tn·D``),
+    ``selective`` recomputation moves again, the MoE block's routing and activation share): 2 norms (read and write ``Tn·D``),
     2 residual adds (2 reads, 1 write of ``Tn·D``), RoPE on q and k (read+write), and for an
     MoE layer the router's softmax/top-k over ``Tn·E`` (fp32 read+write), permute and unpermute
     (read+write ``R·D`` each), the combine (read ``R·D``, write ``Tn·D``) and SwiGLU (read
@@ -358,7 +360,7 @@ def elementwise_bytes(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout,
         f = model.ffn_dim / t.tp
         act = T * (input_width(int(f), model.activation) + f)
         routed = 0.0
-    return BF16 * (common + routed + act), BF16 * (norms + act)
+    return BF16 * (common + routed + act), BF16 * (norms + act), BF16 * (routed + act if moe_layer else 0.0)
 
 
 def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, hw: Hardware,
@@ -368,7 +370,8 @@ def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, 
     T, D, S, Tn = t.tokens, model.dim, t.seq_len, t.tokens / t.tp
     q = attention_width(model)
     layers = stage_layers(model, t, stage)
-    passes = 3.0 + (1.0 if t.recompute == "full" else 0.0)  # forward, 2x backward, recomputed forward
+    passes = 3.0 + (t.recompute == "full")  # forward, 2x backward, a recomputed forward
+    moe_passes = 3.0 + (t.recompute in ("full", "moe"))
     rate_bw = hw.memory_bandwidth * hw.memory_efficiency
     out = StageTime()
     R = rows_per_rank(moe, t)
@@ -380,30 +383,31 @@ def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, 
         out.attention += (1 + ATTENTION_BACKWARD + (t.recompute == "full")) * flash
         attention_forward = fwd_gemm + flash
         kernels = KERNELS_ATTENTION
+        out.gemm += passes * fwd_gemm
         if model.is_moe_layer(i):
             f = moe.expert_ffn_dim / t.etp
-            fwd_gemm += gemm_time(hw, Tn, moe.num_experts, D)
+            fwd_moe = gemm_time(hw, Tn, moe.num_experts, D)
             rows = R / local  # per expert
             share = hw.kernel_efficiency.get("grouped_mm", 1.0)
             expert = local * (gemm_time(hw, rows, input_width(int(f), moe.activation), D, share)
                               + gemm_time(hw, rows, D, f, share))
-            out.grouped_gemm += passes * expert
+            out.grouped_gemm += moe_passes * expert
             if moe.num_shared_experts:
                 fs = moe.expert_ffn_dim * moe.num_shared_experts / t.tp
-                fwd_gemm += gemm_time(hw, T, input_width(int(fs), moe.activation), D) + gemm_time(hw, T, D, fs)
+                fwd_moe += gemm_time(hw, T, input_width(int(fs), moe.activation), D) + gemm_time(hw, T, D, fs)
+            out.gemm += moe_passes * fwd_moe
             kernels += KERNELS_MOE
-            if t.ep > 1:  # dispatch + combine, forward and backward; a token-count sync per forward dispatch
+            if t.ep > 1:  # dispatch + combine, forward and backward (and recomputed); a token-count sync per forward dispatch
                 a2a = all_to_all_time(hw, dispatcher, moe, ep_members, R * D * BF16)
-                syncs = (1 + (t.recompute == "full")) * dispatcher.sync_s
-                out.ep_comm += 4 * a2a + syncs
-                out.moe_layers.append((attention_forward, fwd_gemm - attention_forward + flash + expert, a2a, syncs))
+                syncs = (moe_passes - 2) * dispatcher.sync_s
+                out.ep_comm += 2 * (moe_passes - 1) * a2a + syncs
+                out.moe_layers.append((attention_forward, fwd_moe + expert, a2a, syncs))
         else:
             f = model.ffn_dim / t.tp
-            fwd_gemm += gemm_time(hw, T, input_width(int(f), model.activation), D) + gemm_time(hw, T, D, f)
+            out.gemm += passes * (gemm_time(hw, T, input_width(int(f), model.activation), D) + gemm_time(hw, T, D, f))
             kernels += KERNELS_DENSE_MLP
-        out.gemm += passes * fwd_gemm
-        moved, selective = elementwise_bytes(model, moe, t, model.is_moe_layer(i))
-        again = moved if t.recompute == "full" else selective if t.recompute == "selective" else 0.0
+        moved, selective, ffn = elementwise_bytes(model, moe, t, model.is_moe_layer(i))
+        again = {"none": 0.0, "selective": selective, "moe": selective + ffn, "full": moved}[t.recompute]
         out.elementwise += (3 * moved + again) / rate_bw
         out.kernel_overhead += 3 * kernels * hw.op_overhead_s
         if t.tp > 1:  # sequence parallelism: all-gather + reduce-scatter around attention and dense MLPs, fwd and bwd
@@ -437,16 +441,19 @@ def layer_activation_bytes(model: ModelConfig, moe: MoEConfig, layout: ClusterLa
     - dense MLP: norm input and output, FC1's output ``T·Fin/tp`` and the activation's ``T·F/tp``.
 
     ``selective`` drops the norms' outputs and the activation's output (recomputed);
+    ``moe`` drops the norms' outputs and keeps of an MoE block its input ``Tn·D`` only;
     ``full`` keeps the layer's input ``Tn·D`` only."""
     t = layout
     T, D, Tn = t.tokens, model.dim, t.tokens / t.tp
     if t.recompute == "full":
         return BF16 * Tn * D
-    selective = t.recompute == "selective"
+    selective = t.recompute in ("selective", "moe")
     norm = Tn * D * (1 if selective else 2)
     q, kv = attention_width(model), model.kv_heads * model.head_size
     attn = norm + T * (2 * q + 2 * kv) / t.tp + 2 * T * model.n_heads / t.tp
-    if model.is_moe_layer(layer):
+    if model.is_moe_layer(layer) and t.recompute == "moe":
+        ffn = Tn * D
+    elif model.is_moe_layer(layer):
         R, f = rows_per_rank(moe, t), moe.expert_ffn_dim / t.etp
         fin = input_width(int(f), moe.activation)
         ffn = norm + 4 * Tn * moe.num_experts + R * (D + fin + (0 if selective else f))
