@@ -3,6 +3,7 @@
     moe ckpt inspect DIR [--verify]            a checkpoint's layout, step, tensors and checksums
     moe ckpt import HF_DIR --out CKPT_DIR      a Hugging Face Mixtral/Qwen3-MoE/Llama/Qwen3 model as our checkpoint
     moe ckpt export CKPT_OR_RUN_DIR --out HF_DIR [--arch A]   our checkpoint (any layout) for transformers
+    moe ckpt upcycle DENSE --experts E --top-k K [--granularity G] --out CKPT_DIR   a dense model made MoE
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def _export(argv: list[str]) -> int:
     return main(argv)
 
 
-ACTIONS = {"inspect": _inspect, "import": _import, "export": _export}
+def _upcycle(argv: list[str]) -> int:
+    from launch.ckpt.upcycle import main
+
+    return main(argv)
+
+
+ACTIONS = {"inspect": _inspect, "import": _import, "export": _export, "upcycle": _upcycle}
 
 
 def ckpt_main(argv: list[str]) -> int:

@@ -83,7 +83,7 @@ def convert(reader: SafetensorsReader, table: list[Entry], tied: bool) -> dict[s
     return state
 
 
-def _data_config(tokenizer: Path | None) -> DataConfig:
+def data_config(tokenizer: Path | None) -> DataConfig:
     """The data section: the copied tokenizer in ``data.tokenizer`` where DataConfig has that key."""
     if tokenizer is not None and "tokenizer" in {f.name for f in fields(DataConfig)}:
         return DataConfig(tokenizer=str(tokenizer))
@@ -133,7 +133,7 @@ def import_hf(hf_dir: Path, out: Path) -> dict[str, Any]:
         tmp.mkdir()
         tokenizer = copy_tokenizer(hf_dir, tmp)
         final_tokenizer = (out / "tokenizer" / "tokenizer.json").resolve() if "tokenizer.json" in tokenizer else None
-        cfg = replace(Config(model=model, moe=moe, data=_data_config(final_tokenizer)),
+        cfg = replace(Config(model=model, moe=moe, data=data_config(final_tokenizer)),
                       train=replace(Config().train, init_from=str(out.resolve())))
         notes = notes | {"train.init_from": "these weights (a fresh run: step 0, new optimizer)"}
         if final_tokenizer is not None:
