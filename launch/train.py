@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import torch.distributed as dist
 
-from launch.ckpt.init_from import load_initial_weights, resolve_init_from
+from launch.ckpt.init_from import read_initial_weights
 from launch.config import Config, TrainConfig, to_dict
 from launch.data import TokenStream, ensure_dataset, load_split
 from launch.memory import memory_kind, peak_memory_per_rank
@@ -413,7 +413,8 @@ class Run:
         self.tcfg = cfg.train
         self.device = resolve_device(cfg.train)
         # A resume takes the weights from its own checkpoint; a fresh run may start from init_from's.
-        init_from = resolve_init_from(cfg.train.init_from) if cfg.train.init_from and not cfg.train.resume else None
+        init_state = (read_initial_weights(cfg.train.init_from, cfg.model, cfg.moe)
+                      if cfg.train.init_from and not cfg.train.resume else None)
         if cfg.launch.threads is not None:
             torch.set_num_threads(cfg.launch.threads)
         data_dir = ensure_dataset(cfg.data)
@@ -424,8 +425,8 @@ class Run:
 
         torch.manual_seed(cfg.train.seed)
         self.net = Transformer(cfg.model, cfg.moe).to(self.device)  # same init on every rank
-        if init_from is not None:  # the whole model on every rank; the parallelism below shards it
-            load_initial_weights(self.net, init_from, to_dict(cfg))
+        if init_state is not None:  # the whole model on every rank; the parallelism below shards it
+            self.net.load_state_dict(init_state)
         if self.topology.ep > 1:
             apply_expert_parallel(self.net, info.groups.ep)
         # Tensor parallelism after expert parallelism: EP replaces the expert parameters, and

@@ -24,8 +24,8 @@ from launch.ckpt.cli import ckpt_main
 from launch.ckpt.full_state import read_model_state
 from launch.ckpt.hf_export import export_hf
 from launch.ckpt.hf_import import import_hf
-from launch.ckpt.init_from import load_initial_weights
-from launch.config import build, load_config, to_dict
+from launch.ckpt.init_from import read_initial_weights
+from launch.config import build, load_config
 from launch.data.config import DataConfig
 from moe.config import ModelConfig, MoEConfig
 from moe.model import Transformer
@@ -171,7 +171,7 @@ def test_init_from_names_a_tensor_that_does_not_fit(hf_dirs: dict[str, Path], tm
     cfg = load_config(tmp_path / "ckpt" / "config.yaml", ["moe.expert_ffn_dim=24"])
     with pytest.raises(CheckpointError, match=r"'blocks.0.ffn.experts.w_in_EDF' is \[4, 36, 40\] there but \[4, 36, 48\] "
                                               r"here .*moe.expert_ffn_dim=20 there, 24 here"):
-        load_initial_weights(Transformer(cfg.model, cfg.moe), tmp_path / "ckpt", to_dict(cfg))
+        read_initial_weights(str(tmp_path / "ckpt"), cfg.model, cfg.moe)
 
 
 TRAIN = ["model.seq_len=32", "train.lr=1e-6", "train.steps=3", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
