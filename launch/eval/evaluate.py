@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,6 @@ def _rank_main(cfg: Config, env: RankEnv, work_dir: Path, stream: TokenStream | 
             (work_dir / RESULT_FILE).write_text(json.dumps(result))
     except BaseException as err:
         _record_failure(work_dir, env.rank, err)
-        import traceback
-
         traceback.print_exc()  # into the rank's log
         raise SystemExit(1) from None
     finally:
@@ -265,6 +264,21 @@ def write_new(path: Path, text: str, numbered: bool) -> Path:
         temp.unlink()
 
 
+def _data_choice(data: str | None, tokenizer: Tokenizer) -> tuple[list[str], TokenStream | None]:
+    """What ``--data`` changes: a prepared dataset is ``data.path`` (checked to hold the model's
+    tokens); a file becomes a token stream, all of it evaluated (``data.val_tokens``)."""
+    if data is None:
+        return [], None
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"--data {data}: not found; give a prepared dataset directory or a text/.jsonl file")
+    if path.is_dir():
+        check_dataset_tokenizer(path, tokenizer)
+        return [f"data.path={path.resolve()}"], None
+    tokens = file_tokens(path, tokenizer)
+    return [f"data.val_tokens={tokens.size}"], TokenStream(tokens, tokenizer.vocab_size, tokenizer.eod)
+
+
 def evaluate(ckpt_arg: Path, overrides: list[str], data: str | None, out: str | None) -> tuple[dict[str, Any], Path]:
     """Evaluate the checkpoint ``ckpt_arg`` names; (the result, the file it was written to)."""
     from launch.train import RankInfo, check_layout
@@ -275,18 +289,8 @@ def evaluate(ckpt_arg: Path, overrides: list[str], data: str | None, out: str | 
     try:
         saved = eval_config(ckpt, [], work_dir)
         tokenizer = model_tokenizer(saved)
-        data_path = None if data is None else Path(data)
-        stream = None
-        if data_path is not None and not data_path.exists():
-            raise DataError(f"--data {data}: not found; give a prepared dataset directory or a text/.jsonl file")
-        if data_path is not None and data_path.is_dir():
-            check_dataset_tokenizer(data_path, tokenizer)
-            overrides = [*overrides, f"data.path={data_path.resolve()}"]
-        elif data_path is not None:
-            tokens = file_tokens(data_path, tokenizer)
-            stream = TokenStream(tokens, tokenizer.vocab_size, tokenizer.eod)
-            overrides = [*overrides, f"data.val_tokens={tokens.size}"]
-        cfg = eval_config(ckpt, overrides, work_dir)
+        data_overrides, stream = _data_choice(data, tokenizer)
+        cfg = eval_config(ckpt, [*overrides, *data_overrides], work_dir)
         topology = check_layout(cfg)
         ensure_dataset(cfg.data)  # once, before any rank reads it (the embedded corpus may need preparing)
         start = time.perf_counter()
@@ -296,13 +300,16 @@ def evaluate(ckpt_arg: Path, overrides: list[str], data: str | None, out: str | 
             result = _launch(cfg, topology.world_size, work_dir, stream)
         seconds = time.perf_counter() - start
     except BaseException:
-        print(f"(moe eval's working files, rank logs included: {work_dir})", file=sys.stderr)
+        if (work_dir / "logs").is_dir():  # ranks ran: their logs say why (the error names the first)
+            print(f"(moe eval's rank logs are kept in {work_dir / 'logs'})", file=sys.stderr)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
         raise
     shutil.rmtree(work_dir, ignore_errors=True)
     record = {
         "checkpoint": str(ckpt.path),
         "step": ckpt.step,
-        "data": {"kind": "file", "path": str(data_path)} if stream is not None
+        "data": {"kind": "file", "path": str(data)} if stream is not None
         else {"kind": "dataset", "path": str(cfg.data.path or "embedded corpus"), "split": "val"},
         "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size},
         "layout": {key: getattr(topology, key) for key in ("world_size", "dp", "ep", "tp", "pp", "etp", "vpp", "micro_batches")},
