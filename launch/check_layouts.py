@@ -6,7 +6,8 @@ Every layout trains the same seed and global batch for a few steps (through the 
 launcher as ``moe train``); the table shows, per step and layout, the LM loss, aux loss,
 z-loss, the routers' gradient norm and the routed tokens per expert, with the largest
 relative difference against the first layout. Any difference above ``--rtol`` (or any
-tokens-per-expert count that differs) fails, and the command exits non-zero.
+tokens-per-expert count or, with ``moe.expert_bias_update_rate``, expert bias that
+differs) fails, and the command exits non-zero.
 
 A layout is ``key=value`` pairs joined by commas; a key is any field of the ``parallel``
 section, by its own name (``tp``, ``pp``, ``ep``, ``dp``, ``etp``, ``vpp``,
@@ -225,8 +226,10 @@ def compare(results: list[list[dict[str, Any]]], layouts: list[Layout], rtol: fl
         for layout, records in zip(layouts, results):
             record = records[step]
             diff = max(_rel(record[k], reference[k]) for k in COMPARED)
+            # Routed counts are integers and the expert bias moves by +-u on them: both exact.
             same_tokens = record["expert_tokens"] == reference["expert_tokens"]
-            ok = diff <= rtol and same_tokens
+            same_bias = record.get("expert_bias") == reference.get("expert_bias")
+            ok = diff <= rtol and same_tokens and same_bias
             all_ok &= ok
             values = "".join(f"{record[k]:>18.10g}" for k in COMPARED)
             tokens = record["expert_tokens"][0] if record["expert_tokens"] else []

@@ -68,6 +68,7 @@ from moe.config import ConfigError
 from moe.model import Transformer
 from moe.noisy_router import set_noise_step
 from moe.recompute import apply_recompute
+from moe.router import update_expert_bias
 from parallel.checkpoint import (
     CheckpointError,
     ShardInfo,
@@ -442,10 +443,15 @@ class Run:
             apply_recompute(chunk, cfg.train.recompute, cfg.train.recompute_layers)
         # Learned routers' weights (hash routers have none): their gradient norm is logged.
         self.routers = [w for chunk in self.chunks for layer in chunk.moe_layers() for w in layer.router.parameters()]
+        # Sigmoid routers with aux-loss-free balancing: (global MoE layer index, router) of this rank's layers.
+        self.bias_routers = [] if cfg.moe.expert_bias_update_rate == 0 else [
+            (chunk.moe_layer_index(name), block.ffn.router)
+            for chunk in self.chunks for name, block in chunk.blocks.items() if chunk.cfg.is_moe_layer(int(name))
+        ]
         self.engine = self._make_engine()
         self.model = self.engine.module
         self.pipeline = self._make_pipeline()
-        n_moe, n_exp = self.n_moe_layers, cfg.moe.num_experts
+        n_moe, n_exp = self.n_moe_layers, cfg.moe.routed_experts
         self.tail_start = cfg.train.steps - max(1, cfg.train.steps // 10)
         self.tail_load = LoadTracker.zeros(n_moe, n_exp)
         # The live collapse alarm over the log intervals (launch.metrics.CollapseAlarm).
@@ -503,7 +509,7 @@ class Run:
             return None
         from parallel.pipeline import PipelineRunner
 
-        return PipelineRunner(self.engine.modules, self.chunks, self.n_moe_layers, self.cfg.moe.num_experts,
+        return PipelineRunner(self.engine.modules, self.chunks, self.n_moe_layers, self.cfg.moe.routed_experts,
                               self.topology.tp, self.cfg.parallel.sequence_parallel)
 
     def _dp_rows(self, rows_per_rank: int) -> slice:
@@ -554,8 +560,10 @@ class Run:
             return
         from parallel.dist_checkpoint import save_dist_checkpoint
 
+        # The expert bias is a buffer, which the sharded model state (parameters) leaves out.
         extras = {"step": self.step, "tail_load": self.tail_load.counts_LE, "best_val": self.best_val,
-                  "nonfinite_steps": self.nonfinite_steps, "config": to_dict(self.cfg)}
+                  "nonfinite_steps": self.nonfinite_steps, "config": to_dict(self.cfg),
+                  "expert_bias": self._expert_bias_LE()}
         save_dist_checkpoint(ckpt_dir, self.step, self.engine, self.net, self.info.groups, extras,
                              self.tcfg.keep_checkpoints)
 
@@ -572,6 +580,8 @@ class Run:
         check_resume_config(path, read_manifest(path)["config"], self.cfg, reshardable=True)
         extras = load_dist_checkpoint(path, self.engine, self.net, self.info.groups, to_dict(self.cfg))
         self.tail_load.counts_LE = extras["tail_load"]
+        if "expert_bias" in extras:  # absent from checkpoints saved before bias balancing existed
+            self._load_expert_bias(extras["expert_bias"])
         self.best_val = extras["best_val"]
         self.nonfinite_steps = extras.get("nonfinite_steps", 0)
         self.step = extras["step"]
@@ -614,7 +624,7 @@ class Run:
         if self.cfg.moe.aux_loss_scope != "global_batch" or (len(micro) == 1 and self.topology.dp == 1):
             return None
         rng = torch.get_rng_state()
-        counts_LE = torch.zeros(self.n_moe_layers, self.cfg.moe.num_experts)
+        counts_LE = torch.zeros(self.n_moe_layers, self.cfg.moe.routed_experts)
         if self.pipeline is not None:  # a forward-only schedule; each stage counts its own layers
             stats = self.pipeline.run(self._on_device(micro), None, forward_only=True)
             counts_LE = sum_over(stats.counts_LE, self.info.groups.pp)
@@ -659,7 +669,7 @@ class Run:
         load_LE = self._global_load(micro)
         n_micro = len(micro)
         sums_4 = torch.zeros(4)  # lm, aux, z, dropped
-        counts_LE = torch.zeros(self.n_moe_layers, self.cfg.moe.num_experts)
+        counts_LE = torch.zeros(self.n_moe_layers, self.cfg.moe.routed_experts)
         self.model.train()
         self.engine.zero_grad()
         if self.pipeline is not None:
@@ -682,7 +692,32 @@ class Run:
         self.step += 1
         values = {"lm_loss": lm, "aux_loss": aux, "z_loss": z, "dropped_fraction": dropped,
                   "grad_norm": grad_norm, "router_grad_norm": router_grad_norm, "lr": lr}
-        return values, sum_over(counts_LE, self.info.dp_group), problem
+        counts_LE = sum_over(counts_LE, self.info.dp_group)
+        if problem is None:
+            self._update_expert_bias(counts_LE)
+        return values, counts_LE, problem
+
+    def _update_expert_bias(self, counts_LE: torch.Tensor) -> None:
+        """Aux-loss-free balancing after the optimizer step (``moe.router.update_expert_bias``).
+        ``counts_LE`` holds the global batch's assignments: every micro-batch, summed over tp
+        (each TP rank routes its own tokens; the TP layer sums its counts), over dp, and over
+        pp (each stage fills its own layers' rows). Every rank holding a layer sees the same
+        counts, so its bias stays identical on every rank and in every layout."""
+        for index, router in self.bias_routers:
+            update_expert_bias(router.expert_bias_E, counts_LE[index], self.cfg.moe.expert_bias_update_rate)
+
+    def _expert_bias_LE(self) -> torch.Tensor:
+        """Every MoE layer's expert bias, the same on every rank (other stages' rows summed in
+        over pp); zeros without bias balancing."""
+        bias_LE = torch.zeros(self.n_moe_layers, self.cfg.moe.routed_experts)
+        for index, router in self.bias_routers:
+            bias_LE[index] = router.expert_bias_E.detach().cpu()
+        return bias_LE if self.pipeline is None else sum_over(bias_LE, self.info.groups.pp)
+
+    def _load_expert_bias(self, bias_LE: torch.Tensor) -> None:
+        """Give this rank's layers their rows of a saved ``_expert_bias_LE``."""
+        for index, router in self.bias_routers:
+            router.expert_bias_E.copy_(bias_LE[index])
 
     def _on_any_rank(self, flags: list[bool]) -> list[bool]:
         """Each flag, true where it is true on some rank: every rank takes the same decision."""
@@ -788,6 +823,8 @@ class Run:
         if load.counts_LE.numel():
             record["expert_tokens"] = load.counts_LE.long().tolist()
             record["expert_load"] = load.shares_LE().round(5).tolist()
+        if self.cfg.moe.expert_bias_update_rate > 0:  # every rank takes part (a pp collective)
+            record["expert_bias"] = self._expert_bias_LE().tolist()
         return record
 
     def _log_start(self) -> None:
@@ -829,7 +866,7 @@ class Run:
         at their intervals; the seconds spent in training steps and the tokens they took."""
         tcfg = self.tcfg
         recorder, routing_path = self._routing_recorder()
-        n_moe, n_exp = self.n_moe_layers, self.cfg.moe.num_experts
+        n_moe, n_exp = self.n_moe_layers, self.cfg.moe.routed_experts
         interval, load = Interval(), LoadTracker.zeros(n_moe, n_exp)
         train_seconds, train_tokens = 0.0, 0
         tokens_per_step = tcfg.batch_size * self.cfg.model.seq_len
@@ -941,7 +978,7 @@ class Run:
         vals = [r["val_loss"] for r in records if r["kind"] == "val"]
         counts = param_counts(self.cfg.model, self.cfg.moe)
         shares_LE = self.tail_load.shares_LE()
-        n_exp = self.cfg.moe.num_experts
+        n_exp = self.cfg.moe.routed_experts
         threshold = self.alarm.share
         tokens_per_s = train_tokens / max(train_seconds, 1e-9)
         outputs = {
