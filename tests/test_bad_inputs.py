@@ -186,6 +186,34 @@ ROWS = (
     row("tokenizer-train-over-a-file", "data tokenizer train {fx}/src --vocab-size 300 --out {fx}/a-file", 2,
         "exists; choose another path (a tokenizer is never overwritten)"),
     row("eval-not-a-checkpoint", "eval {fx}/src", 2, "is not a checkpoint, a checkpoints directory or a run directory"),
+    # moe ckpt import / export / upcycle and train.init_from (nothing is written at --out, which lies in {fx})
+    row("ckpt-import-not-a-model", "ckpt import {fx}/src --out {fx}/imported", 2,
+        "is not a Hugging Face model directory: it has no config.json"),
+    row("ckpt-import-unsupported-arch", "ckpt import {fx}/hf-gpt2 --out {fx}/imported", 2,
+        "architectures=['GPT2LMHeadModel'] is not supported; moe ckpt import reads MixtralForCausalLM"),
+    row("ckpt-import-shape-disagrees", "ckpt import {fx}/hf-bad-shape --out {fx}/imported", 2,
+        "tensor 'model.layers.0.mlp.gate_proj.weight' in model.safetensors is [24, 16] but config.json implies [32, 16]"),
+    row("ckpt-import-missing-shard", "ckpt import {fx}/hf-missing-shard --out {fx}/imported", 2,
+        "-00002-of-00007.safetensors' is missing: model.safetensors.index.json names it for"),
+    row("ckpt-import-truncated", "ckpt import {fx}/hf-truncated --out {fx}/imported", 2,
+        "is not a readable safetensors file (Error while deserializing header"),
+    row("ckpt-import-out-exists", "ckpt import {fx}/hf-llama --out {fx}/src", 2,
+        "src' already exists; give a new directory (nothing is overwritten)"),
+    row("ckpt-export-inexpressible", "ckpt export {fx}/gelu-run --out {fx}/exported", 2,
+        "MixtralForCausalLM cannot express this checkpoint's model.activation='gelu' (dense MLPs are SwiGLU); "
+        "model.moe_every=2 (Mixtral has experts in every layer"),
+    row("ckpt-export-capacity-to-qwen3", "ckpt export {fx}/gelu-run --out {fx}/exported --arch Qwen3MoeForCausalLM", 2,
+        "moe.capacity_factor=1.5 (only None)"),
+    row("ckpt-export-not-a-checkpoint", "ckpt export {fx}/src --out {fx}/exported", 2,
+        "is not a checkpoint, a checkpoints directory or a run directory"),
+    row("ckpt-upcycle-granularity", "ckpt upcycle {fx}/hf-llama --experts 4 --top-k 2 --granularity 5 --out {fx}/up", 2,
+        "--granularity 5 must be >= 1 and divide the dense MLP's width model.ffn_dim=24"),
+    row("ckpt-upcycle-top-k", "ckpt upcycle {fx}/hf-llama --experts 2 --top-k 3 --out {fx}/up", 2,
+        "moe.top_k=3: must be in [1, moe.num_experts=2]"),
+    row("train-init-from-missing", f"train {TINY} train.init_from={{fx}}/nowhere", 2,
+        "nowhere': no such file or directory; name a checkpoint"),
+    row("train-init-from-other-model", f"train {TINY} train.init_from={{fx}}/gelu-run", 2,
+        "does not fit the model/moe config: 'embed.weight' is [11, 8] there but [257, 192] here"),
 )
 
 
@@ -237,6 +265,44 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "hw-nan.yaml").write_text(hardware.replace("matmul_efficiency:", "matmul_efficiency: .nan #", 1))
     (fx / "hw-no-dispatchers.yaml").write_text(hardware.split("\ndispatchers:")[0] + "\n")
     _make_tokenizer_fixtures(fx)
+    _make_hf_fixtures(fx)
+
+
+def _make_hf_fixtures(fx: Path) -> None:
+    """Hugging Face directories (a dense Llama; GPT-2's config; one whose config.json disagrees
+    with its weights; sharded with a shard gone; truncated) and a checkpoint of ours with
+    gelu MLPs, dense layers and a capacity factor."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launch.config import Config, to_dict
+    from moe.config import ModelConfig, MoEConfig
+    from moe.model import Transformer
+    from parallel.checkpoint import save_checkpoint
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16))
+    llama.save_pretrained(fx / "hf-llama")
+    llama.save_pretrained(fx / "hf-missing-shard", max_shard_size="4KB")
+    shards = sorted((fx / "hf-missing-shard").glob("model-*.safetensors"))
+    assert len(shards) > 2, shards
+    shards[1].unlink()
+    shutil.copytree(fx / "hf-llama", fx / "hf-truncated")
+    data = (fx / "hf-truncated" / "model.safetensors").read_bytes()
+    (fx / "hf-truncated" / "model.safetensors").write_bytes(data[: len(data) - 100])
+    shutil.copytree(fx / "hf-llama", fx / "hf-bad-shape")
+    config = json.loads((fx / "hf-llama" / "config.json").read_text())
+    (fx / "hf-bad-shape" / "config.json").write_text(json.dumps({**config, "intermediate_size": 32}))
+    (fx / "hf-gpt2").mkdir()
+    (fx / "hf-gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 16}))
+    model = ModelConfig(vocab_size=11, dim=8, n_layers=2, n_heads=2, seq_len=8, ffn_dim=8, moe_every=2)
+    moe = MoEConfig(num_experts=2, top_k=1, normalize_weights=False, expert_ffn_dim=8, activation="swiglu",
+                    capacity_factor=1.5)
+    state = {"step": 1, "engine": {"model": Transformer(model, moe).state_dict()},
+             "config": to_dict(Config(model=model, moe=moe))}
+    save_checkpoint(fx / "gelu-run" / "checkpoints", 1, state, keep=1)
 
 
 def _make_tokenizer_fixtures(fx: Path) -> None:
@@ -300,7 +366,7 @@ def _command(r: Row) -> str:
 
 
 SUBCOMMANDS = ("data prepare", "sweep report", "simulate calibrate", "simulate validate", "bench kernels",
-               "bench layer", "ckpt inspect")
+               "bench layer", "ckpt inspect", "ckpt import", "ckpt export", "ckpt upcycle")
 
 
 def test_rows_are_unique_and_cover_every_command() -> None:

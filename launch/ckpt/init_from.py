@@ -42,10 +42,10 @@ def read_initial_weights(value: str, model: ModelConfig, moe: MoEConfig) -> dict
         )
     state, saved, found = read_model_state(path)
     own = expected_shapes(model, moe)
-    problems = [f"{name!r} is missing" for name in own if name not in state]
+    problems = [f"{name!r} is {list(state[name].shape)} there but {list(shape)} here"
+                for name, shape in own.items() if name in state and tuple(state[name].shape) != shape]
+    problems += [f"{name!r} is missing" for name in own if name not in state]
     problems += [f"{name!r} has no place in this model" for name in state if name not in own]
-    problems += [f"{name!r} is {list(state[name].shape)} there but {list(shape)} here"
-                 for name, shape in own.items() if name in state and tuple(state[name].shape) != shape]
     if problems:
         raise CheckpointError(
             f"train.init_from: checkpoint {str(found)!r} does not fit the model/moe config: {problems[0]}"
