@@ -471,7 +471,7 @@ def _plan(argv: list[str]) -> int:
     parser.add_argument("--dispatcher", default=None, help="one dispatcher profile of the hardware file (default: each)")
     parser.add_argument("--top", type=int, default=20, help="rows of the table (default %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="write every fitting layout, ranked, to this file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     if args.top < 1:
         raise ConfigError(f"--top {args.top}: give at least 1 row")
     if args.json is not None:
