@@ -365,7 +365,7 @@ def _command(r: Row) -> str:
     return two if two in SUBCOMMANDS else r.argv[0]
 
 
-SUBCOMMANDS = ("data prepare", "sweep report", "simulate calibrate", "simulate validate", "bench kernels",
+SUBCOMMANDS = ("data prepare", "sweep report", "simulate calibrate", "simulate validate", "simulate plan", "bench kernels",
                "bench layer", "ckpt inspect", "ckpt import", "ckpt export", "ckpt upcycle")
 
 
