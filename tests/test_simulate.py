@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from launch.config import load_config
+from launch.simulate import emulated_dtype
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from multirank import RankPool
 from parallel.config import ParallelConfig
@@ -95,27 +96,33 @@ def test_dense_block_activations_are_what_autograd_keeps(attention: dict[str, An
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(torch.randn(2, model.seq_len, model.dim, requires_grad=True), cos_SF, sin_SF)
     layout = Layout.build(ParallelConfig(), model, moe, batch_size=2, micro_batch_size=None)
-    assert activation_elements(model, moe, layout, layer=0, rows=0) == sum(kept.values())
+    assert activation_elements(model, moe, layout, layer=0, rows=0).elements == sum(kept.values())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("is_moe", [False, True])
-def test_block_activations_per_recompute_mode_are_what_autograd_keeps(mode: str, activation: str, is_moe: bool) -> None:
+@pytest.mark.parametrize(("is_moe", "shared"), [(False, 0), (True, 1), (True, 0)], ids=["dense", "moe-shared", "moe"])
+def test_block_activations_per_recompute_mode_are_what_autograd_keeps(mode: str, activation: str, is_moe: bool,
+                                                                      shared: int, dtype: str) -> None:
     """``activation_elements`` under each ``train.recompute`` mode against the storages
     autograd keeps through a block's forward (read after it: the activation outputs that
-    selective recomputation frees count 0): a dense block exactly, an MoE block (with a
-    shared expert) within 2% (its dispatch indices are not modelled)."""
+    selective recomputation frees count 0), in bytes: with fp32 and with bf16 parameters
+    (whose norms, attention logsumexp and router keep fp32 tensors beside the bf16 ones).
+    A dense block exactly, an MoE block (with and without a shared expert) within 2% (its
+    dispatch indices are not modelled)."""
     import torch
     from torch import nn
 
     from moe.model import Block, rope_tables
     from moe.recompute import apply_recompute, checkpointed
+    from parallel.engine import cast_parameters
 
     model = ModelConfig(dim=32, n_layers=2, n_heads=4, seq_len=16, ffn_dim=64, vocab_size=64,
                         moe_every=1 if is_moe else 0, activation=activation)
-    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, activation=activation, num_shared_experts=1)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32, activation=activation, num_shared_experts=shared)
     block = Block(model, moe, is_moe=is_moe)
+    cast_parameters([block], getattr(torch, dtype))
     holder = nn.Module()
     holder.blocks = nn.ModuleDict({"0": block})
     apply_recompute(holder, mode)  # type: ignore[arg-type]
@@ -128,12 +135,13 @@ def test_block_activations_per_recompute_mode_are_what_autograd_keeps(mode: str,
             kept[t.untyped_storage().data_ptr()] = t
         return t
 
-    x_BSD = torch.randn(2, model.seq_len, model.dim, requires_grad=True)
+    x_BSD = torch.randn(2, model.seq_len, model.dim, requires_grad=True, dtype=getattr(torch, dtype))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         checkpointed(block, x_BSD, cos_SF, sin_SF) if block.recompute_block else block(x_BSD, cos_SF, sin_SF)
-    measured = sum(t.untyped_storage().nbytes() // t.element_size() for t in kept.values())
-    layout = Layout.build(ParallelConfig(), model, moe, batch_size=2, micro_batch_size=None, recompute=mode)  # type: ignore[arg-type]
-    predicted = activation_elements(model, moe, layout, layer=0, rows=2 * model.seq_len * moe.top_k)
+    measured = sum(t.untyped_storage().nbytes() for t in kept.values())
+    layout = Layout.build(ParallelConfig(), model, moe, batch_size=2, micro_batch_size=None, dtype=dtype,
+                          recompute=mode)  # type: ignore[arg-type]
+    predicted = activation_elements(model, moe, layout, layer=0, rows=2 * model.seq_len * moe.top_k).bytes(layout)
     if is_moe and mode != "full":
         assert predicted == pytest.approx(measured, rel=0.02)
     else:
@@ -151,7 +159,7 @@ def test_full_recompute_layers_count_per_pipeline_chunk() -> None:
     assert [layout.block_recomputed(model, i) for i in range(8)] == [True, False] * 4
     none = Layout.build(ParallelConfig(pp=2, vpp=2), model, moe, **kw)
     rows = layout.routed_tokens * moe.top_k
-    assert activation_elements(model, moe, layout, 0, rows) == layout.tokens * model.dim
+    assert activation_elements(model, moe, layout, 0, rows).elements == layout.tokens * model.dim
     assert activation_elements(model, moe, layout, 1, rows) == activation_elements(model, moe, none, 1, rows)
     full = Layout.build(ParallelConfig(pp=2, vpp=2), model, moe, recompute="full", **kw)
     assert all(full.block_recomputed(model, i) for i in range(8))
@@ -300,15 +308,20 @@ def _emulate(rank: int, world: int, cfg: Any, out: str) -> dict[str, Any]:
     ["parallel.tp=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12", "model.qk_norm=true"],
     ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=2", "model.n_layers=6", "train.micro_batch_size=2"],
     ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=1", "moe.aux_loss_scope=sequence"],
+    ["parallel.dp=2", "parallel.ep=2", "train.dtype=bfloat16"],
+    ["parallel.tp=2", "train.dtype=bfloat16"],
+    ["parallel.tp=2", "parallel.sequence_parallel=true", "train.dtype=bfloat16"],
+    ["parallel.pp=2", "train.micro_batch_size=4", "train.dtype=bfloat16"],
 ], ids=["dp2", "dp2-ep2-micro2-capacity", "dp4-ep2", "tp2", "tp2-sp", "pp2-vpp2-dp2-ep2", "tp2-gqa-qknorm",
-        "pp2-vpp2-uneven", "tp2-sp-micro1-sequence-aux"])
+        "pp2-vpp2-uneven", "tp2-sp-micro1-sequence-aux", "dp2-ep2-bf16", "tp2-bf16", "tp2-sp-bf16", "pp2-bf16"])
 def test_emulated_bytes_and_states_equal_prediction(
     rank_pool: Callable[[int], RankPool], corpus: Path, tmp_path: Path, layout: list[str]
 ) -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*SMALL, *layout, f"data.path={corpus}", f"train.run_dir={tmp_path}"])
     results = rank_pool(cfg.parallel.world_size).run(_emulate, cfg, str(tmp_path), timeout=240)
     routing = read_routing(sorted(tmp_path.glob("routing-rank-*.jsonl")))
-    lay = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size)
+    lay = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
+                       emulated_dtype(cfg))
     predicted = recorded_comm(cfg.model, cfg.moe, lay, routing)
     for rank, result in enumerate(results):
         measured = measured_categories(result["comm"])

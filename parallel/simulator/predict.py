@@ -18,7 +18,8 @@ the textbook per-parameter counts with fp32 master weights (ZeRO-1 ``4Ψ+4Ψ+8Ψ
 
 **Activations** (``activation_elements``, ``head_elements``): the tensors autograd keeps in
 this code base's model (counted with ``saved_tensors_hooks``; docs/simulation.md lists them),
-not Korthikanti's GPT-3 figure. ``train.recompute`` (``moe/recompute.py``): ``full`` keeps a
+not Korthikanti's GPT-3 figure, split by dtype (``Saved``): with bf16 activations the norms,
+SDPA's logsumexp, the router, the gated expert rows and the loss keep fp32 tensors. ``train.recompute`` (``moe/recompute.py``): ``full`` keeps a
 recomputed block's input ``T·D`` only (the first ``recompute_layers`` blocks of each chunk);
 ``selective`` keeps neither a norm's ``x·rsqrt`` and ``rsqrt`` nor an MLP's or expert's
 activation output (and SwiGLU's ``silu(gate)``). 1F1B keeps ``p − stage`` micro-batches in
@@ -26,11 +27,12 @@ flight.
 
 **Communication** per rank per step, in ``comm_counter``'s convention (all-to-all: bytes
 sent off-rank; reduce-scatter/all-gather: bytes of the full buffer; p2p: each send and
-receive): EP all-to-all ``2·(send_off + recv_off)·D·4`` per MoE layer per micro-batch
-(dispatch and combine, forward and backward; uniform routing ``send_off = recv_off =
-T·K·(ep−1)/ep``, so ``4·T·K·D·4·(ep−1)/ep``) plus ``(ep−1)·(El+3)·8`` bytes of counts and
-headers per forward; DP: a reduce-scatter of each gradient buffer and all-gathers of each
-parameter buffer; TP: ``_tp_bytes``; PP: activations and their gradients per chunk boundary
+receive; b: bytes of the activation dtype, 2 in bf16): EP all-to-all ``2·(send_off +
+recv_off)·D·b`` per MoE layer per micro-batch (dispatch and combine, forward and backward;
+uniform routing ``send_off = recv_off = T·K·(ep−1)/ep``, so ``4·T·K·D·b·(ep−1)/ep``) plus
+``(ep−1)·(El+3)·8`` bytes of counts and headers per forward; DP: a reduce-scatter of each
+(fp32) gradient buffer and all-gathers of each parameter buffer (in the parameters' dtype);
+TP: ``_tp_bytes``; PP: activations and their gradients (``b`` each) per chunk boundary
 and micro-batch, the tied embedding's gradient between first and last stage; the training
 loop's metric reductions.
 
@@ -311,34 +313,79 @@ def ep_groups(t: Topology) -> list[list[int]]:
     return list(groups.values())
 
 
-def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, layer: int, rows: float) -> float:
-    """4-byte elements autograd keeps for block ``layer`` of one micro-batch (see the module
-    doc); ``rows``: the rows this rank's experts compute (R; N is taken as T·K)."""
+@dataclass(frozen=True)
+class Saved:
+    """Elements autograd keeps, by dtype: ``fp32`` are float32 whatever ``train.dtype`` (the
+    router, RMSNorm's upcast input and statistics, SDPA's logsumexp, the loss's log-softmax,
+    the gated expert rows; int64 ids as two 4-byte elements each), ``act`` are in the
+    activation dtype (the parameters' under bf16 states, float32 otherwise)."""
+
+    fp32: float = 0.0
+    act: float = 0.0
+
+    def __add__(self, other: Saved) -> Saved:
+        return Saved(self.fp32 + other.fp32, self.act + other.act)
+
+    @property
+    def elements(self) -> float:
+        return self.fp32 + self.act
+
+    def bytes(self, layout: Layout) -> float:
+        return 4 * self.fp32 + _dtype_bytes(layout) * self.act
+
+
+def _norm_saved(n: float, d: int, layout: Layout, output_kept: bool = True) -> Saved:
+    """An RMSNorm over ``n`` tokens of width ``d`` (torch's composite: ``x32 = x.float()``,
+    ``r = rsqrt(mean(x32²) + eps)``, ``(x32·r)·g`` cast back to x's dtype). It keeps ``x32``
+    (in fp32 that is its input), ``x32·r`` and ``r``; its output is kept by the layer that
+    reads it (``output_kept``). ``selective`` recomputes it: its input and output only."""
+    out = n * d if output_kept else 0
+    if layout.recompute == "selective":
+        return Saved(act=n * d + out)
+    if layout.dtype == "float32":
+        return Saved(fp32=n * d + n, act=n * d + out)
+    return Saved(fp32=2 * n * d + n, act=out)
+
+
+def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, layer: int, rows: float) -> Saved:
+    """Elements autograd keeps for block ``layer`` of one micro-batch, by dtype (see the
+    module doc); ``rows``: the rows this rank's experts compute (R; N is taken as T·K).
+
+    Under bf16 activations the fp32 pieces are the norms' ``x.float()``, ``x·rsqrt`` and
+    ``rsqrt`` (in place of the bf16 input), SDPA's logsumexp, the router's ``x.float()`` and
+    ``W.float()`` beside its fp32 logits, softmax and gates, and the expert rows ``y.float()``
+    the gates multiply (the product is cast back: N·D of each dtype)."""
     t = layout.topology
     T, D, tp, k = layout.tokens, model.dim, t.tp, moe.top_k
     Tn = T // tp if layout.sequence_parallel else T  # tokens a norm sees
     if layout.block_recomputed(model, layer):
-        return Tn * D  # the block's input
+        return Saved(act=Tn * D)  # the block's input
     selective = layout.recompute == "selective"
-    # input, input·rsqrt, output (RMSNorm is composite; the output is kept by the projection
-    # that reads it), rsqrt; selective: input and output only
-    norm = 2 * Tn * D if selective else 3 * Tn * D + Tn
+    wide = layout.dtype != "float32"  # fp32 pieces are copies beside the activations
     q, kv = attention_width(model), model.kv_heads * model.head_size  # H·Dh, G·Dh
     # qkv output, rotated q and k, attention output and its contiguous copy (7·T·D for
     # multi-head with Dh = D/H); the logsumexp per query head and token
-    attn = norm + T * (4 * q + 3 * kv) / tp + layout.micro_batch * model.n_heads / tp * layout.seq_len
-    if model.qk_norm:  # q and k norms: input·rsqrt and rsqrt (their input is a view of qkv)
-        attn += T * (q + kv + model.n_heads + model.kv_heads) / tp
+    attn = _norm_saved(Tn, D, layout) + Saved(fp32=layout.micro_batch * model.n_heads / tp * layout.seq_len,
+                                              act=T * (4 * q + 3 * kv) / tp)
+    if model.qk_norm:  # q and k norms: (input.float(),) input·rsqrt and rsqrt (their input is a view of qkv)
+        attn += Saved(fp32=T * ((2 if wide else 1) * (q + kv) + model.n_heads + model.kv_heads) / tp)
     if model.is_moe_layer(layer):
         f = moe.expert_ffn_dim / t.etp
         Tr = layout.routed_tokens
-        router = 2 * Tr * moe.num_experts + Tr + 2 * Tr * k + Tr * k  # logits, probs, lse, int64 top-k ids, gates
+        # logits, probs, lse, int64 top-k ids, gates; bf16: the fp32 copies of input and weight
+        router = 2 * Tr * moe.num_experts + Tr + 2 * Tr * k + Tr * k + (Tr * D + moe.num_experts * D if wide else 0)
         experts = rows * (D + mlp_elements(f, moe.activation, selective))
-        ffn = norm + router + experts + 2 * Tr * k * D  # gated rows: the expert outputs and their products
+        # gated rows: the expert outputs (their fp32 copy in bf16) and the products; the
+        # local sort's row order and each row's token (int64), each row's gate
+        gated = Saved(fp32=Tr * k * D, act=Tr * k * D) if wide else Saved(act=2 * Tr * k * D)
+        gated += Saved(fp32=2 * 2 * Tr * k + Tr * k)
+        # bf16: only a shared expert keeps the norm's output (the router keeps its fp32 copy)
+        norm = _norm_saved(Tn, D, layout, output_kept=not wide or moe.num_shared_experts > 0)
+        ffn = norm + Saved(fp32=router, act=experts) + gated
         if moe.num_shared_experts:  # on the routed tokens; their input is the norm's output
-            ffn += Tr * mlp_elements(moe.expert_ffn_dim * moe.num_shared_experts, moe.activation, selective)
+            ffn += Saved(act=Tr * mlp_elements(moe.expert_ffn_dim * moe.num_shared_experts, moe.activation, selective))
     else:
-        ffn = norm + T * mlp_elements(model.ffn_dim / tp, model.activation, selective)
+        ffn = _norm_saved(Tn, D, layout) + Saved(act=T * mlp_elements(model.ffn_dim / tp, model.activation, selective))
     return attn + ffn
 
 
@@ -350,11 +397,12 @@ def mlp_elements(f: float, activation: str, selective: bool) -> float:
     return fin if selective else fin + f * (2 if activation == "swiglu" else 1)
 
 
-def head_elements(model: ModelConfig, layout: Layout) -> float:
-    """The final norm and the log-softmax autograd keeps, and the logits the training loop
-    holds (``out.logits_BSV``) through the backward."""
-    T = layout.tokens
-    return 3 * T * model.dim + T + 2 * T * model.vocab_size / layout.topology.tp
+def head_elements(model: ModelConfig, layout: Layout) -> Saved:
+    """The final norm, the loss's fp32 log-softmax ``T·V`` (its input ``logits.float()`` is
+    not kept), and the logits the training loop holds (``out.logits_BSV``) through the
+    backward, in the activation dtype."""
+    T, V = layout.tokens, model.vocab_size / layout.topology.tp
+    return _norm_saved(T, model.dim, replace(layout, recompute="none")) + Saved(fp32=T * V, act=T * V)
 
 
 @dataclass
@@ -452,7 +500,7 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
               steps: int) -> None:
     """Tensor-parallel bytes of this code base's TP (``parallel/tensor_parallel.py``: megatron's
     column/row-parallel linears, vocab-parallel embedding and cross-entropy, MoE layers
-    routing B·S/tp tokens per rank), per step, fp32 activations ``x = T·D·4``:
+    routing B·S/tp tokens per rank), per step, activations ``x = T·D`` in the activation dtype:
 
     - without SP: attention and dense MLP 2 all-reduces of x per layer (row-parallel forward,
       column-parallel backward); MoE layers 2 all-gathers of x (output forward, input
@@ -469,7 +517,7 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
       gradient norm.
     """
     t = layout.topology
-    x = layout.tokens * model.dim * 4
+    x = layout.tokens * model.dim * _dtype_bytes(layout)
     m = t.micro_batches
     n_moe = sum(model.is_moe_layer(i) for i in layers)
     n_dense = len(layers) - n_moe
@@ -519,7 +567,7 @@ def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, ex
     layers = stage_layers(model, layout, coords["pp"])
     n_moe = sum(model.is_moe_layer(i) for i in layers)
     m = t.micro_batches
-    act = 4  # fp32 rows: the RMSNorm output stays fp32 under autocast too
+    act = _dtype_bytes(layout)  # the dispatched rows are the norm's output, in the activation dtype
     comm = Comm()
     if t.ep > 1 and n_moe:
         D = model.dim
@@ -542,9 +590,10 @@ def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, ex
         # experts when there are expert parameters) all-gathers *every* buffer after its step.
         optimizers = 1 + bool(expert)
         comm.dp_reduce_scatter = steps * 4 * dense
-        comm.dp_all_gather = steps * optimizers * 4 * dense
+        param, _ = _param_bytes(layout)  # the parameter buffers are gathered; gradients reduce in fp32
+        comm.dp_all_gather = steps * optimizers * param * dense
         comm.edp_reduce_scatter = steps * 4 * expert
-        comm.edp_all_gather = steps * optimizers * 4 * expert
+        comm.edp_all_gather = steps * optimizers * param * expert
         # The clipping norm's 4-byte all-reduce, and the training loop's non-finite check:
         # 4 float32 flags all-reduced over every rank (launch/train.py ``_on_any_rank``).
         comm.grad_norm = steps * (4 + NONFINITE_FLAGS * 4)
@@ -560,9 +609,9 @@ def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, ex
                 comm.pp_embedding = steps * -(-model.vocab_size // t.tp) * model.dim * 4
     if t.tp > 1:
         _tp_bytes(comm, model, moe, layout, layers, coords["pp"], steps)
-    if t.pp > 1:  # per chunk boundary and micro-batch: activations one way, their gradient back (fp32)
+    if t.pp > 1:  # per chunk boundary and micro-batch: activations one way, their gradient back (pipeline_dtype)
         boundaries = t.vpp * 2 - (coords["pp"] == 0) - (coords["pp"] == t.pp - 1)
-        comm.pp_send_recv = steps * m * boundaries * 2 * layout.tokens * model.dim * 4
+        comm.pp_send_recv = steps * m * boundaries * 2 * layout.tokens * model.dim * _dtype_bytes(layout)
     return comm
 
 
@@ -652,13 +701,13 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
     passes = 3 + sum(layout.block_recomputed(model, i) for i in layers) / max(len(layers), 1)
     flops = micro_batch_flops(model, moe, layout, stage, rows)
     matmul_time = sum(passes * f / (hw.kernel_rate(k, layout.dtype) * share) for k, f in flops.items())
-    head = head_elements(model, layout) if stage == t.pp - 1 else 0
-    kept = sum(activation_elements(model, moe, layout, i, rows) for i in layers) + head
+    head = head_elements(model, layout).bytes(layout) if stage == t.pp - 1 else 0
+    kept = sum(activation_elements(model, moe, layout, i, rows).bytes(layout) for i in layers) + head
     every = layout if layout.recompute == "none" else replace(layout, recompute="none", recompute_layers=None)
-    act = sum(activation_elements(model, moe, every, i, rows) for i in layers) + head
+    act = sum(activation_elements(model, moe, every, i, rows).bytes(layout) for i in layers) + head
     # each activation is written in the forward, read and its gradient written in the
     # backward; one recomputation frees (act - kept) is written once more in the backward
-    elementwise = (ELEMENTWISE_PASSES * act + act - kept) * _dtype_bytes(layout) / bandwidth
+    elementwise = (ELEMENTWISE_PASSES * act + act - kept) / bandwidth
     n_moe = sum(model.is_moe_layer(i) for i in layers)
     ops = (n_moe * (OPS_MOE_BLOCK + (OPS_MOE_EP_EXTRA if t.ep > 1 else 0))
            + (len(layers) - n_moe) * OPS_DENSE_BLOCK + OPS_MICRO_BATCH)
@@ -797,19 +846,19 @@ def add_activations(memory: Memory, model: ModelConfig, moe: MoEConfig, layout: 
     in_flight = t.pp - stage if t.pp > 1 else 1
     moe_ordinal = {i: j for j, i in enumerate(i for i in layers if model.is_moe_layer(i))}
     rows = {i: rows_layers[moe_ordinal[i]] if i in moe_ordinal else 0 for i in layers}
-    act = sum(activation_elements(model, moe, layout, i, rows[i]) for i in layers)
+    act = sum(activation_elements(model, moe, layout, i, rows[i]).bytes(layout) for i in layers)
     last = stage == t.pp - 1
-    head = head_elements(model, layout) if last else 0
-    memory.activations = int((in_flight * act + head) * _dtype_bytes(layout))
+    head = head_elements(model, layout).bytes(layout) if last else 0
+    memory.activations = int(in_flight * act + head)
     # Largest transient: the loss's gradient over the logits (2·T·V) at the start of
     # the backward, AdamW's temporaries (one shard-sized buffer) in the update, or under
     # full recomputation a recomputed block's activations: its backward first runs its
     # forward again, which keeps everything (measured: `moe bench memory`).
     logits_grad = 2 * layout.tokens * model.vocab_size / t.tp * 4 if last else 0
     kept = replace(layout, recompute="none")
-    recomputed = max((activation_elements(model, moe, kept, i, rows[i]) for i in layers
+    recomputed = max((activation_elements(model, moe, kept, i, rows[i]).bytes(layout) for i in layers
                       if layout.block_recomputed(model, i)), default=0.0)
-    memory.transient = int(max(logits_grad, 4 * shard, recomputed * _dtype_bytes(layout)))
+    memory.transient = int(max(logits_grad, 4 * shard, recomputed))
 
 
 def uniform_memory(model: ModelConfig, moe: MoEConfig, layout: Layout, engine: str, rank: int) -> Memory:
@@ -869,6 +918,12 @@ def _summary(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, r
 
 MEASURED_KEYS = {
     "all_to_all_single@ep[float32]": "ep_all_to_all",
+    "all_to_all_single@ep[bfloat16]": "ep_all_to_all",
+    "all_gather_into_tensor@dp[bfloat16]": "dp_all_gather",
+    "all_gather_into_tensor@edp[bfloat16]": "edp_all_gather",
+    "all_reduce@tp[bfloat16]": "tp_all_reduce",
+    "all_gather_into_tensor@tp[bfloat16]": "tp_all_gather",
+    "reduce_scatter_tensor@tp[bfloat16]": "tp_reduce_scatter",
     "all_to_all_single@ep[int64]": "ep_counts",
     "reduce_scatter_tensor@dp[float32]": "dp_reduce_scatter",
     "all_gather_into_tensor@dp[float32]": "dp_all_gather",
