@@ -390,17 +390,31 @@ def run_step_time(config: str, overrides: list[str], steps: int, out: Path) -> t
 
 def timed_run(config: str, overrides: list[str], cfg: Config, steps: int, out: Path) -> dict[str, Any]:
     """``run_step_time`` of the layout, and this machine's prediction replaying that run's
-    recorded routing."""
+    recorded routing, in the run's dtype (a bf16 run at the fp32 rate: ``_with_rate``)."""
     from parallel.simulator.predict import Layout, predict
     from parallel.simulator.routing import read_routing
 
     step_s, intervals = run_step_time(config, overrides, steps, out)
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size,
-                          recompute=cfg.train.recompute, threads=cfg.launch.threads,
+                          emulated_dtype(cfg), cfg.train.recompute, threads=cfg.launch.threads,
                           recompute_layers=cfg.train.recompute_layers)
     routing = read_routing(sorted((out / "routing").glob("routing-rank-*.jsonl")))
-    predicted = predict(cfg.model, cfg.moe, layout, _this_machine(), cfg.parallel.engine, routing)
+    hw = _with_rate(_this_machine(), layout.dtype)
+    predicted = predict(cfg.model, cfg.moe, layout, hw, cfg.parallel.engine, routing)
     return {"step_s": step_s, "interval_step_s": intervals, "step_predicted_s": predicted.summary["step_time_s"]}
+
+
+def _check_validated_layout(name: str, cfg: Config) -> None:
+    """The checks an emulated rank and ``moe train`` make of ``cfg``'s layout
+    (``launch.train.check_layout``), here, once: one ``ConfigError`` naming the layout
+    rather than a traceback from each of its ranks after the layouts before it ran."""
+    from launch.train import check_layout
+
+    try:
+        check_layout(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"--layouts: layout {name!r}: {err} (in --layouts, micro=N sets train.micro_batch_size); "
+                          "nothing was run") from None
 
 
 def _validate(argv: list[str]) -> int:
@@ -426,6 +440,8 @@ def _validate(argv: list[str]) -> int:
         )
     layouts = parse_layouts(args.layouts)
     configs = [load_config(args.config, [*args.overrides, *layout.overrides]) for layout in layouts]
+    for layout, cfg in zip(layouts, configs):  # every layout before any runs: minutes each
+        _check_validated_layout(layout.name, cfg)
     _this_machine()
     rows, records = [], []
     header = (f"{'layout':<22} {'bytes':>6} {'states':>6} {'peak err':>9} {'emu ms':>8} {'pred ms':>8} {'err':>7} "
