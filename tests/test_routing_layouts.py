@@ -7,7 +7,9 @@ gradient norm, the routed tokens per expert and the expert bias of every MoE lay
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,3 +80,24 @@ def test_compare_fails_on_a_differing_expert_bias() -> None:
     layouts = [Layout("dp=1", [], "local"), Layout("dp=2", [], "megatron")]
     assert compare([[record], [dict(record)]], layouts, RTOL)[1]
     assert not compare([[record], [{**record, "expert_bias": [[-0.01, 0.01]]}]], layouts, RTOL)[1]
+
+
+def test_expert_bias_survives_a_resume_into_another_layout(tmp_path: Path, rank_pool: Callable[[int], RankPool]) -> None:
+    """The bias rides in the sharded checkpoint's extras: a dp=2,ep=2 run cut after step 2
+    and resumed under tp=2,ep=2 logs the bias of the uninterrupted run at steps 3 and 4."""
+    corpus = tmp_path / "stdlib-small"
+    prepare(stdlib_sources()[:20], corpus, val_fraction=0.2)
+    (_, full), (_, other) = zip(*layout_configs(
+        TINY, [*ROUTING, f"data.path={corpus}"], parse_layouts("dp=2,ep=2;tp=2,ep=2"), STEPS, tmp_path / "runs"))
+    full = dataclasses.replace(full, train=dataclasses.replace(full.train, ckpt_every=2))
+    rank_pool(2).run(_train_layout, full, timeout=240)
+    cut = tmp_path / "cut"
+    shutil.copytree(Path(str(full.train.run_dir)), cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    (cut / "checkpoints" / "latest").unlink()
+    resumed = dataclasses.replace(other, train=dataclasses.replace(
+        other.train, ckpt_every=2, run_dir=str(cut), resume=True))
+    rank_pool(2).run(_train_layout, resumed, timeout=240)
+    want = {r["step"]: r["expert_bias"] for r in train_records(Path(str(full.train.run_dir)))}
+    got = {r["step"]: r["expert_bias"] for r in train_records(cut)}
+    assert sorted(got) == [1, 2, 3, 4] and got == want
