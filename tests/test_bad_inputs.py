@@ -214,6 +214,11 @@ ROWS = (
         "nowhere': no such file or directory; name a checkpoint"),
     row("train-init-from-other-model", f"train {TINY} train.init_from={{fx}}/gelu-run", 2,
         "does not fit the model/moe config: 'embed.weight' is [11, 8] there but [257, 192] here"),
+    # moe simulate (this machine's predictor) and simulate validate
+    row("cluster-missing-field", f"simulate {TINY} --no-emulate --cluster {{fx}}/hw-no-bandwidth.yaml", 2,
+        "hw-no-bandwidth.yaml: missing field 'memory_bandwidth'; every hardware file needs it"),
+    row("validate-pipeline-one-micro-batch", f"simulate validate {TINY} model.n_layers=2 train.batch_size=8 "
+        "--layouts dp=1;dp=2;pp=2", 2, "layout 'pp=2': 1 micro-batches per data-parallel rank"),
 )
 
 
@@ -264,6 +269,8 @@ def _make_fixtures(fx: Path) -> None:
     (fx / "hw-dup.yaml").write_text(hardware + "\nkind: cpu\n")
     (fx / "hw-nan.yaml").write_text(hardware.replace("matmul_efficiency:", "matmul_efficiency: .nan #", 1))
     (fx / "hw-no-dispatchers.yaml").write_text(hardware.split("\ndispatchers:")[0] + "\n")
+    (fx / "hw-no-bandwidth.yaml").write_text("".join(line for line in hardware.splitlines(keepends=True)
+                                                     if not line.startswith("memory_bandwidth:")))
     _make_tokenizer_fixtures(fx)
     _make_hf_fixtures(fx)
 
