@@ -64,6 +64,18 @@ def test_eval_reproduces_the_logged_validation_loss(
     assert json.loads(written.read_text()) == record
 
 
+def test_a_per_rank_checkpoint_evaluates_under_another_layout(corpus: Path, tmp_path: Path) -> None:
+    """One process saves per-rank files (state.pt), not a sharded checkpoint; dp=2·ep=2 reads
+    the whole model on every rank and shards it (train.init_from's load)."""
+    from launch.train import train
+
+    summary = train(run_config(corpus, tmp_path / "one"), "tiny")
+    assert (tmp_path / "one" / "checkpoints" / "step-00000003" / "state.pt").is_file()
+    record, _ = evaluate(tmp_path / "one", ["parallel.dp=2", "parallel.ep=2"], None, str(tmp_path / "eval.json"))
+    assert abs(record["loss"] - summary["final_val_loss"]) <= 1e-6, (record["loss"], summary["final_val_loss"])
+    assert record["layout"]["world_size"] == 2
+
+
 def test_eval_on_a_file_and_on_another_dataset(dp2_ep2_run: tuple[Path, float], tmp_path: Path) -> None:
     run_dir, _ = dp2_ep2_run
     text = tmp_path / "held-out.txt"
