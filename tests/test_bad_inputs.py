@@ -373,12 +373,12 @@ def _command(r: Row) -> str:
 
 
 SUBCOMMANDS = ("data prepare", "sweep report", "simulate calibrate", "simulate validate", "simulate plan", "bench kernels",
-               "bench layer", "ckpt inspect", "ckpt import", "ckpt export", "ckpt upcycle")
+               "bench layer", "ckpt inspect", "ckpt import", "ckpt export", "ckpt upcycle", "data tokenizer")
 
 
 def test_rows_are_unique_and_cover_every_command() -> None:
     assert len({r.id for r in ROWS}) == len(ROWS) >= 40
-    assert {_command(r) for r in ROWS} == {"train", "sweep", "simulate", "check-layouts", *SUBCOMMANDS}
+    assert {_command(r) for r in ROWS} == {"train", "sweep", "simulate", "check-layouts", "eval", *SUBCOMMANDS}
 
 
 @pytest.mark.parametrize("r", ROWS, ids=[r.id for r in ROWS])
