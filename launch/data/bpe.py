@@ -16,10 +16,14 @@ import secrets
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launch.data.config import DataError
 from launch.data.corpus import _document_ids, _documents, collect_sources, stdlib_sources
 from launch.data.tokenizer import EOD_TOKENS, TOKENIZER_FILE
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 EOD_TOKEN = EOD_TOKENS[0]
 MIN_VOCAB = 256 + 1 + 1  # every byte, EOD, and at least one merge
@@ -31,7 +35,7 @@ def _texts(sources: Sequence[Path]) -> Iterator[str]:
         yield text
 
 
-def train_bpe(sources: Sequence[Path], vocab_size: int) -> object:
+def train_bpe(sources: Sequence[Path], vocab_size: int) -> Tokenizer:
     """A byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` ids trained on ``sources``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -64,12 +68,12 @@ def output_file(out: Path) -> Path:
     return file
 
 
-def save_new(tokenizer: object, file: Path) -> None:
+def save_new(tokenizer: Tokenizer, file: Path) -> None:
     """Write ``tokenizer`` to ``file`` atomically without replacing anything: saved to a temp
     name beside it, then hard-linked to ``file`` (which fails if ``file`` appeared meanwhile)."""
     temp = file.with_name(f".{file.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        tokenizer.save(str(temp))  # type: ignore[attr-defined]
+        tokenizer.save(str(temp))
         os.link(temp, file)
     except FileExistsError:
         raise DataError(f"--out {file}: appeared while training; choose another path") from None
@@ -114,6 +118,6 @@ def main(argv: list[str]) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    size = tokenizer.get_vocab_size(with_added_tokens=True)  # type: ignore[attr-defined]
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
     print(f"wrote {file}: byte-level BPE, {size} ids, trained on {len(sources)} file(s)")
     return 0
