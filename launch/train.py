@@ -829,9 +829,10 @@ class Run:
 
     def _log_start(self) -> None:
         counts = param_counts(self.cfg.model, self.cfg.moe)
+        routed = self.cfg.moe.fine_grained()  # moe.granularity: the experts as built
         tqdm.write(
             f"model: {counts.total / 1e6:.2f}M params ({counts.active / 1e6:.2f}M active per token), "
-            f"{self.n_moe_layers} MoE layers x {self.cfg.moe.num_experts} experts top-{self.cfg.moe.top_k}; "
+            f"{self.n_moe_layers} MoE layers x {routed.num_experts} experts top-{routed.top_k}; "
             f"{len(self.train_stream) / 1e6:.1f}M train tokens; device {self.device}; run dir {self.run_dir}"
         )
 
