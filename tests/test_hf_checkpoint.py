@@ -182,13 +182,15 @@ TRAIN = ["model.seq_len=32", "train.lr=1e-6", "train.steps=3", "train.batch_size
 @pytest.mark.parametrize(("arch", "layout"), [
     ("mixtral", ["parallel.dp=2", "parallel.ep=2"]),
     ("qwen3", ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "train.micro_batch_size=1"]),
-], ids=["mixtral-dp2-ep2", "qwen3-tp2-pp2"])
+    ("mixtral", ["parallel.dp=2", "parallel.ep=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"]),
+], ids=["mixtral-dp2-ep2", "qwen3-tp2-pp2", "mixtral-deepspeed-dp2-ep2"])
 def test_imported_model_trains_under_a_layout_and_exports_to_transformers(
     hf_dirs: dict[str, Path], small_corpus: Path, tmp_path: Path, start_within: Callable[..., dict[str, Any]],
     arch: str, layout: list[str],
 ) -> None:
     """moe train with train.init_from (the imported weights, resharded to the layout), 3
-    steps, a sharded checkpoint; exported in one process, transformers' logits are ours."""
+    steps, a sharded checkpoint (megatron) or per-rank files holding each EP rank's experts
+    (DeepSpeed); exported in one process, transformers' logits are ours."""
     import_hf(hf_dirs[arch], tmp_path / "ckpt")
     run = tmp_path / "run"
     cfg = load_config(tmp_path / "ckpt" / "config.yaml", [*TRAIN, *layout, f"data.path={small_corpus}", f"train.run_dir={run}"])

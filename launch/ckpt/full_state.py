@@ -6,8 +6,8 @@ Two formats (``docs/checkpoints.md``):
 - per-rank files (``parallel/checkpoint.py``: one process, DeepSpeed, ``moe ckpt import``):
   each rank's ``state*.pt`` holds ``engine.model``, the full model's ``state_dict`` except
   the expert tensors (``ShardInfo.expert_paths``), which hold the experts
-  ``[ep_rank·E/ep, (ep_rank+1)·E/ep)``; they are concatenated along dim 0 over the ranks
-  of data-parallel position 0, in expert-parallel order. fp32 master weights
+  ``[ep_rank·E/ep, (ep_rank+1)·E/ep)``; they are concatenated along dim 0, from the first
+  rank of each expert-parallel position, in expert-parallel order. fp32 master weights
   (``engine.main_params``, a bf16 run) take the place of the bf16 parameters.
 - sharded (``parallel/dist_checkpoint.py``, megatron runs across ranks): a torch DCP
   checkpoint whose keys are the full model's parameter names with their global shapes, so
@@ -67,10 +67,15 @@ def _read_per_rank(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     config = manifests[0]["config"]
     model = dict(states[0]["model"])
     model.update(states[0].get("main_params", {}))
-    by_ep = sorted((m["shard"]["ep_rank"], m["rank"]) for m in manifests if m["shard"]["dp_rank"] == 0)
+    holder: dict[int, int] = {}  # expert-parallel rank -> the first rank holding its experts
+    for m in sorted(manifests, key=lambda m: m["rank"]):
+        holder.setdefault(m["shard"]["ep_rank"], m["rank"])
+    if sorted(holder) != list(range(manifests[0]["shard"]["ep"])):
+        raise CheckpointError(f"checkpoint {str(path)!r}: the manifests hold expert-parallel ranks {sorted(holder)} of "
+                              f"ep={manifests[0]['shard']['ep']}; it is incomplete")
     for path_name in manifests[0]["shard"]["expert_paths"]:
         name = path_name.removeprefix(_MODEL_PREFIX)
-        parts = [{**states[r]["model"], **states[r].get("main_params", {})}[name] for _, r in by_ep]
+        parts = [{**states[r]["model"], **states[r].get("main_params", {})}[name] for _, r in sorted(holder.items())]
         model[name] = torch.cat(parts, dim=0)
     return model, config
 
