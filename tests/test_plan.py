@@ -14,7 +14,7 @@ from launch.config import load_config
 from moe.config import ConfigError
 from parallel.simulator.cluster import (
     ClusterLayout, all_to_all_time, dp_group, edp_group, ep_group, gemm_time, group_split, in_flight, predict_cluster,
-    remote_node_share, stage_layers, stage_memory, tp_group,
+    remote_node_share, stage_layers, stage_memory, stage_micro_time, tp_group,
 )
 from parallel.simulator.hardware import load_hardware, parse_hardware
 from parallel.simulator.plan import plan
@@ -102,6 +102,37 @@ def test_overlap_and_recompute_move_step_time_the_right_way() -> None:
         "full": dataclasses.replace(base, recompute="full"), "nccl": dataclasses.replace(base, dispatcher="alltoall")}.items()}
     assert step["overlap"] < step["base"] < step["full"]
     assert step["base"] < step["nccl"]  # DeepEP's node dedup and bandwidth beat NCCL's all-to-all across 4 nodes
+
+
+def test_host_bound_moe_forward_idles_for_what_the_gpu_does_not_cover() -> None:
+    """Per MoE layer forward the GPU idles ``max(0, host_s − G)``: nothing when host_s is 0 or
+    below the layer's GPU time, and one extra second per extra host second beyond it."""
+    layout = ClusterLayout(tp=4, pp=8, vpp=4, ep=8, dp=8, global_batch=2048, dispatcher="deepep", embedding_loss_slots=True)
+    moe_layers = sum(QWEN.model.is_moe_layer(i) for i in stage_layers(QWEN.model, layout, 0))
+
+    def idle(host_s: float) -> float:
+        profile = dataclasses.replace(H100.dispatchers["deepep"], host_s=host_s)
+        return stage_micro_time(QWEN.model, QWEN.moe, layout, H100, profile, 0).ep_comm
+    assert idle(1e-6) == idle(0.0)  # a host faster than the GPU costs nothing
+    assert idle(1.0) - idle(0.5) == pytest.approx(0.5 * moe_layers)
+    long = dataclasses.replace(layout, seq_len=16384, global_batch=256)
+    profile = H100.dispatchers["deepep"]
+    assert stage_micro_time(QWEN.model, QWEN.moe, long, H100, dataclasses.replace(profile, host_s=0.0), 0).ep_comm \
+        == pytest.approx(stage_micro_time(QWEN.model, QWEN.moe, long, H100, profile, 0).ep_comm)  # 16k hides 6.1 ms
+
+
+def test_tp_comm_overlap_and_one_local_expert() -> None:
+    """tp_comm_overlap leaves of the TP traffic only what exceeds the TP-region GEMMs (here
+    none); a single local expert runs as one plain GEMM, without the grouped GEMM's share."""
+    layout = ClusterLayout(tp=2, pp=8, vpp=7, ep=8, dp=8, global_batch=256)
+    cfg = load_config(ROOT / "configs" / "mixtral-8x7b.yaml")
+    profile = H100.dispatchers["alltoall"]
+    plain = stage_micro_time(cfg.model, cfg.moe, layout, H100, profile, 0)
+    hidden = stage_micro_time(cfg.model, cfg.moe, dataclasses.replace(layout, tp_comm_overlap=True), H100, profile, 0)
+    assert plain.tp_comm > 0 and hidden.tp_comm == 0 and hidden.gemm == plain.gemm
+    T, D, F = layout.tokens / layout.tp * cfg.moe.top_k, cfg.model.dim, cfg.moe.expert_ffn_dim
+    layers = len(stage_layers(cfg.model, layout, 0))
+    assert plain.grouped_gemm == pytest.approx(3 * layers * (gemm_time(H100, T, 2 * F, D) + gemm_time(H100, T, D, F)))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ crosses nodes (one NIC per GPU).
 FLOPs (data and weight gradients) and ``ATTENTION_BACKWARD`` times the attention's:
 - GEMM ``(m, n, k)`` (roofline): ``max(2mnk / (peak·e), 2(mk + kn + mn) / (bw·e_mem))``,
   ``e`` = ``matmul_efficiency`` (a large GEMM's share of peak), times
-  ``kernel_efficiency.grouped_mm`` for the experts' grouped GEMM, whose per-expert
+  ``kernel_efficiency.grouped_mm`` for the experts' grouped GEMM (El > 1; one local expert is
+  one plain GEMM), whose per-expert
   ``m = R/El`` is what makes small experts memory-bound;
 - attention: flash attention, causal ``2·T·S·q/tp`` FLOPs forward at
   ``peak · kernel_efficiency.attention``; its scores never reach memory;
@@ -38,13 +39,18 @@ norms and each MoE block's forward, its all-to-alls included.
 
 **Communication**: TP (sequence parallel) all-gathers and reduce-scatters the ``T·D·2``-byte
 activation (``Tn·D·2`` per rank) twice per attention (and dense MLP) forward and backward,
-ring over the TP group;
+ring over the TP group (with ``tp_comm_overlap``, TE's userbuffers pipeline each with its
+GEMM: only what exceeds the layer's TP-region GEMMs is exposed);
 the EP dispatcher moves ``R·D·2`` bytes of rows per rank 4 times per MoE layer (dispatch,
 combine; forward, backward), the same-node share over NVLink and the other-node share
 across nodes, both in flight at once (``max``), at the dispatcher profile's bandwidths plus
 its latency (``all_to_all_time``; a DeepEP-class profile sends a token once per node,
-``remote_node_share``), and the profile's ``sync_s`` per MoE layer forward (the host waits
-for the token counts); PP sends ``Tn·D·2`` per chunk boundary
+``remote_node_share``). **Host-bound MoE forward**: each forward (and recomputed) dispatch
+waits on the host for the token counts (a device-to-host sync that drains the GPU's queue);
+the host then needs the profile's ``host_s`` to launch the layer up to the next sync, so the
+GPU idles ``max(0, host_s − G)``, ``G`` the GPU time of that layer's forward (attention,
+router, experts, both all-to-alls, elementwise, launches): a short layer (few tokens per
+rank) is host-bound, a long one hides the host. PP sends ``Tn·D·2`` per chunk boundary
 per micro-batch each way (the interleaved schedule overlaps it with compute, leaving the
 latency); DP reduce-scatters the fp32 gradient buffers over ``dp`` (dense) and ``edp``
 (experts) and all-gathers the bf16 parameters, ring over the group's link; with
@@ -112,6 +118,7 @@ class ClusterLayout:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     overlap_moe_a2a: bool = False  # overlap_moe_expert_parallel_comm
+    tp_comm_overlap: bool = False  # tp_comm_overlap (TE userbuffers: TP all-gathers/reduce-scatters pipelined with their GEMMs)
     embedding_loss_slots: bool = False  # account_for_embedding_in_pipeline_split and account_for_loss_in_pipeline_split
 
     @property
@@ -136,7 +143,7 @@ class ClusterLayout:
         parts = [f"tp={self.tp}", f"pp={self.pp}"] + ([f"vpp={self.vpp}"] if self.vpp > 1 else [])
         parts += [f"ep={self.ep}"] + ([f"etp={self.etp}"] if self.etp > 1 else []) + [f"dp={self.dp}"]
         parts += [f"mbs={self.micro_batch}", f"recompute={self.recompute}", f"dispatcher={self.dispatcher}"]
-        return " ".join(parts + (["a2a-overlap"] if self.overlap_moe_a2a else []))
+        return " ".join(parts + (["a2a-overlap"] if self.overlap_moe_a2a else []) + (["tp-overlap"] if self.tp_comm_overlap else []))
 
 
 def layout_problem(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, gpus: int | None = None) -> str | None:
@@ -301,8 +308,8 @@ def rows_per_rank(moe: MoEConfig, layout: ClusterLayout) -> float:
 @dataclass
 class StageTime:
     """Seconds per micro-batch of one pipeline stage, by component (forward + backward);
-    ``moe_layers``: per MoE layer (attention forward, MLP forward, one all-to-all, one
-    token-count sync), what the all-to-all overlap pairs up."""
+    ``moe_layers``: per MoE layer (attention forward, MLP forward, one all-to-all, the GPU's
+    idle wait on the host after the token-count syncs), what the all-to-all overlap pairs up."""
 
     gemm: float = 0.0
     grouped_gemm: float = 0.0
@@ -310,7 +317,7 @@ class StageTime:
     elementwise: float = 0.0
     kernel_overhead: float = 0.0
     tp_comm: float = 0.0
-    ep_comm: float = 0.0  # the dispatcher's all-to-alls and its token-count synchronisations
+    ep_comm: float = 0.0  # the dispatcher's all-to-alls and the GPU's idle wait on the host after its token-count syncs
     pp_comm: float = 0.0
     moe_layers: list[tuple[float, float, float, float]] = field(default_factory=list)
 
@@ -384,35 +391,49 @@ def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, 
         attention_forward = fwd_gemm + flash
         kernels = KERNELS_ATTENTION
         out.gemm += passes * fwd_gemm
+        tp_gemms = passes * fwd_gemm  # the GEMMs inside TP regions, which tp_comm_overlap hides TP traffic behind
         if model.is_moe_layer(i):
             f = moe.expert_ffn_dim / t.etp
             fwd_moe = gemm_time(hw, Tn, moe.num_experts, D)
             rows = R / local  # per expert
-            share = hw.kernel_efficiency.get("grouped_mm", 1.0)
+            # one local expert is one plain GEMM (TE's GroupedLinear with a single group)
+            share = hw.kernel_efficiency.get("grouped_mm", 1.0) if local > 1 else 1.0
             expert = local * (gemm_time(hw, rows, input_width(int(f), moe.activation), D, share)
                               + gemm_time(hw, rows, D, f, share))
             out.grouped_gemm += moe_passes * expert
             if moe.num_shared_experts:
                 fs = moe.expert_ffn_dim * moe.num_shared_experts / t.tp
-                fwd_moe += gemm_time(hw, T, input_width(int(fs), moe.activation), D) + gemm_time(hw, T, D, fs)
+                shared = gemm_time(hw, T, input_width(int(fs), moe.activation), D) + gemm_time(hw, T, D, fs)
+                fwd_moe += shared
+                tp_gemms += moe_passes * shared
             out.gemm += moe_passes * fwd_moe
             kernels += KERNELS_MOE
             if t.ep > 1:  # dispatch + combine, forward and backward (and recomputed); a token-count sync per forward dispatch
                 a2a = all_to_all_time(hw, dispatcher, moe, ep_members, R * D * BF16)
-                syncs = (moe_passes - 2) * dispatcher.sync_s
-                out.ep_comm += 2 * (moe_passes - 1) * a2a + syncs
-                out.moe_layers.append((attention_forward, fwd_moe + expert, a2a, syncs))
+                out.ep_comm += 2 * (moe_passes - 1) * a2a
         else:
             f = model.ffn_dim / t.tp
-            out.gemm += passes * (gemm_time(hw, T, input_width(int(f), model.activation), D) + gemm_time(hw, T, D, f))
+            dense = passes * (gemm_time(hw, T, input_width(int(f), model.activation), D) + gemm_time(hw, T, D, f))
+            out.gemm += dense
+            tp_gemms += dense
             kernels += KERNELS_DENSE_MLP
         moved, selective, ffn = elementwise_bytes(model, moe, t, model.is_moe_layer(i))
+        if model.is_moe_layer(i) and t.ep > 1:
+            # the host waits at each forward dispatch for the token counts, then launches the
+            # layer up to the next one: the GPU idles for what its forward work does not cover
+            covered = attention_forward + fwd_moe + expert + 2 * a2a + moved / rate_bw + kernels * hw.op_overhead_s
+            syncs = (moe_passes - 2) * max(0.0, dispatcher.host_s - covered)
+            out.ep_comm += syncs
+            out.moe_layers.append((attention_forward, fwd_moe + expert, a2a, syncs))
         again = {"none": 0.0, "selective": selective, "moe": selective + ffn, "full": moved}[t.recompute]
         out.elementwise += (3 * moved + again) / rate_bw
         out.kernel_overhead += 3 * kernels * hw.op_overhead_s
         if t.tp > 1:  # sequence parallelism: all-gather + reduce-scatter around attention and dense MLPs, fwd and bwd
             regions = 1 + (not model.is_moe_layer(i)) + bool(model.is_moe_layer(i) and moe.num_shared_experts)
-            out.tp_comm += regions * 4 * ring_time(hw, tp_group(t), T * D * BF16, hw.collective_efficiency.get("all_gather", 1.0))
+            tp = regions * 4 * ring_time(hw, tp_group(t), T * D * BF16, hw.collective_efficiency.get("all_gather", 1.0))
+            # tp_comm_overlap pipelines each all-gather/reduce-scatter with the GEMM it feeds or
+            # follows (TE userbuffers, chunked): only what exceeds those GEMMs is exposed
+            out.tp_comm += max(0.0, tp - tp_gemms) if t.tp_comm_overlap else tp
     if stage == t.pp - 1:  # LM head and the vocab-parallel cross-entropy (fp32 logits read and written)
         out.gemm += 3 * gemm_time(hw, T, model.vocab_size / t.tp, D)
         out.elementwise += 3 * T * model.vocab_size / t.tp * 4 * 2 / rate_bw

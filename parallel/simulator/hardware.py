@@ -68,7 +68,7 @@ class Dispatcher:
     latency_s: float
     node_dedup: bool = False  # a token crosses to a node once, then NVLink forwards it (DeepEP)
     compute_share: float = 1.0  # share of the GPU's compute left to kernels overlapped with it (SMs it takes)
-    sync_s: float = 0.0  # GPU idle time per dispatch: the host waits for the token counts, then launches the rest
+    host_s: float = 0.0  # host seconds per MoE layer forward: from its token-count sync (the host waits for the counts) to the next
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def _dispatchers(raw: dict[str, Any], where: str) -> dict[str, Dispatcher]:
     section = raw.get("dispatchers", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: dispatchers must map profile names to "
-                          "{intra_node_bandwidth, inter_node_bandwidth, latency_s[, node_dedup, compute_share, sync_s]}")
+                          "{intra_node_bandwidth, inter_node_bandwidth, latency_s[, node_dedup, compute_share, host_s]}")
     out = {}
     for name, profile in section.items():
         at = f"{where}: dispatchers.{name}"
@@ -220,7 +220,7 @@ def _dispatchers(raw: dict[str, Any], where: str) -> dict[str, Dispatcher]:
         share = _optional_share(profile, "compute_share", at) or 1.0
         out[str(name)] = Dispatcher(_number(profile, "intra_node_bandwidth", at), _number(profile, "inter_node_bandwidth", at),
                                     _number(profile, "latency_s", at, strict=False), dedup, share,
-                                    _optional_number(profile, "sync_s", at))
+                                    _optional_number(profile, "host_s", at))
     return out
 
 
