@@ -329,7 +329,7 @@ class StageTime:
         """The all-to-all time a micro-batch adds to its compute. Not overlapped: all of it.
         Overlapped (megatron-core's combined 1F1B: micro-batch i+1's forward runs beside
         micro-batch i's backward), per MoE layer four pairs: forward attention with the
-        backward combine, the forward dispatch (and its sync) with the backward MLP, the forward
+        backward combine, the forward dispatch (and the GPU's wait on the host) with the backward MLP, the forward
         MLP with the backward dispatch, the forward combine with the backward attention
         (backward ≈ 2x forward). A pair of comm ``c`` and compute ``x``, which runs at
         ``overlap_share`` of its speed while ``c`` is in flight, adds ``max(c − x, c·(1 − share))``."""
