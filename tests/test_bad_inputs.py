@@ -219,6 +219,27 @@ ROWS = (
         "hw-no-bandwidth.yaml: missing field 'memory_bandwidth'; every hardware file needs it"),
     row("validate-pipeline-one-micro-batch", f"simulate validate {TINY} model.n_layers=2 train.batch_size=8 "
         "--layouts dp=1;dp=2;pp=2", 2, "layout 'pp=2': 1 micro-batches per data-parallel rank"),
+    # issue 18 items 5-7: expert choice, noisy top-k, the collapse alarm (moe.router is one key: expert choice and
+    # hash cannot both be set)
+    row("expert-choice-and-hash-at-once", f"train {TINY} moe.router=[expert_choice,hash]", 2,
+        "moe.router=['expert_choice', 'hash']: expected one of"),
+    row("expert-choice-without-capacity", f"train {TINY} moe.router=expert_choice moe.aux_loss_coeff=0", 2,
+        "moe.capacity_factor=None: moe.router=expert_choice needs a capacity factor"),
+    row("expert-choice-with-aux-loss", f"train {TINY} moe.router=expert_choice moe.capacity_factor=2", 2,
+        "moe.aux_loss_coeff=0.01: moe.router=expert_choice balances by construction"),
+    row("expert-choice-top-k-above-experts", f"train {TINY} moe.router=expert_choice moe.capacity_factor=2 "
+        "moe.aux_loss_coeff=0 moe.top_k=5", 2, "moe.top_k=5: must be in [1, moe.num_experts=4]"),
+    row("expert-choice-tp-splits-sequences", f"train {TINY} moe.router=expert_choice moe.capacity_factor=2 "
+        "moe.aux_loss_coeff=0 parallel.tp=2 train.micro_batch_size=1", 2,
+        "make train.micro_batch_size a multiple of parallel.tp=2"),
+    row("noisy-topk-every-expert", f"train {TINY} moe.router=noisy_topk moe.top_k=4 moe.normalize_weights=true", 2,
+        "moe.top_k=4: moe.router=noisy_topk needs moe.top_k < moe.num_experts=4"),
+    row("importance-loss-without-noisy-topk", f"train {TINY} moe.importance_loss_coeff=0.1", 2,
+        "moe.importance_loss_coeff=0.1: is a loss of moe.router=noisy_topk"),
+    row("noisy-topk-negative-load-loss", f"train {TINY} moe.router=noisy_topk moe.load_loss_coeff=-0.1", 2,
+        "moe.load_loss_coeff=-0.1: must be >= 0"),
+    row("collapse-share-above-one", f"train {TINY} train.collapse_share=1.5", 2, "train.collapse_share=1.5: must be in (0, 1)"),
+    row("collapse-intervals-zero", f"train {TINY} train.collapse_intervals=0", 2, "train.collapse_intervals=0: must be >= 1"),
 )
 
 
