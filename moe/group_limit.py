@@ -1,6 +1,6 @@
 """Group-limited routing (DeepSeek-V3's node-limited routing, Sec. 2.1.2).
 
-Legend: T tokens, E experts, N groups, M = E/N experts per group.
+Legend: T tokens, E experts, N groups, M = E/N experts per group, G = topk_groups eligible groups.
 
 The E experts form N contiguous groups of M. A group's score is the sum of its two
 highest selection scores; only the ``topk_groups`` best groups of each token are eligible
