@@ -9,11 +9,13 @@ softmax over those K values (``moe.normalize_weights`` does not apply: the gates
 by construction). Beside the Switch aux loss and the z-loss (over the clean logits
 ``x·W_g``), the router returns what the paper's two balancing losses need
 (``moe.losses.importance_loss`` and ``load_loss``): the gates summed over tokens
-(importance) and the smooth load, ``P(x, i) = Φ((x·W_g)_i − kth_excluding(H(x), K, i)) /
+(importance) and the smooth load, ``P(x, i) = Φ(((x·W_g)_i − kth_excluding(H(x), K, i)) /
 softplus((x·W_noise)_i))`` summed over tokens, where ``kth_excluding(H, K, i)`` is the K-th
 largest of ``H`` with component i left out (the (K+1)-th largest of ``H`` when i is among
 the K chosen, else the K-th). Both carry gradient to ``W_g`` and ``W_noise``. In evaluation
-the load is the assignment count (no noise, no gradient), as in the paper's code.
+the load is the assignment count (no noise, no gradient), as in the paper's code. Both
+matrices start as every matrix of the model does (``N(0, model.init_std)``), where the paper
+starts them at zero.
 
 The noise does not depend on the layout. ``ε`` is drawn per sequence from a CPU generator
 seeded by a hash of (the router's salt, ``noise_step``, the sequence's token ids): row s of
