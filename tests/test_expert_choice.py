@@ -136,3 +136,19 @@ def test_tensor_parallel_must_keep_sequences_whole() -> None:
         check_whole_sequences(cfg, 2, 1)
     with pytest.raises(ConfigError, match="noisy_topk seeds its noise by whole sequences"):
         check_whole_sequences(MoEConfig(router="noisy_topk"), 2, 3)
+
+
+def test_fused_kernels_dispatch_the_expert_choice_as_torch_does() -> None:
+    """The Triton permute/unpermute (the interpreter on CPU) take the E-slot routing with its
+    keep mask and per-expert blocks of C rows, and give the torch path's output and gradients."""
+    torch_layer, fused_layer = _layer("sequence", 1.0), _layer("sequence", 1.0)
+    fused_layer.cfg = MoEConfig(**{**fused_layer.cfg.__dict__, "kernels": "fused"})
+    x_BSD = torch.randn(2, 8, DIM)
+    outs = []
+    for layer in (torch_layer, fused_layer):
+        x = x_BSD.clone().requires_grad_()
+        y_BSD, _ = layer(x)
+        y_BSD.square().sum().backward()
+        outs.append((y_BSD.detach(), x.grad, layer.router.weight_ED.grad))
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
