@@ -245,6 +245,25 @@ def test_sync_wait_costs_once_per_blocking_collective_call() -> None:
         parse_hardware({**hardware_dict(hw), "sync_wait_s": -1}, "x.yaml")
 
 
+def test_tensor_parallel_ranks_repeat_the_residual_stream_work() -> None:
+    """Without sequence parallelism each TP rank runs the norms and residual adds on every
+    token: ``(1 − 1/tp) · (2·L_stage + last) · T · D · residual_s_per_element`` per
+    micro-batch is added to the step, nothing with SP, at tp=1 or without the field."""
+    import dataclasses
+
+    hw = dataclasses.replace(load_hardware(HARDWARE / "this-machine.yaml"), residual_s_per_element=1e-8)
+    model, moe, layout = _layout(tp=2, batch=16, micro=8)  # 2 micro-batches of T = 8 x 32 tokens, 4 blocks
+    rank = predict(model, moe, layout, hw).ranks[0]
+    assert rank.time["tp_replicated"] == pytest.approx(2 * (1 - 1 / 2) * (2 * 4 + 1) * 8 * 32 * 64 * 1e-8)
+    _, _, sp = _layout(tp=2, sequence_parallel=True, batch=16, micro=8)
+    assert predict(model, moe, sp, hw).ranks[0].time["tp_replicated"] == 0.0
+    assert predict(model, moe, _layout(dp=2)[2], hw).ranks[0].time["tp_replicated"] == 0.0
+    without = dataclasses.replace(hw, residual_s_per_element=0.0)
+    assert predict(model, moe, layout, without).ranks[0].time["tp_replicated"] == 0.0
+    with pytest.raises(ConfigError, match="residual_s_per_element"):
+        parse_hardware({**hardware_dict(hw), "residual_s_per_element": -1}, "x.yaml")
+
+
 def test_a_layout_that_does_not_fit_is_reported() -> None:
     cfg = load_config(ROOT / "configs" / "glam-64e.yaml", ["parallel.dp=8", "parallel.ep=8"])
     layout = Layout.build(cfg.parallel, cfg.model, cfg.moe, cfg.train.batch_size, cfg.train.micro_batch_size, "bfloat16")

@@ -34,6 +34,9 @@ all-to-all uses wall-clock time (waiting for the peer is part of it):
   still arrive apart (scheduling, caches, the other rank's wake-up), and the mean, not
   the median, is what a step pays. W = 2, and W = 2·cores for
   ``sync_wait_oversubscribed_s`` (a peer may be off its core when the call starts).
+- the residual stream's own work (``residual_s_per_element``): one RMSNorm and one residual
+  add, forward and backward, on ``[2048, 192]`` with its inputs out of cache (a 64 MiB write
+  first), median of 21, per element: what a tensor-parallel rank repeats on every token.
 """
 
 from __future__ import annotations
@@ -106,6 +109,29 @@ def memory_bandwidth() -> float:
     src = torch.empty(16 * 2**20)
     dst = torch.empty_like(src)
     return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src))
+
+
+RESIDUAL_SHAPE = (2048, 192)  # [T, D]: a micro-batch of configs/tiny.yaml (8 x 256 tokens)
+EVICT_BYTES = 64 * 2**20  # more than this machine's caches
+
+
+def residual_chain() -> float:
+    """Seconds per element of ``[T, D]`` of one RMSNorm and one residual add, forward and
+    backward (the residual-stream work every tensor-parallel rank repeats), on one core:
+    the median of 21 chains, each started with its inputs out of cache (in a training step
+    they were written long before)."""
+    norm = torch.nn.RMSNorm(RESIDUAL_SHAPE[1], eps=1e-5)
+    evict = torch.empty(EVICT_BYTES // 4)
+    seconds = []
+    for _ in range(21):
+        x = torch.randn(RESIDUAL_SHAPE, requires_grad=True)
+        y = torch.randn(RESIDUAL_SHAPE, requires_grad=True)
+        grad = torch.ones(RESIDUAL_SHAPE)
+        evict.fill_(1.0)
+        start = time.perf_counter()
+        norm(x + y).backward(grad)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) / (RESIDUAL_SHAPE[0] * RESIDUAL_SHAPE[1])
 
 
 def op_overhead() -> float:
@@ -282,6 +308,7 @@ def calibrate(out: Path) -> Hardware:
         collective_efficiency=collective_shares,
         sync_wait_s=wait,
         sync_wait_oversubscribed_s=wait_oversubscribed,
+        residual_s_per_element=residual_chain(),
     )
     hw = dataclasses.replace(raw, matmul_efficiency=step_efficiency(raw))
     header = (
@@ -293,6 +320,7 @@ def calibrate(out: Path) -> Hardware:
         "# intra_node/inter_node: 2-process gloo all_to_all_single, alpha-beta fit (bytes/s, seconds).\n"
         "# collective_efficiency: gloo reduce-scatter/all-gather/all-reduce ring bandwidth over the all-to-all's.\n"
         "# sync_wait_s / sync_wait_oversubscribed_s: mean wait of a small all-to-all reached after computing, 2 and 2*cores ranks.\n"
+        "# residual_s_per_element: one RMSNorm + residual add, forward and backward, per element of [2048, 192], one core.\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + yaml.safe_dump(hardware_dict(hw), sort_keys=False))

@@ -18,6 +18,12 @@ times and the early ones wait (on a shared CPU a waiting rank also has to be wok
 ``sync_wait_oversubscribed_s``: the same with more ranks than cores (CPU), where a peer may
 be descheduled when the collective starts. ``moe simulate calibrate`` measures both.
 
+``residual_s_per_element`` (optional, CPU, 0 when absent): seconds per element of the
+residual stream ``[T, D]`` that one RMSNorm and one residual add cost, forward and backward,
+on one core (``moe simulate calibrate`` times the chain). The matmul efficiency's fit folds
+this work into the FLOP rate, which tensor parallelism divides; TP ranks still do it on every
+token (``predict.tp_replicated_time``).
+
 GPU clusters (``parallel.simulator.cluster``, optional for a CPU): ``memory_efficiency``
 (the share of ``memory_bandwidth`` fused elementwise kernels reach), ``reserved_bytes`` (per
 device: CUDA context, NCCL and dispatcher buffers, cuBLAS workspaces), ``fragmentation``
@@ -91,6 +97,7 @@ class Hardware:
     collective_efficiency: dict[str, float] = field(default_factory=dict)
     sync_wait_s: float = 0.0
     sync_wait_oversubscribed_s: float = 0.0
+    residual_s_per_element: float = 0.0
     memory_efficiency: float = 0.0
     reserved_bytes: float = 0.0
     fragmentation: float = 0.0
@@ -183,6 +190,7 @@ def parse_hardware(raw: Any, where: str) -> Hardware:
         collective_efficiency=collective_of,
         sync_wait_s=_optional_number(raw, "sync_wait_s", where),
         sync_wait_oversubscribed_s=_optional_number(raw, "sync_wait_oversubscribed_s", where),
+        residual_s_per_element=_optional_number(raw, "residual_s_per_element", where),
         memory_efficiency=_optional_share(raw, "memory_efficiency", where),
         reserved_bytes=_optional_number(raw, "reserved_bytes", where),
         fragmentation=_optional_number(raw, "fragmentation", where),
@@ -265,7 +273,7 @@ def hardware_dict(hw: Hardware) -> dict[str, Any]:
     if hw.kind != "cpu":
         out.pop("cores")
     for key in ("kernel_efficiency", "collective_efficiency", "sync_wait_s", "sync_wait_oversubscribed_s",
-                "memory_efficiency", "reserved_bytes", "fragmentation", "dispatchers"):
+                "residual_s_per_element", "memory_efficiency", "reserved_bytes", "fragmentation", "dispatchers"):
         if not out[key]:
             out.pop(key)
     return out

@@ -37,7 +37,8 @@ and micro-batch, the tied embedding's gradient between first and last stage; the
 loop's metric reductions.
 
 **Step time** (``rank_time``): compute = FLOPs / the device's matmul rate + non-matmul bytes /
-memory bandwidth + operations × per-op overhead; communication = alpha-beta per collective
+memory bandwidth + operations × per-op overhead (+ under TP without SP the residual-stream
+work every TP rank repeats, ``tp_replicated_time``); communication = alpha-beta per collective
 (ring ``(n−1)/n`` of a buffer for reduce-scatter and all-gather); the slowest expert rank;
 pipeline bubble ``(p−1)/(m+p−1)`` (1F1B) or ``(p−1)/(v·m)`` of the ideal time
 (interleaved). This engine reduces gradients after the backward (``overlap_grad_reduce=False``),
@@ -542,6 +543,22 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
         comm.tp_all_gather = steps * m * 2 * n_moe * x
 
 
+def tp_replicated_time(model: ModelConfig, layout: Layout, hw: Hardware, layers: list[int], stage: int) -> float:
+    """Seconds per micro-batch a tensor-parallel rank spends on residual-stream work it does
+    not share: without sequence parallelism every TP rank runs the blocks' two RMSNorms and
+    residual adds, and the final norm, on all ``T`` tokens, forward and backward. The
+    calibrated matmul efficiency folds that work into the FLOP rate, which ``tp`` divides,
+    so ``(1 − 1/tp)`` of it is added back:
+    ``(1 − 1/tp) · (2·L_stage + last) · T · D · residual_s_per_element`` (the hardware file's
+    measured cost of one norm and add per element; 0 where it gives none). Not counted:
+    the embedding's backward and the MoE layer's token split and gather, also per token."""
+    t = layout.topology
+    if t.tp == 1 or layout.sequence_parallel:
+        return 0.0
+    units = 2 * len(layers) + (stage == t.pp - 1)
+    return (1 - 1 / t.tp) * units * layout.tokens * model.dim * hw.residual_s_per_element
+
+
 def tp_calls_per_micro_batch(model: ModelConfig, layout: Layout, layers: list[int], stage: int) -> int:
     """Blocking TP collective calls of one micro-batch on one rank (``_tp_bytes``' list):
     without SP the all-reduces (2 per layer, 2 more per dense layer, embedding, head), 3
@@ -725,7 +742,8 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
                + _ring(tp_link, t.tp, comm.tp_reduce_scatter / m, 0, eff["reduce_scatter"])) if t.tp > 1 else 0.0
     pp_link = hw.inter_node if t.tp * t.dp >= hw.devices_per_node else hw.intra_node
     pp_time = (comm.pp_send_recv / m) / pp_link.bandwidth + 2 * pp_link.latency_s if t.pp > 1 else 0.0
-    per_micro = sum(micro.values()) + ep_time + tp_time + pp_time
+    tp_replicated = tp_replicated_time(model, layout, hw, layers, stage)
+    per_micro = sum(micro.values()) + ep_time + tp_time + tp_replicated + pp_time
     if t.pp > 1 and t.vpp > 1:
         bubble = m * per_micro * (t.pp - 1) / (t.vpp * m)
     else:
@@ -758,6 +776,7 @@ def rank_time(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, 
         "op_overhead": m * micro["op_overhead"],
         "ep_all_to_all": m * ep_time,
         "tp_comm": m * tp_time,
+        "tp_replicated": m * tp_replicated,
         "pp_p2p": m * pp_time,
         "pp_bubble": bubble,
         "dp_comm": dp_time,
