@@ -11,6 +11,9 @@
     moe bench memory CONFIG --recompute none,full    measured vs predicted memory per rank (layouts x modes x dtypes)
     moe eval CKPT_OR_RUN_DIR [k=v ...] [--data PATH]   loss and perplexity on held-out text (JSON), any layout
     moe ckpt inspect DIR [--verify]              a checkpoint's layout, step, tensors and checksums
+    moe ckpt import HF_DIR --out DIR             a Hugging Face Mixtral/Qwen3-MoE/Llama/Qwen3 model as our checkpoint
+    moe ckpt export RUN_OR_CKPT --out HF_DIR     any checkpoint, any layout, as a transformers model directory
+    moe ckpt upcycle DENSE --experts E --top-k K --out DIR   a dense model made MoE, same first forward
     moe simulate CONFIG [k=v ...] --cluster HW   emulate a layout here, predict memory/comm/time on HW
     moe simulate calibrate                       measure this machine (configs/hardware/this-machine.yaml)
     moe sweep CONFIG [--address A]               a grid of training runs as Ray Tune trials (configs/sweeps/)
@@ -71,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-layouts", help="train under several layouts and compare (see --help)", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
     check.set_defaults(run=_check_layouts)
-    ckpt = sub.add_parser("ckpt", help="checkpoints: moe ckpt inspect DIR [--verify] (see --help)", add_help=False)
+    ckpt = sub.add_parser("ckpt", help="checkpoints: moe ckpt inspect | import | export | upcycle (see --help)", add_help=False)
     ckpt.add_argument("rest", nargs=argparse.REMAINDER)
     ckpt.set_defaults(run=_ckpt)
     bench = sub.add_parser("bench", help="benchmarks: moe bench kernels | layer | layouts | memory (see --help)", add_help=False)
