@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +84,9 @@ def convert(reader: SafetensorsReader, table: list[Entry], tied: bool) -> dict[s
 
 
 def data_config(tokenizer: Path | None) -> DataConfig:
-    """The data section: the copied tokenizer in ``data.tokenizer`` where DataConfig has that key."""
-    if tokenizer is not None and "tokenizer" in {f.name for f in fields(DataConfig)}:
-        return DataConfig(tokenizer=str(tokenizer))
-    return DataConfig()
+    """The data section: the copied tokenizer in ``data.tokenizer`` (null: bytes), so training
+    and evaluation tokenize as the model was trained."""
+    return DataConfig(tokenizer=None if tokenizer is None else str(tokenizer))
 
 
 def copy_tokenizer(hf_dir: Path, out: Path) -> list[str]:
