@@ -95,3 +95,17 @@ def test_upcycled_model_trains_under_dp2_ep2(
     assert not torch.equal(before[router], after[router])  # the router left zero: the experts can diverge
     w_in = after["blocks.0.ffn.experts.w_in_EDF"]
     assert not torch.equal(w_in[0], w_in[3])  # experts 0 and 3 (ep ranks 0 and 1) trained apart
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_dense_models_import_and_export_bitwise(dense_dirs: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    """The dense architectures upcycling starts from go both ways too, exactly."""
+    from safetensors.torch import load_file
+
+    from launch.ckpt.hf_export import export_hf
+
+    import_hf(dense_dirs[arch], tmp_path / "ckpt")
+    summary = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert summary["architecture"] == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+    original, exported = load_file(dense_dirs[arch] / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
