@@ -8,6 +8,9 @@ CONFIG ?= configs/tiny.yaml
 # The layout `make train` uses: 2 ranks on the local Ray cluster, experts split over them
 # (gloo on CPU). LAYOUT= trains in one process without Ray; see docs/launching.md.
 LAYOUT ?= parallel.dp=2 parallel.ep=2
+# Dotted settings on make's command line are moe train overrides (values without spaces):
+#   make train CONFIG=configs/tiny.yaml data.path=DIR model.vocab_size=2048
+OVERRIDES := $(foreach w,$(filter-out $(LAYOUT),$(MAKEOVERRIDES)),$(if $(findstring .,$(firstword $(subst =, ,$(w)))),$(w)))
 
 .PHONY: setup train test clean
 
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/moe train $(CONFIG) $(LAYOUT)
+	$(VENV)/bin/moe train $(CONFIG) $(LAYOUT) $(OVERRIDES)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
