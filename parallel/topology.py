@@ -112,7 +112,7 @@ def _expert_split_fixes(p: ParallelConfig, moe: MoEConfig) -> list[str]:
     stage = p.tp * p.dp
     fixes = []
     if stage % p.ep == 0:
-        etp = max(d for d in range(1, p.etp) if (stage // p.ep) % d == 0 and moe.expert_ffn_dim % d == 0)
+        etp = max(d for d in range(1, p.etp) if (stage // p.ep) % d == 0 and moe.fine_grained().expert_ffn_dim % d == 0)
         fixes.append(f"parallel.etp={etp}")
     if stage % p.etp == 0:
         ep = max(d for d in range(1, p.ep) if (stage // p.etp) % d == 0 and moe.num_experts % d == 0)
@@ -133,9 +133,12 @@ def _check_tensor_parallel(p: ParallelConfig, model: ModelConfig, moe: MoEConfig
             f"takes whole key/value groups (their query heads with them): parallel.tp must be one of {divisors}, "
             "or raise model.n_kv_heads"
         )
-    if moe.expert_ffn_dim % p.etp:
+    # The width of the experts as built: fine-grained experts are expert_ffn_dim / granularity wide.
+    width = moe.fine_grained().expert_ffn_dim
+    if width % p.etp:
+        key = "moe.expert_ffn_dim" if moe.granularity == 1 else "moe.expert_ffn_dim/moe.granularity"
         _fail(
-            f"moe.expert_ffn_dim={moe.expert_ffn_dim} is not divisible by parallel.etp={p.etp}; "
+            f"{key}={width} is not divisible by parallel.etp={p.etp}; "
             "expert tensor parallelism splits each expert's hidden width evenly"
         )
 

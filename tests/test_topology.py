@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from moe.config import ConfigError, ModelConfig, MoEConfig
@@ -45,6 +47,14 @@ def test_expert_ffn_must_split_over_etp() -> None:
     moe = MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=64)
     with pytest.raises(ConfigError, match="moe.expert_ffn_dim=64 is not divisible by parallel.etp=3"):
         Topology.build(ParallelConfig(dp=3, etp=3), MODEL, moe, BatchShape(12, 2), world_size=3)
+
+
+def test_fine_grained_experts_split_over_etp_by_their_own_width() -> None:
+    """Granularity G builds experts expert_ffn_dim/G wide: that width is what etp splits."""
+    moe = MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=12, granularity=4, normalize_weights=True)
+    with pytest.raises(ConfigError, match=r"moe.expert_ffn_dim/moe.granularity=3 is not divisible by parallel.etp=2"):
+        Topology.build(ParallelConfig(dp=2, etp=2), MODEL, moe, BatchShape(12, 2), world_size=2)
+    Topology.build(ParallelConfig(dp=2, etp=2), MODEL, replace(moe, granularity=2), BatchShape(12, 2), world_size=2)
 
 
 def test_tensor_parallel_splits_the_micro_batch_tokens() -> None:
