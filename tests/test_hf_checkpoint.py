@@ -1,7 +1,8 @@
 """Hugging Face interop against transformers itself (5.25, models built from configs here,
 nothing downloaded): ``moe ckpt import`` then our forward gives transformers' logits;
 import then export gives back the original safetensors bit for bit; an imported model
-trained under dp=2·ep=2 and tp=2·pp=2 through ``moe train`` (``train.init_from``), then
+trained under dp=2·ep=2, tp=2·pp=2, pp=2·vpp=2, tp=2·etp=2 and DeepSpeed dp=2·ep=2 through
+``moe train`` (``train.init_from``), then
 exported, loads in transformers with our logits; the YAML written beside an import loads
 and maps transformers' conventions."""
 
@@ -180,7 +181,9 @@ TRAIN = ["model.seq_len=32", "train.lr=1e-6", "train.steps=3", "train.batch_size
     ("mixtral", ["parallel.dp=2", "parallel.ep=2"]),
     ("qwen3", ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1", "train.micro_batch_size=1"]),
     ("mixtral", ["parallel.dp=2", "parallel.ep=2", "parallel.engine=deepspeed", "parallel.zero_stage=1"]),
-], ids=["mixtral-dp2-ep2", "qwen3-tp2-pp2", "mixtral-deepspeed-dp2-ep2"])
+    ("qwen3", ["parallel.pp=2", "parallel.vpp=2", "parallel.dp=1", "train.micro_batch_size=1"]),
+    ("mixtral", ["parallel.tp=2", "parallel.etp=2", "parallel.dp=1"]),
+], ids=["mixtral-dp2-ep2", "qwen3-tp2-pp2", "mixtral-deepspeed-dp2-ep2", "qwen3-pp2-vpp2", "mixtral-tp2-etp2"])
 def test_imported_model_trains_under_a_layout_and_exports_to_transformers(
     hf_dirs: dict[str, Path], small_corpus: Path, tmp_path: Path, start_within: Callable[..., dict[str, Any]],
     arch: str, layout: list[str],
