@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from moe.kernels._triton import Impl
 from moe.router import Routing, TopKRouter
 
 Scope = Literal["sequence", "micro_batch"]
@@ -81,8 +82,10 @@ class ExpertChoiceRouter(TopKRouter):
         self.capacity_factor = capacity_factor
         self.scope = scope
 
-    def choose(self, x_BSD: torch.Tensor) -> ExpertChoiceRouting:
-        """Route ``x_BSD``'s tokens (its sequences are the ``sequence`` scope's groups)."""
+    def forward(self, x_BSD: torch.Tensor, impl: Impl = "torch") -> ExpertChoiceRouting:  # type: ignore[override]
+        """Route ``x_BSD``'s tokens (its sequences are the ``sequence`` scope's groups). Takes
+        ``[B, S, D]``, where ``TopKRouter`` takes ``[T, D]``: the groups need the sequences.
+        ``impl`` is unused (no fused expert-choice kernel)."""
         batch, seq, dim = x_BSD.shape
         with torch.autocast(x_BSD.device.type, enabled=False):
             x_TD = x_BSD.reshape(batch * seq, dim).float()

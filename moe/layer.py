@@ -138,7 +138,7 @@ class MoELayer(nn.Module):
 
     def _route(self, x_TD: torch.Tensor, ids_BS: torch.Tensor | None, impl: Impl, batch: int) -> Routing:
         if isinstance(self.router, ExpertChoiceRouter):
-            return self.router.choose(x_TD.view(batch, -1, x_TD.shape[1]))
+            return self.router(x_TD.view(batch, -1, x_TD.shape[1]))
         if isinstance(self.router, NoisyTopKRouter):
             return self.router(x_TD, ids_BS)
         if isinstance(self.router, TopKRouter):

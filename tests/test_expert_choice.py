@@ -68,7 +68,7 @@ def test_layer_equals_the_loop_reference(scope: str, cf: float) -> None:
 def test_routing_takes_c_tokens_per_expert_and_sequence_with_softmax_gates() -> None:
     layer = _layer("sequence", 1.5)
     x_BSD = torch.randn(2, 10, DIM)
-    routing = layer.router.choose(x_BSD)
+    routing = layer.router(x_BSD)
     assert isinstance(routing, ExpertChoiceRouting)
     c = math.ceil(1.5 * 10 * K / E)
     assert routing.keep_TK.view(2, 10, E).sum(dim=1).tolist() == [[c] * E] * 2
@@ -152,3 +152,13 @@ def test_fused_kernels_dispatch_the_expert_choice_as_torch_does() -> None:
         outs.append((y_BSD.detach(), x.grad, layer.router.weight_ED.grad))
     for got, want in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_routing_passes_through_the_routers_forward_hooks() -> None:
+    """What ``train.record_routing`` (``parallel.simulator.routing``) and other router hooks read."""
+    layer = _layer("sequence", 1.0)
+    seen: list[ExpertChoiceRouting] = []
+    layer.router.register_forward_hook(lambda module, args, routing: seen.append(routing))
+    layer(torch.randn(3, 8, DIM))
+    assert len(seen) == 1 and seen[0].counts_E.tolist() == [3 * group_capacity(8, K, E, 1.0)] * E
+    assert seen[0].experts_TK.shape == (24, E)
