@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from launch.config import load_config
@@ -87,3 +88,9 @@ def test_a_collapsing_router_fires_the_alarm_at_the_right_interval(
     assert verdict["collapsed"] and verdict["dead_at_end"] == [[1, 2, 3], [1, 2, 3]]
     assert {(d["layer"], d["expert"], d["step"]) for d in verdict["fired"]} == {(l, e, 6) for l in (0, 1) for e in (1, 2, 3)}
     assert verdict["share"] == 0.05 and verdict["intervals"] == 2
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    dead = {e.step: e.value for e in events.Scalars("collapse/layer1/dead_experts")}
+    assert dead == {2: 0, 4: 0, 6: 3, 8: 3}
+    assert {e.step: e.value for e in events.Scalars("collapse/layer0/min_share")}[6] == 0
+    assert "collapse/layer0/cv" in events.Tags()["scalars"] and "collapse/layer0/max_share" in events.Tags()["scalars"]
