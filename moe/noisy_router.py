@@ -17,12 +17,13 @@ the load is the assignment count (no noise, no gradient), as in the paper's code
 matrices start as every matrix of the model does (``N(0, model.init_std)``), where the paper
 starts them at zero.
 
-The noise does not depend on the layout. ``ε`` is drawn per sequence from a CPU generator
+The noise does not depend on the layout. ``ε`` is drawn per sequence from a generator
 seeded by a hash of (the router's salt, ``noise_step``, the sequence's token ids): row s of
 the sequence's ``[S, E]`` draw is position s's noise. Every layout (data, expert, tensor,
 pipeline parallel, any micro-batch size, activation recomputation, the global-batch
 routing pre-pass) routes each sequence whole in one forward of the same step, so it
-draws the same noise as one process, on any device. The salt is drawn from the model's
+draws the same noise as one process on the same kind of device (a CUDA generator draws
+other numbers than the CPU one from the same seed). The salt is drawn from the model's
 initialisation RNG (``train.seed``; identical on every rank, which builds the model from
 the same seed); ``noise_step`` is the training step, set by the trainer before each step
 (:func:`set_noise_step`). Two identical sequences in one step get the same noise. Under
@@ -54,16 +55,18 @@ class NoisyRouting(Routing):
 
 
 def sequence_noise(ids_BS: torch.Tensor, salt: int, step: int, num_experts: int) -> torch.Tensor:
-    """``ε_TE ~ N(0, 1)``, each sequence's ``[S, E]`` from its own generator, seeded by
-    BLAKE2b of ``(salt, step, the sequence's token ids)`` (see the module docstring)."""
+    """``ε_TE ~ N(0, 1)``, each sequence's ``[S, E]`` from its own generator on ``ids_BS``'s
+    device, seeded by BLAKE2b of ``(salt, step, the sequence's token ids)`` (see the module
+    docstring). The seeds need the ids on the host (one copy of B·S ids per layer)."""
+    device = ids_BS.device
     rows = ids_BS.detach().to("cpu", torch.int64).numpy()
-    eps_BSE = torch.empty(rows.shape[0], rows.shape[1], num_experts)
+    eps_BSE = torch.empty(rows.shape[0], rows.shape[1], num_experts, device=device)
     head = np.array([salt, step], dtype=np.int64).tobytes()
     for b, row in enumerate(rows):
         seed = int.from_bytes(hashlib.blake2b(head + row.tobytes(), digest_size=8).digest(), "little") >> 1
-        gen = torch.Generator().manual_seed(seed)
-        eps_BSE[b] = torch.randn(rows.shape[1], num_experts, generator=gen)
-    return eps_BSE.reshape(-1, num_experts).to(ids_BS.device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        eps_BSE[b] = torch.randn(rows.shape[1], num_experts, generator=gen, device=device)
+    return eps_BSE.reshape(-1, num_experts)
 
 
 def kth_excluding(noisy_TE: torch.Tensor, top_k: int) -> torch.Tensor:
