@@ -1,4 +1,10 @@
-"""Will the run fit? Checked before any tensor is allocated.
+"""Will the run fit, and can the model read its data? Checked before any rank starts.
+
+The data (``check_data``): the model's embedding must hold every id of the dataset
+(``model.vocab_size`` at least the vocabulary in its meta.json, or of the tokenizer the
+embedded corpus is prepared with), and a ``data.path`` dataset must be complete and
+prepared with ``data.tokenizer`` when one is named. Found here, a bad pairing is one
+error; found inside the ranks, it would be every rank's failure and rank 0's traceback.
 
 The simulator's accounting (``parallel.simulator.predict``) gives every rank's model
 states exactly (parameters, gradients, optimizer state: checked byte for byte against
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 
 from launch.config import Config
-from moe.config import ConfigError
+from moe.config import ConfigError, ModelConfig
 from parallel.simulator.predict import Layout, Memory, rank_coords, rank_params, uniform_memory
 from parallel.topology import Topology
 
@@ -146,3 +152,41 @@ def check_memory(cfg: Config, topology: Topology) -> list[Memory]:
             file=sys.stderr,
         )
     return memories
+
+
+def check_vocab(model: ModelConfig, data_vocab: int) -> None:
+    """Refuse a model whose embedding has fewer rows than the data has ids."""
+    if model.vocab_size < data_vocab:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the dataset's vocabulary ({data_vocab} ids); "
+            f"set model.vocab_size={data_vocab}"
+        )
+
+
+def data_vocab_size(cfg: Config) -> int | None:
+    """The number of ids the run's data holds, from what this machine reads without
+    preparing anything: ``data.path``'s meta.json (the dataset's files and tokenizer checked
+    first, as the ranks will check them: ``ensure_dataset``), else the vocabulary of the
+    tokenizer the embedded corpus is prepared with. None when the ranks run on a cluster's
+    machines (``launch.address``) and the file is not on this one: they check it there."""
+    from launch.data import ByteTokenizer, ensure_dataset, load_hf_tokenizer, read_meta
+
+    data, remote = cfg.data, cfg.launch.address is not None
+    if data.path is not None:
+        if remote and not Path(data.path).exists():
+            return None
+        return int(read_meta(ensure_dataset(data))["vocab_size"])
+    if data.tokenizer is None:
+        return ByteTokenizer.vocab_size
+    if remote and not Path(data.tokenizer).exists():
+        return None
+    return load_hf_tokenizer(data.tokenizer, "data.tokenizer").vocab_size
+
+
+def check_data(cfg: Config) -> None:
+    """Refuse (``ConfigError``, ``DataError``) data the model cannot read, before any rank
+    starts: a ``data.path`` that is not a complete dataset prepared with ``data.tokenizer``,
+    or a vocabulary larger than ``model.vocab_size``."""
+    vocab = data_vocab_size(cfg)
+    if vocab is not None:
+        check_vocab(cfg.model, vocab)

@@ -1,7 +1,9 @@
 """What both launchers share: one rank's setup, and the supervisor's failure bookkeeping.
 
 A rank, whether a local process (``launch/local_launcher.py``) or a Ray actor
-(``launch/ray_launcher.py``), runs :func:`run_rank`: its output goes to
+(``launch/ray_launcher.py``), runs :func:`run_rank` around the launch's entry point
+(:data:`RankEntry`: ``launch.train.train_rank`` for training, ``moe eval``'s rank for an
+evaluation): its output goes to
 ``run_dir/logs/rank-K.log``; it exports RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT and the NCCL options, picks its device and thread count, and
 initialises torch.distributed with an explicit timeout (a peer that never arrives fails
@@ -34,6 +36,12 @@ import torch
 import torch.distributed as dist
 
 from launch.config import Config, LaunchConfig
+
+# What a launcher runs on every rank: ``entry(cfg, config_name)`` with torch.distributed
+# initialised (or in the driver's process for a one-rank layout: ``launch.local_launcher.start``),
+# returning rank 0's result (``{}`` elsewhere). It travels to the ranks pickled: a module-level
+# function, or a ``functools.partial`` of one with picklable arguments.
+RankEntry = Callable[[Config, str], dict[str, Any]]
 
 
 class LaunchError(RuntimeError):
@@ -152,11 +160,9 @@ def init_distributed(launch: LaunchConfig, env: RankEnv) -> None:
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
-def run_rank(cfg: Config, config_name: str, env: RankEnv, echo: bool) -> dict[str, Any]:
-    """Train as one rank of the group; return the summary on rank 0 (``{}`` elsewhere).
-    ``cfg.train.run_dir`` must be set and the same for every rank."""
-    from launch.train import train_rank  # after the redirect: its imports log too
-
+def run_rank(entry: RankEntry, cfg: Config, config_name: str, env: RankEnv, echo: bool) -> dict[str, Any]:
+    """Run ``entry`` as one rank of the group; return its result (rank 0's result: the
+    launch's). ``cfg.train.run_dir`` must be set and the same for every rank."""
     run_dir = Path(str(cfg.train.run_dir))
     redirect_output(log_path(run_dir, env.rank), echo)
     device = "cpu" if env.gpu is None else f"cuda:{env.gpu}"
@@ -168,7 +174,7 @@ def run_rank(cfg: Config, config_name: str, env: RankEnv, echo: bool) -> dict[st
     )
     try:
         init_distributed(cfg.launch, env)
-        return train_rank(cfg, config_name)
+        return entry(cfg, config_name)
     except BaseException as err:
         _record_failure(run_dir, env.rank, err)
         traceback.print_exc()  # into the rank's log: a Ray actor hands its error to the driver only

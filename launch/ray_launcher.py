@@ -4,7 +4,8 @@
     moe train configs/glam-64e.yaml --address auto            an existing cluster (ray start, ray up, KubeRay)
 
 Plain actors rather than Ray Train's TorchTrainer (docs/launching.md): the rank code is the
-same function the local launcher runs (``launch/rank.py``), so both launchers share one
+same function the local launcher runs (``launch/rank.py``), around the same entry point
+(``launch.rank.RankEntry``: training, or ``moe eval``'s ranks), so both launchers share one
 rendezvous, one log layout and one failure report; restarts resume from this project's
 sharded, atomic checkpoints rather than through a second checkpoint system; and the
 placement (rank order by node, ``num_gpus`` per actor, the CUDA_VISIBLE_DEVICES policy)
@@ -59,7 +60,17 @@ from typing import Any, TextIO
 
 from launch.config import Config, LaunchConfig
 from launch.data import DataConfig
-from launch.rank import LaunchError, RankEnv, clear_failures, group_failure, log_path, pick_port, run_rank, with_restarts
+from launch.rank import (
+    LaunchError,
+    RankEntry,
+    RankEnv,
+    clear_failures,
+    group_failure,
+    log_path,
+    pick_port,
+    run_rank,
+    with_restarts,
+)
 
 # A Unix socket path has at most 107 bytes; Ray puts its sockets at
 # <temp dir>/session_<date>_<time>_<micros>_<pid>/sockets/plasma_store (~65 bytes past the temp dir).
@@ -346,9 +357,9 @@ class RankActor:
         host = ray.util.get_node_ip_address()
         return host, pick_port(host, wanted_port)
 
-    def run(self, cfg: Config, config_name: str, env: RankEnv) -> dict[str, Any]:
-        """Train as rank ``env.rank`` until the run ends; rank 0 returns the summary."""
-        return run_rank(cfg, config_name, dataclasses.replace(env, gpu=_ray_gpu()), echo=False)
+    def run(self, entry: RankEntry, cfg: Config, config_name: str, env: RankEnv) -> dict[str, Any]:
+        """Run ``entry`` as rank ``env.rank`` until it returns; rank 0 returns the launch's result."""
+        return run_rank(entry, cfg, config_name, dataclasses.replace(env, gpu=_ray_gpu()), echo=False)
 
 
 class _LogEcho:
@@ -492,8 +503,10 @@ def _prepare_data(cfg: Config, actors: list[Any], slots: list[Slot]) -> None:
     _get_before_start(first_on_node, "preparing the data", cfg.launch.start_timeout_s)
 
 
-def _attempt(cfg: Config, config_name: str, world_size: int, bundle: dict[str, float]) -> dict[str, Any]:
-    """One start of the whole group; rank 0's summary. The group is gone when it returns."""
+def _attempt(
+    entry: RankEntry, cfg: Config, config_name: str, world_size: int, bundle: dict[str, float]
+) -> dict[str, Any]:
+    """One start of the whole group; rank 0's result. The group is gone when it returns."""
     import ray
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
@@ -510,16 +523,19 @@ def _attempt(cfg: Config, config_name: str, world_size: int, bundle: dict[str, f
         threads = launch.threads or max(1, int(bundle["CPU"]))
         envs = [RankEnv(r, world_size, s.local_rank, s.local_world_size, host, port, threads) for r, s in enumerate(slots)]
         echo = _LogEcho(log_path(run_dir, 0), sys.stderr)
-        return _supervise([a.run.remote(cfg, config_name, env) for a, env in zip(actors, envs)], run_dir, echo)
+        return _supervise([a.run.remote(entry, cfg, config_name, env) for a, env in zip(actors, envs)], run_dir, echo)
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(pg)
 
 
-def launch_ray(cfg: Config, config_name: str, world_size: int) -> dict[str, Any]:
-    """Run ``train_rank`` on ``world_size`` Ray actors; return rank 0's summary.
-    ``cfg.train.run_dir`` must be set and, on several nodes, on a filesystem they share."""
+def launch_ray(cfg: Config, config_name: str, world_size: int, entry: RankEntry | None = None) -> dict[str, Any]:
+    """Run ``entry`` (default: ``launch.train.train_rank``) on ``world_size`` Ray actors;
+    return rank 0's result. ``cfg.train.run_dir`` must be set and, on several nodes, on a
+    filesystem they share."""
+    from launch.train import train_rank
+
     launch = cfg.launch
     if launch.address is not None:
         check_reachable(launch.address)
@@ -533,4 +549,4 @@ def launch_ray(cfg: Config, config_name: str, world_size: int) -> dict[str, Any]
             raise _too_big(missing)
         if missing:
             print(f"waiting up to {launch.start_timeout_s}s for the cluster to grow: {missing}", file=sys.stderr)
-        return with_restarts(cfg, lambda c: _attempt(c, config_name, world_size, bundle))
+        return with_restarts(cfg, lambda c: _attempt(entry or train_rank, c, config_name, world_size, bundle))

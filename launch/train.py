@@ -518,11 +518,11 @@ class Run:
         return slice(start, start + rows_per_rank)
 
     def _check_vocab(self, stream: TokenStream) -> None:
-        if self.cfg.model.vocab_size < stream.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the dataset's "
-                f"vocabulary ({stream.vocab_size} ids); set model.vocab_size={stream.vocab_size}"
-            )
+        """As ``launch.preflight.check_data`` did before the ranks started, on the data as read
+        here (a cluster's node may hold data its driver cannot see)."""
+        from launch.preflight import check_vocab
+
+        check_vocab(self.cfg.model, stream.vocab_size)
 
     # -- state ---------------------------------------------------------------------
 
@@ -1035,8 +1035,9 @@ def train(cfg: Config, config_name: str) -> dict[str, Any]:
 
 
 def train_rank(cfg: Config, config_name: str) -> dict[str, Any]:
-    """One rank of a multi-rank run; torch.distributed is initialised by the launcher.
-    Returns the summary on rank 0 (an empty dict elsewhere)."""
+    """One rank of a run (the launchers' default entry point, ``launch.rank.RankEntry``):
+    torch.distributed initialised by the launcher, or none for a one-rank layout in this
+    process. Returns the summary on rank 0 (an empty dict elsewhere)."""
     with rank_info(cfg) as info:
         return Run(cfg, config_name, info).fit()
 
@@ -1045,8 +1046,13 @@ def train_rank(cfg: Config, config_name: str) -> dict[str, Any]:
 def rank_info(cfg: Config) -> Iterator[RankInfo]:
     """This process's place in ``cfg``'s multi-rank layout (torch.distributed initialised by
     the launcher): megatron-core's process groups built for the validated layout, torn down
-    on exit. ``train_rank`` and ``moe eval``'s ranks run inside it."""
+    on exit; without torch.distributed (a one-rank layout run in-process), the single rank.
+    ``train_rank`` and ``moe eval``'s ranks run inside it."""
     from parallel.groups import destroy_groups, init_groups
+
+    if not dist.is_initialized() and check_layout(cfg).world_size == 1:
+        yield RankInfo()
+        return
 
     # megatron-core warns at import that TransformerEngine/Apex are absent and it falls
     # back to torch: expected here, and four lines per rank of noise otherwise.

@@ -240,6 +240,11 @@ ROWS = (
         "moe.load_loss_coeff=-0.1: must be >= 0"),
     row("collapse-share-above-one", f"train {TINY} train.collapse_share=1.5", 2, "train.collapse_share=1.5: must be in (0, 1)"),
     row("collapse-intervals-zero", f"train {TINY} train.collapse_intervals=0", 2, "train.collapse_intervals=0: must be >= 1"),
+    # issue 17: the data against the model before any rank starts (launch/preflight.py check_data), multi-rank too
+    row("tokenizer-vocab-above-model-dp2", f"train {TINY} data.path={{fx}}/bpe-dataset parallel.dp=2", 2,
+        "model.vocab_size=257 is smaller than the dataset's vocabulary (300 ids); set model.vocab_size=300"),
+    row("tokenizer-hash-mismatch-dp2", f"train {TINY} data.path={{fx}}/bpe-dataset model.vocab_size=300 "
+        "data.tokenizer={fx}/other-tokenizer.json parallel.dp=2 parallel.ep=2", 2, "is not the tokenizer"),
 )
 
 

@@ -1,4 +1,9 @@
-"""The memory check before a run allocates anything (``launch/preflight.py``).
+"""The checks before any rank starts (``launch/preflight.py``): the data against the model,
+and the memory before a run allocates anything.
+
+Data: the vocabulary of a prepared dataset (its meta.json) or of the tokenizer the embedded
+corpus is prepared with must fit ``model.vocab_size``; on a remote cluster, data this
+machine cannot see is left to the ranks.
 
 Model states come from the simulator's exact accounting (tests/test_simulate.py checks it
 byte for byte against real runs); here: a layout whose states cannot fit is refused with
@@ -17,7 +22,8 @@ import torch
 
 import launch.preflight as preflight
 from launch.config import load_config
-from launch.preflight import check_memory
+from launch.data import DataError, prepare, stdlib_sources
+from launch.preflight import check_data, check_memory, data_vocab_size
 from launch.train import check_layout
 from moe.config import ConfigError
 
@@ -96,3 +102,20 @@ def test_cli_refuses_an_impossible_model_before_any_work(tmp_path: Path) -> None
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: the model does not fit") and "Traceback" not in proc.stderr + proc.stdout
     assert not run_dir.exists()
+
+
+def test_the_datas_vocabulary_must_fit_the_model(tmp_path: Path) -> None:
+    data = tmp_path / "bytes"
+    prepare(stdlib_sources()[:2], data, val_fraction=0.3)
+    cfg = load_config(TINY, [f"data.path={data}"])
+    assert data_vocab_size(cfg) == 257
+    check_data(cfg)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=256 is smaller than the dataset's vocabulary \(257 ids\); "
+                                          r"set model.vocab_size=257"):
+        check_data(load_config(TINY, [f"data.path={data}", "model.vocab_size=256", "parallel.dp=2"]))
+    with pytest.raises(ConfigError, match=r"model.vocab_size=200 is smaller .* \(257 ids\)"):
+        check_data(load_config(TINY, ["model.vocab_size=200"]))  # the embedded corpus, in bytes: nothing prepared
+    with pytest.raises(DataError, match=r"data.path=.*nowhere: directory not found"):
+        check_data(load_config(TINY, [f"data.path={tmp_path / 'nowhere'}", "parallel.dp=2"]))
+    remote = load_config(TINY, [f"data.path={tmp_path / 'nowhere'}", "launch.address=auto", "model.vocab_size=8"])
+    assert data_vocab_size(remote) is None  # on the cluster's nodes only: their ranks check it

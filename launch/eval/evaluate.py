@@ -15,10 +15,19 @@ A file is every one of its complete ``model.seq_len`` windows (each document fol
 EOD, as prepared data is), in batches of the run's validation batch size; a smaller last
 batch is dropped, as in training.
 
-Layouts of several ranks run as one process per rank on this machine (gloo on CPU, one GPU
-per rank), set up as ``moe train``'s ranks are (``launch.rank``: rendezvous, logs, failure
-records; ``launch.train.rank_info``: megatron's groups), under the local launcher's
-supervision; Ray is not used. Rank 0 shows the progress bar (stderr) and writes the result.
+The ranks run as ``moe train``'s do, through ``launch.local_launcher.start`` with
+:func:`evaluate_rank` as the entry point: a one-rank layout in this process, a multi-rank
+one through the launcher the config names (``launch.launcher``, from the checkpoint's
+config unless overridden: Ray by default, a local Ray cluster or ``launch.address``'s;
+``local`` for processes on this machine), with the same pre-checks (data against the
+model, memory), supervision, failure records and logs. Rank 0 shows the progress bar
+(stderr) and returns the result.
+
+The launch's run directory (``train.run_dir``: rank logs, a local Ray cluster's files) is a
+new temporary directory, removed after a successful evaluation and kept, with a note,
+after a failed one; ``train.run_dir=DIR`` names another (on a multi-node cluster: one on
+a filesystem the nodes share), kept. It never is the evaluated run's directory: a
+directory holding a run is refused (``launch.train.claimed_run_dir``).
 
 The result is printed as JSON and written to ``--out`` (default
 ``runs/eval/<run>-step<N>-<time>.json``), never over an existing file.
@@ -29,16 +38,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
-import multiprocessing as mp
 import os
 import secrets
 import shutil
 import sys
 import tempfile
 import time
-import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,17 +54,17 @@ from typing import Any
 import numpy as np
 
 from launch.config import Config, apply_overrides, build
-from launch.data import DataError, TokenStream, ensure_dataset, load_hf_tokenizer, read_meta
+from launch.data import DataError, TokenStream, load_hf_tokenizer, read_meta
 from launch.data.corpus import _documents, collect_sources
 from launch.data.tokenizer import ByteTokenizer, HFTokenizer
-from launch.rank import RankEnv, _record_failure, init_distributed, log_path, pick_port, redirect_output
 from moe.config import ConfigError
 from parallel.checkpoint import CheckpointError, read_manifests, resolve_checkpoint
 from parallel.dist_checkpoint import is_dist_checkpoint, read_manifest
+from parallel.topology import Topology
 
-LOCALHOST = "127.0.0.1"
-RESULT_FILE = "result.json"
 Tokenizer = ByteTokenizer | HFTokenizer
+# What moe eval sets itself: the run starts from the checkpoint, and never resumes one.
+FORCED_KEYS = ("train.init_from", "train.resume")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,82 +158,59 @@ def file_tokens(path: Path, tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def eval_config(ckpt: Checkpoint, overrides: list[str], work_dir: Path) -> Config:
-    """The checkpoint's config with ``overrides`` (e.g. a layout), starting from its weights."""
-    forced = [f"train.init_from={ckpt.path}", "train.resume=false", f"train.run_dir={work_dir}"]
+def eval_config(ckpt: Checkpoint, overrides: list[str]) -> Config:
+    """The checkpoint's config with ``overrides`` (e.g. a layout), starting from its weights;
+    ``train.run_dir`` is the checkpoint's run's until :func:`evaluate` sets the launch's."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key in ("train.init_from", "train.resume", "train.run_dir"):
+        if key in FORCED_KEYS:
             raise ConfigError(f"override {item!r}: moe eval sets {key} itself; leave it out")
+    forced = [f"train.init_from={ckpt.path}", "train.resume=false"]
     return build(Config, apply_overrides(copy.deepcopy(ckpt.config), [*overrides, *forced]), "")
 
 
-def evaluate_rank(cfg: Config, info: Any, stream: TokenStream | None) -> dict[str, Any]:
-    """This rank's part of the evaluation: the run built from the checkpoint, its validation
-    windows (or those of a file's ``stream``), evaluated; the loss and token count (the same
-    on every rank)."""
+def evaluate_rank(cfg: Config, config_name: str, stream: TokenStream | None = None) -> dict[str, Any]:
+    """One rank of the evaluation (a ``launch.rank.RankEntry``; ``stream`` bound with
+    ``functools.partial``): the run built from the checkpoint, its validation windows (or
+    those of a file's ``stream``), evaluated; the loss and token count (the same on every rank)."""
     from tqdm import tqdm
 
-    from launch.train import Run
+    from launch.train import Run, rank_info
 
-    run = Run(cfg, "eval", info)
-    if stream is not None:
-        run.val_batches = run.make_val_batches(stream)
-    if not run.val_batches:
+    with rank_info(cfg) as info:
+        run = Run(cfg, config_name, info)
+        if stream is not None:
+            run.val_batches = run.make_val_batches(stream)
+        if not run.val_batches:
+            raise DataError(
+                f"nothing to evaluate: fewer than one validation batch of {cfg.train.batch_size} windows of "
+                f"model.seq_len={cfg.model.seq_len} tokens; give more text or a smaller train.batch_size"
+            )
+        bar = tqdm(total=len(run.val_batches), desc="eval", unit="batch", file=sys.stderr, mininterval=1.0,
+                   dynamic_ncols=True, disable=not info.is_main)
+        loss = run.evaluate(bar.update)
+        bar.close()
+        return {"loss": loss, "tokens": run.val_token_count}
+
+
+def check_file_windows(cfg: Config, topology: Topology, stream: TokenStream) -> None:
+    """A file must fill at least one validation batch (``Run.make_val_batches``: a micro-batch
+    of ``model.seq_len`` windows per data-parallel rank); checked here, before any rank starts."""
+    rows = cfg.train.batch_size // topology.dp // topology.micro_batches * topology.dp
+    windows = (len(stream) - 1) // cfg.model.seq_len
+    if windows < rows:
         raise DataError(
-            f"nothing to evaluate: fewer than one validation batch of {cfg.train.batch_size} windows of "
-            f"model.seq_len={cfg.model.seq_len} tokens; give more text or a smaller train.batch_size"
+            f"--data: nothing to evaluate: {windows} window(s) of model.seq_len={cfg.model.seq_len} tokens, fewer "
+            f"than one validation batch of {rows} under this layout; give more text or a smaller train.batch_size"
         )
-    bar = tqdm(total=len(run.val_batches), desc="eval", unit="batch", file=sys.stderr, mininterval=1.0,
-               dynamic_ncols=True, disable=not info.is_main)
-    loss = run.evaluate(bar.update)
-    bar.close()
-    return {"loss": loss, "tokens": run.val_token_count}
 
 
-def _rank_main(cfg: Config, env: RankEnv, work_dir: Path, stream: TokenStream | None) -> None:
-    """One rank of a multi-rank evaluation, in a spawned process."""
-    import torch
-    import torch.distributed as dist
-
-    from launch.train import rank_info
-
-    gpu = env.local_rank % torch.cuda.device_count() if torch.cuda.is_available() else None
-    env = dataclasses.replace(env, gpu=gpu)
-    redirect_output(log_path(work_dir, env.rank), echo=env.rank == 0)
-    try:
-        init_distributed(cfg.launch, env)
-        with rank_info(cfg) as info:
-            result = evaluate_rank(cfg, info, stream)
-        if env.rank == 0:
-            (work_dir / RESULT_FILE).write_text(json.dumps(result))
-    except BaseException as err:
-        _record_failure(work_dir, env.rank, err)
-        traceback.print_exc()  # into the rank's log
-        raise SystemExit(1) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _launch(cfg: Config, world_size: int, work_dir: Path, stream: TokenStream | None) -> dict[str, Any]:
-    """Every rank of the layout as a local process; rank 0's result."""
-    from launch.local_launcher import _supervise
-
-    port = pick_port(LOCALHOST, cfg.launch.master_port)
-    threads = cfg.launch.threads or max(1, (os.cpu_count() or 1) // world_size)
-    envs = [RankEnv(r, world_size, r, world_size, LOCALHOST, port, threads) for r in range(world_size)]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(cfg, env, work_dir, stream)) for env in envs]
-    for proc in procs:
-        proc.start()
-    try:
-        _supervise(procs, work_dir)
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.kill()
-        raise
-    return json.loads((work_dir / RESULT_FILE).read_text())
+def _work_dir(cfg: Config, overrides: list[str]) -> tuple[Path, bool]:
+    """The launch's run directory: ``train.run_dir`` when an override names it, else a new
+    temporary one; and whether it is temporary (removed after success)."""
+    if any(item.split("=", 1)[0].strip() == "train.run_dir" for item in overrides):
+        return Path(str(cfg.train.run_dir)), False
+    return Path(tempfile.mkdtemp(prefix="moe-eval-")), True
 
 
 def _out_path(arg: str | None, ckpt: Checkpoint) -> Path:
@@ -281,31 +266,31 @@ def _data_choice(data: str | None, tokenizer: Tokenizer) -> tuple[list[str], Tok
 
 def evaluate(ckpt_arg: Path, overrides: list[str], data: str | None, out: str | None) -> tuple[dict[str, Any], Path]:
     """Evaluate the checkpoint ``ckpt_arg`` names; (the result, the file it was written to)."""
-    from launch.train import RankInfo, check_layout
+    from launch.local_launcher import start
+    from launch.train import check_layout
 
     ckpt = find_checkpoint(ckpt_arg)
     out_path = _out_path(out, ckpt)
-    work_dir = Path(tempfile.mkdtemp(prefix="moe-eval-"))
+    tokenizer = model_tokenizer(eval_config(ckpt, []))
+    data_overrides, stream = _data_choice(data, tokenizer)
+    cfg = eval_config(ckpt, [*overrides, *data_overrides])
+    topology = check_layout(cfg)
+    if stream is not None:
+        check_file_windows(cfg, topology, stream)
+    work_dir, temporary = _work_dir(cfg, overrides)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(work_dir)))
     try:
-        saved = eval_config(ckpt, [], work_dir)
-        tokenizer = model_tokenizer(saved)
-        data_overrides, stream = _data_choice(data, tokenizer)
-        cfg = eval_config(ckpt, [*overrides, *data_overrides], work_dir)
-        topology = check_layout(cfg)
-        ensure_dataset(cfg.data)  # once, before any rank reads it (the embedded corpus may need preparing)
-        start = time.perf_counter()
-        if topology.world_size == 1:
-            result = evaluate_rank(cfg, RankInfo(), stream)
-        else:
-            result = _launch(cfg, topology.world_size, work_dir, stream)
-        seconds = time.perf_counter() - start
+        began = time.perf_counter()
+        result = start(cfg, "eval", functools.partial(evaluate_rank, stream=stream))
+        seconds = time.perf_counter() - began
     except BaseException:
-        if (work_dir / "logs").is_dir():  # ranks ran: their logs say why (the error names the first)
+        if temporary and (work_dir / "logs").is_dir():  # ranks ran: their logs say why (the error names the first)
             print(f"(moe eval's rank logs are kept in {work_dir / 'logs'})", file=sys.stderr)
-        else:
+        elif temporary:
             shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if temporary:
+        shutil.rmtree(work_dir, ignore_errors=True)
     record = {
         "checkpoint": str(ckpt.path),
         "step": ckpt.step,
