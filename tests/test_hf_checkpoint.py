@@ -206,3 +206,42 @@ def test_imported_model_trains_under_a_layout_and_exports_to_transformers(
     before, after = read_model_state(tmp_path / "ckpt")[0], read_model_state(run)[0]
     for name in ("blocks.1.ffn.experts.w_in_EDF", "blocks.1.attn.qkv.weight", "embed.weight"):
         assert 0 < (after[name] - before[name]).abs().max() < 1e-4, name
+
+
+def _train_rank(rank: int, world_size: int, cfg: Any) -> None:
+    """One rank of a run, as a launcher's rank runs it."""
+    import os
+
+    from launch.train import train_rank
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    train_rank(cfg, "tiny")
+
+
+def test_sigmoid_expert_bias_of_a_sharded_checkpoint_is_read_back(
+    small_corpus: Path, tmp_path: Path, rank_pool: Callable[[int], Any]
+) -> None:
+    """A dp=2·ep=2 run with sigmoid scores and bias balancing saves a sharded checkpoint whose
+    expert bias lives in its extras, not among the sharded parameters; ``train.init_from``
+    under one process (and export's reader) takes it from there: equal to the bias the run
+    logged at its last step, which is not zero. Export refuses sigmoid scores by name."""
+    from launch.check_layouts import train_records
+
+    run = tmp_path / "run"
+    routing = ["model.dim=32", "model.n_layers=3", "model.moe_every=1", "model.n_heads=2", "model.ffn_dim=64",
+               "model.vocab_size=257", "moe.num_experts=4", "moe.top_k=2", "moe.score=sigmoid",
+               "moe.expert_bias_update_rate=1e-2", "moe.normalize_weights=true", "train.lr=1e-3"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TRAIN, *routing, "parallel.dp=2", "parallel.ep=2",
+                                                        f"data.path={small_corpus}", f"train.run_dir={run}"])
+    rank_pool(cfg.parallel.world_size).run(_train_rank, cfg, timeout=240)
+    logged = torch.tensor(train_records(run)[-1]["expert_bias"])
+    assert logged.shape == (3, 4) and logged.abs().max() > 0
+    one = load_config(ROOT / "configs" / "tiny.yaml", [*TRAIN, *routing, f"train.init_from={run}"])
+    state = read_initial_weights(str(run), one.model, one.moe)
+    net = Transformer(one.model, one.moe)
+    net.load_state_dict(state)
+    loaded = torch.stack([net.blocks[str(b)].ffn.router.expert_bias_E for b in range(3)])
+    assert torch.equal(loaded, logged)
+    with pytest.raises(CheckpointError, match=r"moe\.score='sigmoid' .*moe\.expert_bias_update_rate=0\.01"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

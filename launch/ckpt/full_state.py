@@ -13,7 +13,10 @@ Two formats (``docs/checkpoints.md``):
   checkpoint whose keys are the full model's parameter names with their global shapes, so
   one process reads each whole tensor (``torch.distributed.checkpoint`` with
   ``no_dist=True``) whatever tp/pp/ep/etp/vpp wrote it; a tied LM head is saved only as
-  ``embed.weight``.
+  ``embed.weight``. The sharded tensors are parameters only: the sigmoid routers' expert
+  bias (a persistent buffer, ``blocks.i.ffn.router.expert_bias_E``) is in the extras
+  (``common.pt``: ``expert_bias``, ``[L_moe, E]``, row ``l`` the ``l``-th MoE layer, the
+  same on every rank), from which it is put back under its name.
 
 Every file is checked against its recorded checksums first. The result is keyed like
 ``Transformer.state_dict()`` (a tied ``lm_head.weight`` present, equal to the embedding).
@@ -27,6 +30,9 @@ from typing import Any
 
 import torch
 
+from launch.ckpt.hf_import import expected_shapes
+from launch.config import build
+from moe.config import ModelConfig, MoEConfig
 from parallel.checkpoint import CheckpointError, load_checkpoint, read_manifests, resolve_checkpoint, saved_world_size
 from parallel.dist_checkpoint import is_dist_checkpoint, read_manifest, verify_files
 
@@ -37,6 +43,24 @@ def _tie(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, to
     if config["model"]["tie_embeddings"]:
         state["lm_head.weight"] = state["embed.weight"]
     return state
+
+
+def _expert_bias(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The sigmoid routers' expert bias of a sharded checkpoint, from its extras (empty when
+    the model has no such buffer, or when the checkpoint predates bias balancing: then the
+    tensor stays missing and a reader of the whole model names it)."""
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    model = build(ModelConfig, config["model"], "model")
+    names = [n for n in expected_shapes(model, build(MoEConfig, config["moe"], "moe")) if n.endswith(".router.expert_bias_E")]
+    if not names:
+        return {}
+    extras = load_common_state_dict(str(path))["extras"]
+    if "expert_bias" not in extras:
+        return {}
+    bias_LE = extras["expert_bias"]
+    moe_row = {b: sum(model.is_moe_layer(i) for i in range(b)) for b in range(model.n_layers)}  # Transformer.moe_layer_index
+    return {name: bias_LE[moe_row[int(name.split(".")[1])]].clone() for name in names}
 
 
 def _read_dist(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -55,6 +79,7 @@ def _read_dist(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
+    state.update(_expert_bias(path, manifest["config"]))
     return _tie(state, manifest["config"]), manifest["config"]
 
 
