@@ -194,3 +194,14 @@ def test_bad_inputs(dp2_ep2_run: tuple[Path, float], corpus: Path, tmp_path: Pat
         evaluate(run_dir, [], str(bpe_data), None)
     with pytest.raises(ConfigError, match="moe eval sets train.init_from itself"):
         evaluate(run_dir, ["train.init_from=x"], None, None)
+    # before any rank starts: a file shorter than one validation batch of the layout, a launch
+    # directory that holds a run (the evaluated one)
+    before = _tree(run_dir)
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 100)
+    with pytest.raises(DataError, match=r"nothing to evaluate in --data: 3 window\(s\) of model.seq_len=32 tokens, "
+                                        r"fewer than one validation batch of 4 under this layout"):
+        evaluate(run_dir, ["parallel.dp=2", "parallel.ep=2"], str(short), None)
+    with pytest.raises(ConfigError, match=r"train.run_dir=.*dp2-ep2' already holds a run"):
+        evaluate(run_dir, ["parallel.dp=2", "parallel.ep=2", f"train.run_dir={run_dir}"], None, None)
+    assert _tree(run_dir) == before

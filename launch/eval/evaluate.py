@@ -193,14 +193,23 @@ def evaluate_rank(cfg: Config, config_name: str, stream: TokenStream | None = No
         return {"loss": loss, "tokens": run.val_token_count}
 
 
-def check_file_windows(cfg: Config, topology: Topology, stream: TokenStream) -> None:
-    """A file must fill at least one validation batch (``Run.make_val_batches``: a micro-batch
-    of ``model.seq_len`` windows per data-parallel rank); checked here, before any rank starts."""
+def check_windows(cfg: Config, topology: Topology, stream: TokenStream | None) -> None:
+    """The text evaluated (a file's ``stream``, else the val split of ``data.path`` as its
+    meta.json counts it) must fill at least one validation batch (``Run.make_val_batches``:
+    a micro-batch of ``model.seq_len`` windows per data-parallel rank); checked here, before
+    any rank starts. The embedded corpus's split, thousands of batches, is not counted."""
+    meta = read_meta(Path(cfg.data.path)) if stream is None and cfg.data.path is not None else {}
+    if stream is not None:
+        tokens, what = len(stream), "--data"
+    elif "val" in meta:
+        tokens, what = int(meta["val"]["tokens"]), f"the val split of {cfg.data.path}"
+    else:
+        return
     rows = cfg.train.batch_size // topology.dp // topology.micro_batches * topology.dp
-    windows = (len(stream) - 1) // cfg.model.seq_len
+    windows = max(tokens - 1, 0) // cfg.model.seq_len
     if windows < rows:
         raise DataError(
-            f"--data: nothing to evaluate: {windows} window(s) of model.seq_len={cfg.model.seq_len} tokens, fewer "
+            f"nothing to evaluate in {what}: {windows} window(s) of model.seq_len={cfg.model.seq_len} tokens, fewer "
             f"than one validation batch of {rows} under this layout; give more text or a smaller train.batch_size"
         )
 
@@ -275,8 +284,7 @@ def evaluate(ckpt_arg: Path, overrides: list[str], data: str | None, out: str | 
     data_overrides, stream = _data_choice(data, tokenizer)
     cfg = eval_config(ckpt, [*overrides, *data_overrides])
     topology = check_layout(cfg)
-    if stream is not None:
-        check_file_windows(cfg, topology, stream)
+    check_windows(cfg, topology, stream)
     work_dir, temporary = _work_dir(cfg, overrides)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(work_dir)))
     try:
