@@ -15,15 +15,25 @@ checked before a tensor is converted (the architecture, the config, every tensor
 and shape against what the config implies, every shard present and whole); the weights
 are then read one tensor at a time (``SafetensorsReader``) and converted by
 ``moe.hf_weights.weight_table``, exactly (reshapes and transposes: an export gives the
-same bits back). The directory is built beside ``--out`` under a temporary name and
+same bits back).
+
+Streaming (``save_streamed``): the checkpoint file is the one ``parallel/checkpoint.py``
+writes (``torch.save`` of ``{step, engine: {model}, config, source}``, a manifest of
+CRC-32s), but laid out first with no tensor data (``torch.serialization.skip_data``, the
+tensors allocated and never touched, so they cost address space, not memory), then
+filled one table entry at a time through a shared memory map of the file, unmapped after
+each entry. The importer holds one entry's source and converted tensors at a time (at
+most one layer's experts), whatever the model's size. The directory is built beside ``--out`` under a temporary name and
 renamed at the end: a failure leaves nothing at ``--out``.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
+from dataclasses import asdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +48,15 @@ from launch.data.config import DataConfig
 from moe.config import ModelConfig, MoEConfig
 from moe.hf_weights import Entry, weight_table
 from moe.model import Transformer
-from parallel.checkpoint import CheckpointError, save_checkpoint
+from parallel.checkpoint import (
+    CheckpointError,
+    ShardInfo,
+    manifest_file,
+    save_checkpoint,
+    state_file,
+    tensor_checksums,
+    write_atomically,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # Tensors a transformers checkpoint may carry that our model recomputes (RoPE tables).
@@ -83,6 +101,52 @@ def convert(reader: SafetensorsReader, table: list[Entry], tied: bool) -> dict[s
     return state
 
 
+def _skeleton(reader: SafetensorsReader, table: list[Entry], tied: bool) -> dict[str, torch.Tensor]:
+    """Our state dict's tensors with the converted shapes and dtypes, allocated but never
+    written (their pages are never touched, so never resident)."""
+    state = {}
+    for entry in table:
+        meta = entry.to_ours([torch.empty(reader.shape(n), dtype=reader.dtype(n), device="meta") for n in entry.hf])
+        state[entry.ours] = torch.empty(meta.shape, dtype=meta.dtype)
+    if tied:
+        state["lm_head.weight"] = state["embed.weight"]
+    return state
+
+
+def _fill(file: Path, name: str, tensor: torch.Tensor) -> None:
+    """Write ``tensor`` into the space ``file`` reserves for ``engine.model.<name>``: the
+    file mapped shared (writes reach the file), the map released on return."""
+    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+        mapped = torch.load(file, mmap=True, weights_only=True)
+    mapped["engine"]["model"][name].copy_(tensor)
+
+
+def save_streamed(ckpt_dir: Path, reader: SafetensorsReader, table: list[Entry], tied: bool,
+                  extra: dict[str, Any]) -> None:
+    """The one-process checkpoint of step 0 that ``save_checkpoint`` would write for
+    ``{"step": 0, "engine": {"model": convert(...)}, **extra}``, converting and writing one
+    table entry at a time (the module docstring); published atomically as it is."""
+
+    def write(tmp: Path) -> None:
+        file = tmp / state_file(0)
+        with torch.serialization.skip_data():
+            torch.save({"step": 0, "engine": {"model": _skeleton(reader, table, tied)}, **extra}, file)
+        checksums: dict[str, dict[str, Any]] = {}
+        for entry in table:
+            tensor = entry.to_ours([reader.get(name) for name in entry.hf])
+            _fill(file, entry.ours, tensor)
+            checksums |= tensor_checksums(tensor, f"engine.model.{entry.ours}")
+        if tied:
+            checksums["engine.model.lm_head.weight"] = checksums["engine.model.embed.weight"]
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
+        manifest = {"step": 0, "rank": 0, "world_size": 1, "shard": asdict(ShardInfo()), "tensors": checksums,
+                    "config": extra["config"]}
+        (tmp / manifest_file(0)).write_text(json.dumps(manifest))
+
+    write_atomically(ckpt_dir, 0, 1, 0, lambda: None, write, "1")
+
+
 def data_config(tokenizer: Path | None) -> DataConfig:
     """The data section: the copied tokenizer in ``data.tokenizer`` (null: bytes), so training
     and evaluation tokenize as the model was trained."""
@@ -99,14 +163,20 @@ def copy_tokenizer(hf_dir: Path, out: Path) -> list[str]:
     return names
 
 
-def write_checkpoint(tmp: Path, final: Path, state: dict[str, torch.Tensor], cfg: Config, source: str,
-                     notes: dict[str, str], extra_yaml_header: str = "") -> None:
-    """Our checkpoint (step 0, weights only) and its YAML config into ``tmp`` (to become ``final``)."""
-    save_checkpoint(tmp / "checkpoints", 0, {"step": 0, "engine": {"model": state}, "config": to_dict(cfg),
-                                             "source": source}, keep=1)
+def write_config(tmp: Path, final: Path, cfg: Config, source: str, notes: dict[str, str],
+                 extra_yaml_header: str = "") -> None:
+    """The YAML config of a converted checkpoint into ``tmp`` (to become ``final``)."""
     header = (f"{final.name}: {source}, converted by moe ckpt.\n"
               f"train.init_from starts a fresh run from these weights under any layout.{extra_yaml_header}")
     (tmp / "config.yaml").write_text(config_yaml(cfg, header, notes))
+
+
+def write_checkpoint(tmp: Path, final: Path, state: dict[str, torch.Tensor], cfg: Config, source: str,
+                     notes: dict[str, str], extra_yaml_header: str = "") -> None:
+    """Our checkpoint (step 0, weights only, held whole) and its YAML config into ``tmp``."""
+    save_checkpoint(tmp / "checkpoints", 0, {"step": 0, "engine": {"model": state}, "config": to_dict(cfg),
+                                             "source": source}, keep=1)
+    write_config(tmp, final, cfg, source, notes, extra_yaml_header)
 
 
 def prepare_out(out: Path) -> Path:
@@ -137,8 +207,9 @@ def import_hf(hf_dir: Path, out: Path) -> dict[str, Any]:
         notes = notes | {"train.init_from": "these weights (a fresh run: step 0, new optimizer)"}
         if final_tokenizer is not None:
             notes["data.tokenizer"] = f"copied from {hf_dir}"
-        state = convert(reader, table, model.tie_embeddings)
-        write_checkpoint(tmp, out, state, cfg, f"imported from {hf_dir.resolve()} ({arch})", notes)
+        source = f"imported from {hf_dir.resolve()} ({arch})"
+        save_streamed(tmp / "checkpoints", reader, table, model.tie_embeddings, {"config": to_dict(cfg), "source": source})
+        write_config(tmp, out, cfg, source, notes)
         shutil.copy2(hf_dir / "config.json", tmp / "hf_config.json")
         os.replace(tmp, out)
     finally:

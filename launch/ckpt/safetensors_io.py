@@ -4,7 +4,10 @@ A model directory holds ``model.safetensors``, or shards named in
 ``model.safetensors.index.json`` (``{"weight_map": {tensor: file}}``). ``SafetensorsReader``
 opens every file once (``safe_open`` reads only the header; a truncated file fails there,
 as its header no longer covers the file) and reads a tensor only when asked, so a
-conversion holds one tensor of the source at a time. ``write_safetensors`` writes
+conversion holds one tensor of the source at a time. ``safe_open`` maps its file, and the
+pages a read touches stay resident in the process while the map lives: each read goes
+through a handle of its own, unmapped once the tensor is copied out, so reading the whole
+model leaves none of it mapped. ``write_safetensors`` writes
 transformers' layout: one ``model.safetensors`` when everything fits in one shard, else
 ``model-0000i-of-0000n.safetensors`` of at most ``max_shard_bytes`` each (a tensor larger
 than that gets a shard of its own) and the index.
@@ -69,6 +72,7 @@ class SafetensorsReader:
                     "the index and the shards come from different saves"
                 )
         self._where = weight_map
+        self._directory = directory
 
     @staticmethod
     def _open(directory: Path, name: str, weight_map: dict[str, str]) -> object:
@@ -104,7 +108,7 @@ class SafetensorsReader:
 
     def get(self, key: str) -> torch.Tensor:
         try:
-            return self._handles[self._where[key]].get_tensor(key)
+            return safe_open(str(self._directory / self._where[key]), framework="pt").get_tensor(key)
         except SafetensorError as err:
             raise CheckpointError(f"tensor {key!r} in {self._where[key]} cannot be read ({err}); the file is damaged") from None
 
