@@ -148,6 +148,30 @@ def test_block_activations_per_recompute_mode_are_what_autograd_keeps(mode: str,
         assert predicted == measured
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_expert_parallel_blocks_keep_the_expert_output_rows(dtype: str) -> None:
+    """Under ``ep > 1`` an MoE block keeps ``R·D`` more (activation dtype): the combine puts
+    the expert output rows back in source-rank order with ``index_copy``
+    (``ExpertParallelDispatcher.unpermute``), whose autograd node saves its source. Found in
+    ``moe bench memory``'s ep=2 ranks (profiled: one ``R·D`` per MoE layer live when the
+    backward starts); the premise is checked on torch itself."""
+    import torch
+
+    y_RD = torch.randn(6, 4, requires_grad=True, dtype=getattr(torch, dtype)) * 1
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.empty_like(y_RD).index_copy(0, torch.arange(6).flip(0), y_RD)
+    assert any(t.untyped_storage().data_ptr() == y_RD.untyped_storage().data_ptr() for t in saved)
+    model = ModelConfig(dim=32, n_layers=2, n_heads=4, seq_len=16, ffn_dim=64, vocab_size=64)
+    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=32)
+    one, two = (Layout.build(ParallelConfig(ep=ep, dp=ep), model, moe, batch_size=4 * ep, micro_batch_size=None,
+                             dtype=dtype, recompute="selective") for ep in (1, 2))  # type: ignore[arg-type]
+    assert one.tokens == two.tokens
+    rows = 37.0
+    extra = activation_elements(model, moe, two, 0, rows).bytes(two) - activation_elements(model, moe, one, 0, rows).bytes(one)
+    assert extra == rows * model.dim * y_RD.element_size()
+
+
 def test_full_recompute_layers_count_per_pipeline_chunk() -> None:
     """``recompute_layers=1`` under pp=2 x vpp=2 (8 layers, 2 per chunk): the first block of
     each chunk keeps its input only, the others everything; the step recomputes half the

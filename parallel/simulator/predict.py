@@ -22,7 +22,8 @@ not Korthikanti's GPT-3 figure, split by dtype (``Saved``): with bf16 activation
 SDPA's logsumexp, the router, the gated expert rows and the loss keep fp32 tensors. ``train.recompute`` (``moe/recompute.py``): ``full`` keeps a
 recomputed block's input ``T·D`` only (the first ``recompute_layers`` blocks of each chunk);
 ``selective`` keeps neither a norm's ``x·rsqrt`` and ``rsqrt`` nor an MLP's or expert's
-activation output (and SwiGLU's ``silu(gate)``). 1F1B keeps ``p − stage`` micro-batches in
+activation output (and SwiGLU's ``silu(gate)``). Under ``ep > 1`` the experts' output rows
+(``R·D``) are kept too: the combine's ``index_copy`` to source-rank order saves its source. 1F1B keeps ``p − stage`` micro-batches in
 flight.
 
 **Communication** per rank per step, in ``comm_counter``'s convention (all-to-all: bytes
@@ -376,6 +377,8 @@ def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, laye
         # logits, probs, lse, int64 top-k ids, gates; bf16: the fp32 copies of input and weight
         router = 2 * Tr * moe.num_experts + Tr + 2 * Tr * k + Tr * k + (Tr * D + moe.num_experts * D if wide else 0)
         experts = rows * (D + mlp_elements(f, moe.activation, selective))
+        if t.ep > 1:  # the expert output rows R·D: the combine's index_copy back to source order keeps its source
+            experts += rows * D
         # gated rows: the expert outputs (their fp32 copy in bf16) and the products; the
         # local sort's row order and each row's token (int64), each row's gate
         gated = Saved(fp32=Tr * k * D, act=Tr * k * D) if wide else Saved(act=2 * Tr * k * D)
