@@ -9,6 +9,7 @@ and maps transformers' conventions."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -308,3 +309,32 @@ def test_import_memory_does_not_grow_with_the_model(tmp_path: Path) -> None:
     assert growth[16] - growth[4] < 0.25 * (size[16] - size[4]), (growth, size)
     a, b = read_model_state(tmp_path / "ckpt16")[0], _tensors(tmp_path / "hf16")
     assert torch.equal(a["embed.weight"], b["model.embed_tokens.weight"]) and torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_tokenizer_goes_through_import_export_and_eval(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A model directory with a BPE tokenizer (trained here): import copies it, export
+    carries it into the transformers directory byte for byte, and ``moe eval`` of the
+    imported checkpoint on a text file tokenizes with it (its ids, not bytes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from launch.eval.evaluate import evaluate
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_dirs["qwen3"], hf)
+    text = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(200))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(vocab_size=200, special_tokens=["<|endoftext|>"]))
+    tokenizer.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    import_hf(hf, tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "exported")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "exported" / name).read_bytes() == (hf / name).read_bytes(), name
+    (tmp_path / "code.txt").write_text(text)
+    record, _ = evaluate(tmp_path / "ckpt", ["launch.launcher=local", "launch.threads=1"], str(tmp_path / "code.txt"),
+                         str(tmp_path / "eval.json"))
+    ids = tokenizer.encode(text).ids
+    assert record["tokenizer"] == {"name": "tokenizer", "vocab_size": tokenizer.get_vocab_size()}
+    assert len(ids) + 1 < len(text.encode()) // 2  # subword tokens: a byte model would see twice as many
+    assert 0 < record["tokens"] <= len(ids) + 1 and math.isfinite(record["loss"])
