@@ -18,7 +18,7 @@ from multirank import RankPool
 from parallel.config import ParallelConfig
 from parallel.simulator.hardware import hardware_dict, load_hardware, parse_hardware
 from parallel.simulator.predict import (
-    Layout, activation_elements, comm_bytes, megatron_buffer_layout, measured_categories, predict, recorded_comm,
+    Layout, activation_elements, comm_bytes, head_elements, megatron_buffer_layout, measured_categories, predict, recorded_comm,
     state_memory,
 )
 from parallel.simulator.routing import group_rows, load_imbalance, read_routing
@@ -170,6 +170,37 @@ def test_expert_parallel_blocks_keep_the_expert_output_rows(dtype: str) -> None:
     rows = 37.0
     extra = activation_elements(model, moe, two, 0, rows).bytes(two) - activation_elements(model, moe, one, 0, rows).bytes(one)
     assert extra == rows * model.dim * y_RD.element_size()
+
+
+@pytest.mark.parametrize("dense_last", [False, True], ids=["moe", "dense-last"])
+def test_selective_refill_rise_is_the_measured_backward_transient(dense_last: bool) -> None:
+    """``refill_rise`` against the profiler's allocator accounting (``measure_step``) of one
+    forward and backward under ``selective`` in one process: the live bytes' most rise over
+    the backward's start, while the MLPs' activations are recomputed (a small vocabulary,
+    so that the loss gradient is not the largest transient), within 3%."""
+    import torch
+
+    from moe.model import Transformer
+    from moe.recompute import apply_recompute
+    from parallel.simulator.measure import measure_step
+    from parallel.simulator.predict import refill_rise, stage_layers
+
+    torch.manual_seed(0)
+    model = ModelConfig(dim=64, n_layers=3 if dense_last else 2, n_heads=4, seq_len=64, ffn_dim=384, vocab_size=32,
+                        moe_every=2 if dense_last else 1)  # dense-last: dense, MoE, dense
+    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=256)
+    net = Transformer(model, moe)
+    apply_recompute(net, "selective")
+    ids_BS = torch.randint(0, model.vocab_size, (2, model.seq_len))
+    net(ids_BS, ids_BS).loss.backward()  # the gradients exist before the measured step: states, not transients
+    memory = measure_step(lambda: net(ids_BS, ids_BS).loss.backward(), torch.device("cpu"))
+    layout = Layout.build(ParallelConfig(), model, moe, batch_size=2, micro_batch_size=None, dtype="float32",
+                          recompute="selective")  # type: ignore[arg-type]
+    layers = stage_layers(model, layout, 0)
+    rows = {i: float(layout.tokens * moe.top_k) if model.is_moe_layer(i) else 0.0 for i in layers}
+    head = head_elements(model, layout).bytes(layout) - 4 * layout.tokens * model.vocab_size
+    predicted = refill_rise(model, moe, layout, layers, rows, head)
+    assert predicted == pytest.approx(memory.peak_increase - memory.activations, rel=0.03)
 
 
 def test_full_recompute_layers_count_per_pipeline_chunk() -> None:
