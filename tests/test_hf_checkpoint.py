@@ -21,13 +21,13 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+from hf_testing import logits, our_model
 from launch.ckpt.cli import ckpt_main
 from launch.ckpt.full_state import read_model_state
 from launch.ckpt.hf_export import export_hf
 from launch.ckpt.hf_import import import_hf
 from launch.ckpt.init_from import read_initial_weights
-from launch.config import build, load_config
-from moe.config import ModelConfig, MoEConfig
+from launch.config import load_config
 from moe.model import Transformer
 from parallel.checkpoint import CheckpointError
 
@@ -65,28 +65,14 @@ def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _ours(ckpt: Path) -> Transformer:
-    """Our model from a checkpoint or run directory, with the config it recorded."""
-    state, saved, _ = read_model_state(ckpt)
-    net = Transformer(build(ModelConfig, saved["model"], "model"), build(MoEConfig, saved["moe"], "moe")).eval()
-    net.load_state_dict(state)
-    return net
-
-
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(ids)
-    return out.logits if hasattr(out, "logits") else out.logits_BSV
-
-
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3"])
-def test_import_gives_transformers_logits(hf_dirs: dict[str, Path], tmp_path: Path, arch: str) -> None:
+def test_import_gives_transformerslogits(hf_dirs: dict[str, Path], tmp_path: Path, arch: str) -> None:
     out = tmp_path / "ckpt"
     assert ckpt_main(["import", str(hf_dirs[arch]), "--out", str(out)]) == 0
     ids = torch.randint(0, 261, (3, 29))
     hf = AutoModelForCausalLM.from_pretrained(hf_dirs[arch]).eval()
-    ours = _ours(out)
-    assert (_logits(ours, ids) - _logits(hf, ids)).abs().max() <= 1e-5
+    ours = our_model(out)
+    assert (logits(ours, ids) - logits(hf, ids)).abs().max() <= 1e-5
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "hf_config.json", "tokenizer"]
     assert [p.name for p in (out / "tokenizer").iterdir()] == ["generation_config.json"]  # save_pretrained's
 
@@ -159,7 +145,7 @@ def test_sharded_export_and_import_of_shards(hf_dirs: dict[str, Path], tmp_path:
         assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 20_000
     ids = torch.randint(0, 261, (2, 13))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert torch.equal(_logits(hf, ids), _logits(AutoModelForCausalLM.from_pretrained(hf_dirs["qwen3"]).eval(), ids))
+    assert torch.equal(logits(hf, ids), logits(AutoModelForCausalLM.from_pretrained(hf_dirs["qwen3"]).eval(), ids))
     import_hf(tmp_path / "hf", tmp_path / "again")
     a, b = read_model_state(tmp_path / "ckpt")[0], read_model_state(tmp_path / "again")[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -199,9 +185,9 @@ def test_imported_model_trains_under_a_layout_and_exports_to_transformers(
     assert summary["steps"] == 3
     export_hf(run, tmp_path / "hf")
     ids = torch.randint(0, 257, (2, 19))
-    trained = _ours(run)
+    trained = our_model(run)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert (_logits(hf, ids) - _logits(trained, ids)).abs().max() <= 1e-5
+    assert (logits(hf, ids) - logits(trained, ids)).abs().max() <= 1e-5
     # It started from the imported weights (another initialisation differs by ~0.05) and trained
     # them (at lr 1e-6 Adam moves each weight by about 1e-6 a step).
     before, after = read_model_state(tmp_path / "ckpt")[0], read_model_state(run)[0]

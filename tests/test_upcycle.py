@@ -13,13 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from hf_testing import logits, our_model
 from launch.ckpt.cli import ckpt_main
 from launch.ckpt.full_state import read_model_state
 from launch.ckpt.hf_import import import_hf
 from launch.ckpt.upcycle import upcycle
-from launch.config import build, load_config
-from moe.config import ModelConfig, MoEConfig
-from moe.model import Transformer
+from launch.config import load_config
 from parallel.checkpoint import CheckpointError
 
 LLAMA = dict(vocab_size=259, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
@@ -37,19 +36,6 @@ def dense_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _ours(ckpt: Path) -> Transformer:
-    state, saved, _ = read_model_state(ckpt)
-    net = Transformer(build(ModelConfig, saved["model"], "model"), build(MoEConfig, saved["moe"], "moe")).eval()
-    net.load_state_dict(state)
-    return net
-
-
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(ids)
-    return out.logits if hasattr(out, "logits") else out.logits_BSV
-
-
 @pytest.mark.parametrize(("arch", "experts", "top_k", "granularity"), [
     ("llama", 4, 2, 1), ("qwen3", 4, 2, 1), ("llama", 4, 1, 2), ("qwen3", 3, 2, 4), ("llama", 4, 1, 1),
 ], ids=["llama-e4k2", "qwen3-e4k2", "llama-e4k1-g2", "qwen3-e3k2-g4", "llama-e4k1-raw-gates"])
@@ -63,16 +49,16 @@ def test_upcycled_first_forward_equals_the_dense_model(
     assert (cfg.model.moe_every, cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.granularity) == (1, experts, top_k, granularity)
     ids = torch.randint(0, 259, (3, 23))
     dense = AutoModelForCausalLM.from_pretrained(dense_dirs[arch]).eval()
-    moe = _ours(out)
+    moe = our_model(out)
     assert len(moe.moe_layers()) == 2 and moe.moe_layers()[0].experts.num_experts == experts * granularity
-    assert (_logits(moe, ids) - _logits(dense, ids)).abs().max() <= 1e-6
+    assert (logits(moe, ids) - logits(dense, ids)).abs().max() <= 1e-6
 
 
 def test_upcycle_from_our_dense_checkpoint(dense_dirs: dict[str, Path], tmp_path: Path) -> None:
     import_hf(dense_dirs["qwen3"], tmp_path / "dense")
     upcycle(tmp_path / "dense", tmp_path / "moe", experts=2, top_k=2, granularity=2)
     ids = torch.randint(0, 261, (2, 17))
-    assert (_logits(_ours(tmp_path / "moe"), ids) - _logits(_ours(tmp_path / "dense"), ids)).abs().max() <= 1e-6
+    assert (logits(our_model(tmp_path / "moe"), ids) - logits(our_model(tmp_path / "dense"), ids)).abs().max() <= 1e-6
     with pytest.raises(CheckpointError, match="has MoE layers .*upcycle a dense model"):
         upcycle(tmp_path / "moe", tmp_path / "again", experts=2, top_k=1)
     assert not (tmp_path / "again").exists()
