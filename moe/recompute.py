@@ -123,12 +123,20 @@ def activation_without_output(
         return y
     size = a.untyped_storage().nbytes()
     a.untyped_storage().resize_(0)
+    # The hook's own references to h and a, dropped once it refilled a: afterwards a lives
+    # on in W_out's saved tensor and h in _ActivationWithoutOutput's, each freed when its
+    # backward node ran, not when the step's graph (which holds this hook) is freed.
+    held = [h, a]
 
     def refill(grad: torch.Tensor) -> None:
-        with torch.no_grad(), _autocast(h, autocast):
-            again = act(h.detach())
-        a.untyped_storage().resize_(size)
-        a.untyped_storage().copy_(again.untyped_storage())
+        if not held:  # a second backward over a retained graph: a is still full
+            return
+        h_, a_ = held
+        held.clear()
+        with torch.no_grad(), _autocast(h_, autocast):
+            again = act(h_.detach())
+        a_.untyped_storage().resize_(size)
+        a_.untyped_storage().copy_(again.untyped_storage())
 
     y.register_hook(refill)
     return y

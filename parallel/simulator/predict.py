@@ -892,14 +892,20 @@ def refill_rise(model: ModelConfig, moe: MoEConfig, layout: Layout, layers: list
     stage's blocks in backward order (b: activation bytes; R rows, ``f`` hidden, Fin input
     width: the routed experts' R and ``expert_ffn_dim/etp``, a dense MLP's T and ``ffn_dim/tp``).
 
-    At block i's activation backward live: the refilled output ``a`` (R·f), its gradient
-    from ``W_out`` (R·f), the recomputed output (R·f), the input's gradient (R·Fin) and the
-    residual stream's gradient (T·D). Freed by then: the head but the logits the loop holds
-    (``head_freed``), block i's pieces after the MLP (an MoE block's gated rows and, under
-    ep > 1, the expert output rows R·D), and every later block but its ``h`` (R·Fin) and
-    refilled ``a`` (R·f): the refill hook's closure holds both until the step's graph is
-    freed. Measured (tiny, seq 1024, ep=2 rank 0, fp32, GeLU, profiled allocation by
-    allocation): rise 34.5 MiB, this formula 34.4; shared experts are not counted."""
+    Block i's MLP backward rises twice; live at ``W_out``'s backward: the refilled output
+    ``a`` (R·f), its gradient (R·f), the gradient of ``W_out``'s weight (``W``: E/ep·f·D for
+    the routed experts, f·D for a dense MLP; a transient where it is added into a kept
+    gradient), the output's gradient (R·D, the experts' own rows; a dense MLP's is the
+    residual stream's) and the residual stream's gradient (T·D); at the activation's
+    backward (``a`` freed with ``W_out``'s node): ``a``'s gradient (R·f), the recomputed
+    output (R·f), the input's gradient (R·Fin) and T·D. Freed by then: the head but the
+    logits the loop holds (``head_freed``), block i's pieces after the MLP (an MoE block's
+    gated rows and, under ep > 1, the expert output rows R·D), and every later block's
+    activations, ``h`` with its activation's node and ``a`` with ``W_out``'s (the refill
+    hook drops its own references once it refilled ``a``). Measured (profiled allocation by
+    allocation, one process, fp32, GeLU, ``test_simulate``'s
+    ``test_selective_refill_rise_is_the_measured_backward_transient``): the peak is
+    ``W_out``'s backward of the last MLP; shared experts are not counted."""
     if layout.recompute != "selective":
         return 0.0
     b, t, D, T = _dtype_bytes(layout), layout.topology, model.dim, layout.tokens
@@ -907,13 +913,17 @@ def refill_rise(model: ModelConfig, moe: MoEConfig, layout: Layout, layers: list
     for i in reversed(layers):
         if model.is_moe_layer(i):
             R, f, activation = rows[i], moe.expert_ffn_dim / t.etp, moe.activation
+            weight, grad_y = moe.num_experts / t.ep * f * D, R * D
             # the gated rows N·D (fp32: the expert rows; bf16: their fp32 copy) and the products N·D
             after = layout.routed_tokens * moe.top_k * D * (4 + b) + (R * D * b if t.ep > 1 else 0.0)
         else:
             R, f, activation, after = T, model.ffn_dim / t.tp, model.activation, 0.0
+            weight, grad_y = f * D, 0.0
         fin = input_width(int(f), activation)  # type: ignore[arg-type]
-        rise = max(rise, (3 * R * f + R * fin + T * D) * b - freed - after)
-        freed += activation_elements(model, moe, layout, i, rows[i]).bytes(layout) - (R * fin + R * f) * b
+        w_out = 2 * R * f + weight + grad_y + T * D
+        act = 2 * R * f + R * fin + T * D
+        rise = max(rise, max(w_out, act) * b - freed - after)
+        freed += activation_elements(model, moe, layout, i, rows[i]).bytes(layout)
     return rise
 
 
