@@ -28,7 +28,10 @@ Under ``moe.aux_loss_scope=micro_batch`` (the default) the aux loss is taken ove
 forward's tokens, so layouts whose micro-batches differ (``dp``, ``micro``, a pipeline's
 micro-batches) cannot agree, whatever the parallelism does: the command says so before
 training (a warning naming the layouts' micro-batches and ``moe.aux_loss_scope=global_batch``,
-the scope that does not depend on them), then runs as asked.
+the scope that does not depend on them), then runs as asked. So it does for the other
+per-forward balancing: noisy top-k's importance and load losses (per forward whatever the
+aux scope; under TP each TP rank's sequences) and expert choice with
+``moe.expert_choice_scope=micro_batch`` (the experts choose among one forward's tokens).
 
 The engine column names what trained each layout: ``local`` (one process, torch AdamW),
 ``megatron`` (megatron-core DDP + distributed optimizer) or ``deepspeed-z<stage>``.
@@ -49,6 +52,7 @@ import json
 import math
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -176,26 +180,67 @@ def micro_batch(cfg: Config) -> int:
     return cfg.train.micro_batch_size or cfg.train.batch_size // cfg.parallel.dp
 
 
-def aux_scope_warning(layouts: list[Layout], configs: list[Config]) -> str | None:
-    """Why the layouts' aux losses cannot agree, when they cannot: under
-    ``moe.aux_loss_scope=micro_batch`` the aux loss is taken over each forward's tokens,
-    so layouts whose micro-batches differ (dp, micro, a pipeline's micro-batching) differ
-    by definition, however right the parallelism is. None when nothing differs."""
-    moe, model = configs[0].moe, configs[0].model
-    if moe.aux_loss_scope != "micro_batch" or moe.aux_loss_coeff == 0 or moe.router == "hash" or model.moe_every == 0:
-        return None
-    by_size: dict[int, list[str]] = {}
+def _by_value(layouts: list[Layout], configs: list[Config], value: Callable[[Config], float]) -> str | None:
+    """``"v1 under a, b; v2 under c"`` of each layout's ``value``, or None when all are equal."""
+    by_value: dict[float, list[str]] = {}
     for layout, cfg in zip(layouts, configs):
-        by_size.setdefault(micro_batch(cfg), []).append(layout.name)
-    if len(by_size) < 2:
+        by_value.setdefault(value(cfg), []).append(layout.name)
+    if len(by_value) < 2:
         return None
-    groups = "; ".join(f"{size} under {', '.join(names)}" for size, names in by_size.items())
-    return (
-        f"warning: moe.aux_loss_scope=micro_batch takes the aux loss over each forward's tokens, and these layouts' "
-        f"forwards route different sequences (sequences per micro-batch: {groups}): their aux losses, and through them the "
-        "router gradients and later losses, differ by definition, not by a fault. To compare the layouts, set "
-        "moe.aux_loss_scope=global_batch (the same for every dp, ep and micro-batch size)"
-    )
+    return "; ".join(f"{size:g} under {', '.join(names)}" for size, names in by_value.items())
+
+
+def _per_tp_rank(cfg: Config) -> float:
+    """The sequences each TP rank of a forward routes (its micro-batch over ``parallel.tp``)."""
+    return micro_batch(cfg) / cfg.parallel.tp
+
+
+def aux_scope_warning(layouts: list[Layout], configs: list[Config]) -> str | None:
+    """Why the layouts cannot agree, when they cannot: whatever depends on the tokens of one
+    forward differs between layouts whose forwards differ (dp, micro, a pipeline's
+    micro-batching, tp), by definition, however right the parallelism is. Three things do:
+
+    - ``moe.aux_loss_scope=micro_batch``: the Switch aux loss over each forward's tokens
+      (under TP its counts are summed over tp: the whole micro-batch);
+    - ``moe.router=noisy_topk``'s importance and load losses, per forward only whatever
+      ``moe.aux_loss_scope`` says (under TP over each TP rank's sequences);
+    - ``moe.router=expert_choice`` with ``moe.expert_choice_scope=micro_batch``: the experts
+      choose among one forward's tokens (under TP each TP rank's), so the routing itself.
+
+    One warning line per cause that applies; None when nothing differs."""
+    moe, model = configs[0].moe, configs[0].model
+    if model.moe_every == 0:
+        return None
+    lines = []
+    switch = moe.aux_loss_scope == "micro_batch" and moe.aux_loss_coeff > 0 and moe.router != "hash"
+    groups = _by_value(layouts, configs, micro_batch) if switch else None
+    if groups:
+        lines.append(
+            f"warning: moe.aux_loss_scope=micro_batch takes the aux loss over each forward's tokens, and these layouts' "
+            f"forwards route different sequences (sequences per micro-batch: {groups}): their aux losses, and through "
+            "them the router gradients and later losses, differ by definition, not by a fault. To compare the layouts, "
+            "set moe.aux_loss_scope=global_batch (the same for every dp, ep and micro-batch size)"
+        )
+    noisy = moe.router == "noisy_topk" and (moe.importance_loss_coeff > 0 or moe.load_loss_coeff > 0)
+    groups = _by_value(layouts, configs, _per_tp_rank) if noisy else None
+    if groups:
+        lines.append(
+            "warning: moe.router=noisy_topk's importance and load losses are per forward only (over each forward's "
+            "tokens, whatever moe.aux_loss_scope says), and these layouts' forwards route different sequences "
+            f"(sequences per forward and TP rank: {groups}): those losses, and through them the router gradients and "
+            "later losses, differ by definition, not by a fault. To compare the layouts, set "
+            "moe.importance_loss_coeff=0 and moe.load_loss_coeff=0 (and balance with moe.aux_loss_scope=global_batch)"
+        )
+    choice = moe.router == "expert_choice" and moe.expert_choice_scope == "micro_batch"
+    groups = _by_value(layouts, configs, _per_tp_rank) if choice else None
+    if groups:
+        lines.append(
+            "warning: moe.expert_choice_scope=micro_batch lets each expert choose among one forward's tokens, and these "
+            f"layouts' forwards route different sequences (sequences per forward and TP rank: {groups}): which tokens "
+            "the experts take, and so every loss, differ by definition, not by a fault. To compare the layouts, set "
+            "moe.expert_choice_scope=sequence (each sequence on its own: the same for every layout)"
+        )
+    return "\n".join(lines) or None
 
 
 def check_arguments(steps: int, rtol: float) -> None:
@@ -266,7 +311,7 @@ def main(argv: list[str]) -> int:
     print("\n".join(lines))
     verdict = "all layouts agree" if ok else "layouts DISAGREE"
     if warning and not ok:
-        verdict += " (moe.aux_loss_scope=micro_batch: see the warning above)"
+        verdict += " (per-forward losses or routing: see the warning above)"
     print(f"{verdict} (rtol {args.rtol:g}); runs in {out}")
     (out / "check-layouts.json").write_text(json.dumps({"layouts": [l.name for l in layouts], "engines": [l.engine for l in layouts], "ok": ok, "records": results}))
     return 0 if ok else 1

@@ -226,6 +226,50 @@ def test_micro_batch_aux_scope_is_named_when_the_micro_batches_differ(
     assert warning.endswith("set moe.aux_loss_scope=global_batch (the same for every dp, ep and micro-batch size)")
 
 
+NOISY = ("moe.router=noisy_topk", "moe.importance_loss_coeff=0.1", "moe.load_loss_coeff=0.1")
+CHOICE = ("moe.router=expert_choice", "moe.capacity_factor=2.0", "moe.aux_loss_coeff=0")
+NOISY_CAUSE = "warning: moe.router=noisy_topk's importance and load losses are per forward only"
+CHOICE_CAUSE = "warning: moe.expert_choice_scope=micro_batch lets each expert choose among one forward's tokens"
+SWITCH_CAUSE = "warning: moe.aux_loss_scope=micro_batch takes the aux loss"
+
+
+@pytest.mark.parametrize(
+    "model, layouts, causes",
+    [
+        # per forward whatever the aux scope (SMALL's is global_batch); under TP per TP rank
+        (NOISY, "dp=1;dp=2;ep=2", {NOISY_CAUSE: "sequences per forward and TP rank: 8 under dp=1; 4 under dp=2, ep=2"}),
+        (NOISY, "dp=1;tp=2", {NOISY_CAUSE: "sequences per forward and TP rank: 8 under dp=1; 4 under tp=2"}),
+        (NOISY, "dp=2;dp=1,micro=4;pp=2", {}),
+        (("moe.router=noisy_topk",), "dp=1;dp=2", {}),  # no importance or load loss: the noise is the layouts'
+        ((*NOISY, "moe.aux_loss_scope=micro_batch"), "dp=1;dp=2",
+         {SWITCH_CAUSE: "sequences per micro-batch: 8 under dp=1; 4 under dp=2",
+          NOISY_CAUSE: "sequences per forward and TP rank: 8 under dp=1; 4 under dp=2"}),
+        ((*CHOICE, "moe.expert_choice_scope=micro_batch"), "dp=1;dp=2,ep=2;tp=2",
+         {CHOICE_CAUSE: "sequences per forward and TP rank: 8 under dp=1; 4 under dp=2,ep=2, tp=2"}),
+        ((*CHOICE, "moe.expert_choice_scope=sequence"), "dp=1;dp=2;tp=2;pp=2", {}),
+    ],
+)
+def test_per_forward_balancing_and_choice_are_named_when_the_forwards_differ(
+    model: tuple[str, ...], layouts: str, causes: dict[str, str], corpus: Path, runs: Path
+) -> None:
+    """Every cause that depends on one forward's tokens gets its line (the cause, the
+    sequences of each layout's forwards, the fix); none when the forwards are the same."""
+    from launch.check_layouts import aux_scope_warning
+
+    named, configs = layout_configs(TINY, [*SMALL, *model, f"data.path={corpus}"], parse_layouts(layouts), STEPS,
+                                    runs / "per-forward")
+    warning = aux_scope_warning(named, configs)
+    if not causes:
+        assert warning is None
+        return
+    assert warning is not None
+    lines = warning.splitlines()
+    assert len(lines) == len(causes)
+    for line, (cause, groups) in zip(lines, causes.items()):
+        assert line.startswith(cause) and f"({groups})" in line, line
+        assert "differ by definition, not by a fault" in line
+
+
 def test_check_layouts_warns_about_micro_batch_scope_before_training(
     corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -240,7 +284,7 @@ def test_check_layouts_warns_about_micro_batch_scope_before_training(
     warning = captured.err.index("warning: moe.aux_loss_scope=micro_batch")
     assert warning < captured.err.index("running layout dp=1")
     assert "(sequences per micro-batch: 8 under dp=1; 4 under micro=4)" in captured.err
-    assert "layouts DISAGREE (moe.aux_loss_scope=micro_batch: see the warning above)" in captured.out
+    assert "layouts DISAGREE (per-forward losses or routing: see the warning above)" in captured.out
 
 
 @pytest.mark.parametrize(
