@@ -13,8 +13,9 @@ import pytest
 from launch.config import load_config
 from moe.config import ConfigError
 from parallel.simulator.cluster import (
-    ClusterLayout, all_to_all_time, dp_group, edp_group, ep_group, gemm_time, group_split, in_flight, predict_cluster,
-    remote_node_share, stage_layers, stage_memory, stage_micro_time, tp_group,
+    ClusterLayout, all_to_all_time, dp_group, edp_group, ep_group, gemm_time, group_split, in_flight, layout_problem,
+    predict_cluster, remote_node_share, rows_per_rank, stage_layers, stage_memory, stage_micro_time, stage_param_counts,
+    tp_group,
 )
 from parallel.simulator.hardware import load_hardware, parse_hardware
 from parallel.simulator.plan import plan
@@ -189,3 +190,33 @@ def test_plan_refuses_bad_input() -> None:
                "intra_node": {"bandwidth": 4e11, "latency_s": 0}, "inter_node": {"bandwidth": 5e10, "latency_s": 0},
                "dispatchers": {"deepep": {"intra_node_bandwidth": 3e11, "latency_s": 0}}}
         parse_hardware(raw, "x.yaml")
+
+
+def test_routing_variants_count_the_layer_as_built() -> None:
+    """Fine-grained experts (G = 2) are counted as built: 2E experts of width F/2, 2K per
+    token (twice the rows, the same expert parameters, a router of 2E·D, and ep may divide
+    2E); noisy top-k's router is 2E·D (W_g and W_noise); expert choice computes cf·K rows per
+    token (each expert takes cf·T·K/E tokens)."""
+    layout = ClusterLayout(tp=2, pp=1, ep=8, dp=8, global_batch=64)
+    moe, D, E = QWEN.moe, QWEN.model.dim, QWEN.moe.num_experts
+    fine = dataclasses.replace(moe, granularity=2)
+    noisy = dataclasses.replace(moe, router="noisy_topk")
+    choice = dataclasses.replace(moe, router="expert_choice", capacity_factor=2.0, aux_loss_coeff=0.0)
+    tokens = layout.tokens / layout.tp
+    assert rows_per_rank(moe, layout) == tokens * 8
+    assert rows_per_rank(fine, layout) == tokens * 16
+    assert rows_per_rank(choice, layout) == tokens * 8 * 2.0
+    (dense, expert), (fine_dense, fine_expert) = (stage_param_counts(QWEN.model, m, layout, 0) for m in (moe, fine))
+    layers = QWEN.model.n_layers
+    assert fine_expert == pytest.approx(expert)
+    assert fine_dense - dense == pytest.approx(layers * E * D)  # the router grows to 2E·D
+    assert stage_param_counts(QWEN.model, noisy, layout, 0)[0] - dense == pytest.approx(layers * E * D)
+    wide = ClusterLayout(tp=2, pp=1, ep=256, dp=128, global_batch=256)
+    assert "must divide the 128 experts" in (layout_problem(QWEN.model, moe, wide) or "")
+    assert layout_problem(QWEN.model, fine, wide) is None
+    profile = H100.dispatchers["alltoall"]
+    one = dataclasses.replace(QWEN.model, n_layers=1)
+    grouped = stage_micro_time(one, fine, layout, H100, profile, 0).grouped_gemm
+    rows, local, f = tokens * 16 / (2 * E / 8), 2 * E // 8, moe.expert_ffn_dim // 2
+    share = H100.kernel_efficiency["grouped_mm"]
+    assert grouped == pytest.approx(3 * local * (gemm_time(H100, rows, 2 * f, D, share) + gemm_time(H100, rows, D, f, share)))

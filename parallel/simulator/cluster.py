@@ -10,8 +10,10 @@ holds against published runs.
 Legend: T tokens of a micro-batch (b·S), Tn = T/tp tokens a rank holds between TP regions
 (sequence parallelism), D model dim, q = H·Dh query width, kv = G·Dh, E experts, El = E/ep
 local experts, K experts per token, F expert hidden (Fin = 2F for SwiGLU), R rows a rank's
-experts compute per micro-batch (uniform routing: Tn·K·etp), V vocab, L layers, p pipeline
-stages, v virtual stages (chunks per stage), m micro-batches per step and DP rank.
+experts compute per micro-batch (uniform routing: Tn·K·etp; expert choice: Tn·cf·K·etp), V
+vocab, L layers, p pipeline stages, v virtual stages (chunks per stage), m micro-batches per
+step and DP rank. E, K, F are those of the layer as built (``MoEConfig.fine_grained``: E·G
+experts of width F/G, K·G per token); the router GEMM is D x E (D x 2E for noisy top-k).
 
 **Placement** (megatron-core ``RankGenerator``, order ``tp-cp-ep-dp-pp``; cp = 1): dense
 ranks ``r = tp_rank + tp·(dp_rank + dp·pp_rank)``; expert ranks
@@ -148,7 +150,7 @@ class ClusterLayout:
 
 def layout_problem(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, gpus: int | None = None) -> str | None:
     """Why megatron-core would refuse ``layout`` for this model (None when it would not)."""
-    t = layout
+    t, moe = layout, moe.fine_grained()
     checks = [
         (gpus is None or t.world_size == gpus, f"tp·pp·dp = {t.world_size} is not the {gpus} GPUs"),
         (model.n_heads % t.tp == 0 and model.kv_heads % t.tp == 0,
@@ -157,9 +159,9 @@ def layout_problem(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, gp
         (pipeline_slots(model, t) >= t.pp * t.vpp,
          f"{model.n_layers} layers cannot fill pp·vpp = {t.pp * t.vpp} chunks (megatron's "
          "account_for_embedding/loss_in_pipeline_split count 2 more)"),
-        (moe.num_experts % t.ep == 0, f"ep={t.ep} must divide the {moe.num_experts} experts"),
+        (moe.num_experts % t.ep == 0, f"ep={t.ep} must divide the {moe.num_experts} experts (as built: E·G)"),
         ((t.tp * t.dp) % (t.ep * t.etp) == 0, f"ep·etp = {t.ep * t.etp} must divide tp·dp = {t.tp * t.dp}"),
-        (moe.expert_ffn_dim % t.etp == 0, f"etp={t.etp} must divide moe.expert_ffn_dim={moe.expert_ffn_dim}"),
+        (moe.expert_ffn_dim % t.etp == 0, f"etp={t.etp} must divide the experts' width {moe.expert_ffn_dim} (as built: F/G)"),
         (t.global_batch % (t.micro_batch * t.dp) == 0,
          f"the global batch {t.global_batch} is not a multiple of micro-batch x dp = {t.micro_batch * t.dp}"),
         (t.vpp == 1 or t.micro_batches % t.pp == 0,
@@ -242,6 +244,7 @@ def remote_node_share(hw: Hardware, moe: MoEConfig, members: list[int]) -> float
     inter-node fabric and forwards it over NVLink there. The group's E experts sit evenly on
     its nodes (``e`` per node); a node is hit unless all K picks miss it:
     ``(nodes − 1)·(1 − C(E − e, K) / C(E, K)) / K``."""
+    moe = moe.fine_grained()
     nodes = len({r // hw.devices_per_node for r in members})
     if nodes <= 1:
         return 0.0
@@ -301,8 +304,19 @@ def stage_layers(model: ModelConfig, layout: ClusterLayout, stage: int) -> list[
 
 def rows_per_rank(moe: MoEConfig, layout: ClusterLayout) -> float:
     """R: rows one rank's experts compute per micro-batch under uniform routing: its EP
-    group routes ``ep·Tn·K`` rows over E experts, ``El`` of them here, each row split over etp."""
-    return layout.tokens / layout.tp * moe.top_k * layout.etp
+    group routes ``ep·Tn·K`` rows over E experts, ``El`` of them here, each row split over etp
+    (K of the built layer: ``K·G`` for fine-grained experts). Expert-choice routing
+    (Zhou et al. 2022) has each expert take ``cf·T·K/E`` tokens, ``cf·K`` rows per token."""
+    moe = moe.fine_grained()
+    chosen = moe.capacity_factor if moe.router == "expert_choice" and moe.capacity_factor else 1.0
+    return layout.tokens / layout.tp * moe.top_k * chosen * layout.etp
+
+
+def router_width(moe: MoEConfig) -> int:
+    """Output columns of the router GEMM: E, or 2E for noisy top-k gating (``W_g`` and
+    ``W_noise``, Shazeer et al. 2017), E of the built layer (``E·G``)."""
+    moe = moe.fine_grained()
+    return moe.num_experts * (2 if moe.router == "noisy_topk" else 1)
 
 
 @dataclass
@@ -354,7 +368,7 @@ def elementwise_bytes(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout,
     MoE layer the router's softmax/top-k over ``Tn·E`` (fp32 read+write), permute and unpermute
     (read+write ``R·D`` each), the combine (read ``R·D``, write ``Tn·D``) and SwiGLU (read
     ``Fin``, write ``F`` per row); a dense layer's activation on ``T·F/tp``."""
-    t = layout
+    t, moe = layout, moe.fine_grained()
     T, D, Tn = t.tokens, model.dim, t.tokens / t.tp
     q, kv = attention_width(model), model.kv_heads * model.head_size
     norms = 2 * 2 * Tn * D
@@ -373,7 +387,7 @@ def elementwise_bytes(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout,
 def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, hw: Hardware,
                      dispatcher: Dispatcher, stage: int) -> StageTime:
     """Forward + backward seconds of one micro-batch on pipeline ``stage`` (module doc)."""
-    t = layout
+    t, moe = layout, moe.fine_grained()
     T, D, S, Tn = t.tokens, model.dim, t.seq_len, t.tokens / t.tp
     q = attention_width(model)
     layers = stage_layers(model, t, stage)
@@ -394,7 +408,7 @@ def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, 
         tp_gemms = passes * fwd_gemm  # the GEMMs inside TP regions, which tp_comm_overlap hides TP traffic behind
         if model.is_moe_layer(i):
             f = moe.expert_ffn_dim / t.etp
-            fwd_moe = gemm_time(hw, Tn, moe.num_experts, D)
+            fwd_moe = gemm_time(hw, Tn, router_width(moe), D)
             rows = R / local  # per expert
             # one local expert is one plain GEMM (TE's GroupedLinear with a single group)
             share = hw.kernel_efficiency.get("grouped_mm", 1.0) if local > 1 else 1.0
@@ -464,7 +478,7 @@ def layer_activation_bytes(model: ModelConfig, moe: MoEConfig, layout: ClusterLa
     ``selective`` drops the norms' outputs and the activation's output (recomputed);
     ``moe`` drops the norms' outputs and keeps of an MoE block its input ``Tn·D`` only;
     ``full`` keeps the layer's input ``Tn·D`` only."""
-    t = layout
+    t, moe = layout, moe.fine_grained()
     T, D, Tn = t.tokens, model.dim, t.tokens / t.tp
     if t.recompute == "full":
         return BF16 * Tn * D
@@ -516,8 +530,9 @@ class StageMemory:
 
 
 def stage_param_counts(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, stage: int) -> tuple[float, float]:
-    """(dense, expert) parameter elements on one rank of ``stage``."""
-    t = layout
+    """(dense, expert) parameter elements on one rank of ``stage``: the built layer's experts
+    (``E·G`` of width ``F/G``), its router ``router_width · D``."""
+    t, moe = layout, moe.fine_grained()
     D = model.dim
     dense = expert = 0.0
     for i in stage_layers(model, t, stage):
@@ -525,7 +540,7 @@ def stage_param_counts(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout
         dense += 2 * model.head_size if model.qk_norm else 0
         if model.is_moe_layer(i):
             f = moe.expert_ffn_dim / t.etp
-            dense += moe.num_experts * D
+            dense += router_width(moe) * D
             expert += moe.num_experts / t.ep * D * (input_width(int(f), moe.activation) + f)
             if moe.num_shared_experts:
                 fs = moe.expert_ffn_dim * moe.num_shared_experts / t.tp

@@ -46,12 +46,12 @@ class Plan:
 def candidate_layouts(model: ModelConfig, moe: MoEConfig, hw: Hardware, gpus: int, global_batch: int,
                       dispatchers: list[str]) -> list[ClusterLayout]:
     """Every layout of ``gpus`` GPUs megatron-core accepts for this model (module doc)."""
-    out = []
+    out, experts = [], moe.fine_grained().num_experts
     for tp in [d for d in divisors(gpus) if d <= hw.devices_per_node]:
         for pp in divisors(gpus // tp):
             dp = gpus // (tp * pp)
             for vpp in VIRTUAL_STAGES if pp > 1 else (1,):
-                for ep in [e for e in divisors(moe.num_experts) if (tp * dp) % e == 0]:
+                for ep in [e for e in divisors(experts) if (tp * dp) % e == 0]:
                     for mbs in MICRO_BATCHES:
                         for recompute in RECOMPUTE_MODES:
                             for dispatcher in dispatchers if ep > 1 else dispatchers[:1]:
@@ -94,7 +94,7 @@ def plan(model: ModelConfig, moe: MoEConfig, hw: Hardware, gpus: int, global_bat
         raise ConfigError(
             f"--gpus {gpus}: no layout of this model uses {gpus} GPUs with a global batch of {global_batch} "
             f"sequences (tp·pp·dp = {gpus}, tp <= {hw.devices_per_node} dividing {model.n_heads} heads and "
-            f"{model.kv_heads} key/value heads, ep dividing {moe.num_experts} experts and tp·dp, "
+            f"{model.kv_heads} key/value heads, ep dividing {moe.fine_grained().num_experts} experts and tp·dp, "
             "global batch a multiple of micro-batch x dp); pick a GPU count such as a power of two "
             "or change train.batch_size")
     fitting = [layout for layout in layouts if peak_memory(model, moe, layout, hw) <= hw.memory_capacity]
