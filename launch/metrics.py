@@ -81,7 +81,11 @@ class CollapseAlarm:
     that streak reaches ``intervals``. ``fired`` keeps, in order, where and at which step
     each expert first became dead (an expert that recovers and collapses again fires again).
 
-    The streaks live in the process (rank 0): a resumed run starts them over.
+    Every rank keeps the same alarm (it takes the reduced shares); its state (streaks and
+    firings, :meth:`state_dict`) is saved with the checkpoint's training state, so a resumed
+    run continues the streaks it had at the checkpoint. The interval in progress at the
+    checkpoint (when ``train.ckpt_every`` is not a multiple of ``train.log_every``) restarts
+    at the resume, as the record's other interval metrics do.
     """
 
     share: float
@@ -111,6 +115,18 @@ class CollapseAlarm:
             "cv": cv_L.round(5).tolist(),
             "new_dead": new,
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The streaks (``[L][E]`` ints, None before the first interval) and the firings, as
+        plain lists and ints (a ``weights_only`` checkpoint load takes them)."""
+        streak = None if self.streak_LE is None else self.streak_LE.tolist()
+        return {"streak_LE": streak, "fired": [dict(f) for f in self.fired]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (the thresholds stay this run's: a resume may change them)."""
+        streak = state["streak_LE"]
+        self.streak_LE = None if streak is None else np.array(streak, dtype=np.int64)
+        self.fired = [dict(f) for f in state["fired"]]
 
     def message(self, entry: dict[str, Any]) -> str | None:
         """The console line for an interval's entry: None unless some expert just became dead."""

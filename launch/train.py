@@ -535,6 +535,7 @@ class Run:
             "tail_load": self.tail_load.counts_LE,
             "best_val": self.best_val,
             "nonfinite_steps": self.nonfinite_steps,
+            "collapse_alarm": self.alarm.state_dict(),
             "config": to_dict(self.cfg),
         }
 
@@ -563,7 +564,7 @@ class Run:
         # The expert bias is a buffer, which the sharded model state (parameters) leaves out.
         extras = {"step": self.step, "tail_load": self.tail_load.counts_LE, "best_val": self.best_val,
                   "nonfinite_steps": self.nonfinite_steps, "config": to_dict(self.cfg),
-                  "expert_bias": self._expert_bias_LE()}
+                  "expert_bias": self._expert_bias_LE(), "collapse_alarm": self.alarm.state_dict()}
         save_dist_checkpoint(ckpt_dir, self.step, self.engine, self.net, self.info.groups, extras,
                              self.tcfg.keep_checkpoints)
 
@@ -584,6 +585,8 @@ class Run:
             self._load_expert_bias(extras["expert_bias"])
         self.best_val = extras["best_val"]
         self.nonfinite_steps = extras.get("nonfinite_steps", 0)
+        if "collapse_alarm" in extras:  # absent from checkpoints saved before the alarm's state was
+            self.alarm.load_state_dict(extras["collapse_alarm"])
         self.step = extras["step"]
 
     def restore(self, path: Path) -> None:
@@ -601,6 +604,8 @@ class Run:
         self.tail_load.counts_LE = state["tail_load"]
         self.best_val = state["best_val"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)  # absent from checkpoints saved before it existed
+        if "collapse_alarm" in state:  # likewise
+            self.alarm.load_state_dict(state["collapse_alarm"])
         self.step = state["step"]
 
     # -- one step ------------------------------------------------------------------

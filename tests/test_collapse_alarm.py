@@ -58,6 +58,20 @@ def _all_to_expert_0(module: nn.Module, args: tuple, routing: Routing) -> Routin
     return dataclasses.replace(routing, experts_TK=experts_TK, counts_E=counts_E)
 
 
+def test_alarm_state_round_trips() -> None:
+    alarm = CollapseAlarm(share=0.1, intervals=3)
+    fresh = CollapseAlarm(share=0.1, intervals=3)
+    fresh.load_state_dict(alarm.state_dict())  # before the first interval: no streaks yet
+    assert fresh.streak_LE is None and fresh.fired == []
+    starved = np.array([[0.7, 0.25, 0.05, 0.0]])
+    for step in (10, 20, 30):
+        alarm.update(step, starved)
+    resumed = CollapseAlarm(share=0.1, intervals=3)
+    resumed.load_state_dict(alarm.state_dict())
+    assert resumed.verdict() == alarm.verdict()
+    assert resumed.update(40, starved) == alarm.update(40, starved)
+
+
 def test_a_collapsing_router_fires_the_alarm_at_the_right_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -94,3 +108,48 @@ def test_a_collapsing_router_fires_the_alarm_at_the_right_interval(
     assert dead == {2: 0, 4: 0, 6: 3, 8: 3}
     assert {e.step: e.value for e in events.Scalars("collapse/layer0/min_share")}[6] == 0
     assert "collapse/layer0/cv" in events.Tags()["scalars"] and "collapse/layer0/max_share" in events.Tags()["scalars"]
+
+
+class Killed(Exception):
+    """Stands for the process dying after a checkpoint."""
+
+
+def test_a_resumed_run_continues_the_alarm_streaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after step 4's checkpoint (one interval below the share so far) and resumed,
+    the run fires at step 6, as the uninterrupted run does: the streak of steps 3-4 was
+    saved with the checkpoint (starting over, it would fire at 8)."""
+    corpus = tmp_path / "corpus"
+    prepare(stdlib_sources()[:10], corpus, val_fraction=0.2)
+    original = Run.train_step
+
+    def collapsing_step(self: Run):  # noqa: ANN202
+        if self.step == kill_at:
+            raise Killed
+        if self.step >= COLLAPSE_FROM and not getattr(self, "collapsing", False):
+            self.collapsing = True
+            for layer in self.model.moe_layers():
+                layer.router.register_forward_hook(_all_to_expert_0)
+        return original(self)
+
+    monkeypatch.setattr(Run, "train_step", collapsing_step)
+
+    def run(run_dir: Path, *overrides: str) -> None:
+        cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                          [*SMALL, f"data.path={corpus}", f"train.run_dir={run_dir}", "train.ckpt_every=4", *overrides])
+        train(cfg, "tiny")
+
+    kill_at = -1
+    run(tmp_path / "whole")
+    kill_at = 4
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed")
+    kill_at = -1
+    run(tmp_path / "resumed", "train.resume=true")
+
+    def alarm(run_dir: Path) -> tuple[dict, dict]:
+        records = {r["step"]: r["collapse"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+        return records, json.loads((run_dir / "summary.json").read_text())["collapse_alarm"]
+
+    whole, resumed = alarm(tmp_path / "whole"), alarm(tmp_path / "resumed")
+    assert [d["step"] for d in whole[1]["fired"]] == [6] * 6
+    assert resumed == whole
