@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moe.config import ModelConfig, MoEConfig
+from moe.expert_choice_router import group_capacity
 from moe.mlp import input_width
 
 
@@ -34,11 +35,40 @@ def _mlp_params(dim: int, ffn_dim: int, activation: str) -> int:
     return dim * input_width(ffn_dim, activation) + ffn_dim * dim
 
 
-def _moe_layer_params(dim: int, moe: MoEConfig, experts: int) -> int:
-    """Router (``E·D``; none for hash routing) + ``experts`` routed experts + the shared experts."""
+def router_params(dim: int, moe: MoEConfig) -> int:
+    """One MoE layer's router weights (``moe`` as built, i.e. ``fine_grained()``): none for
+    hash routing, ``2·E·D`` for noisy top-k (``W_g`` and ``W_noise``, both multiplied in
+    training), ``E·D`` otherwise. The sigmoid router's expert bias is a buffer, not counted."""
+    if moe.router == "hash":
+        return 0
+    return (2 if moe.router == "noisy_topk" else 1) * moe.num_experts * dim
+
+
+def experts_per_token(moe: MoEConfig, group_tokens: int) -> float:
+    """The expert rows one token costs on average (``moe`` as built): K for the token-choice
+    routers (dropless; capacity drops are not subtracted); under expert choice each of the E
+    experts takes ``C = min(ceil(cf·G·K/E), G)`` tokens of every group of ``group_tokens`` G,
+    so ``C·E/G`` (``cf·K`` when ``cf·G·K/E`` is whole, at most E)."""
+    if moe.router != "expert_choice":
+        return float(moe.top_k)
+    assert moe.capacity_factor is not None  # MoEConfig requires it for expert choice
+    capacity = group_capacity(group_tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+    return capacity * moe.num_experts / group_tokens
+
+
+def _moe_layer_params(dim: int, moe: MoEConfig, experts: float) -> float:
+    """Router + ``experts`` routed experts (a count, or a mean per token) + the shared experts."""
     shared = _mlp_params(dim, moe.expert_ffn_dim * moe.num_shared_experts, moe.activation) if moe.num_shared_experts else 0
-    router = 0 if moe.router == "hash" else moe.num_experts * dim
-    return router + experts * _mlp_params(dim, moe.expert_ffn_dim, moe.activation) + shared
+    return router_params(dim, moe) + experts * _mlp_params(dim, moe.expert_ffn_dim, moe.activation) + shared
+
+
+def moe_layer_forward_flops_per_token(dim: int, moe: MoEConfig, group_tokens: int) -> float:
+    """An MoE layer's forward matmul FLOPs per token in training, ``2·(router + experts_per_token
+    · expert + shared)`` weights (``moe`` as configured; counted as built): the router's matmuls
+    (two under noisy top-k), the rows the experts compute, the shared experts. ``group_tokens``:
+    the tokens expert choice chooses among (``experts_per_token``)."""
+    moe = moe.fine_grained()
+    return 2.0 * _moe_layer_params(dim, moe, experts_per_token(moe, group_tokens))
 
 
 def num_moe_layers(cfg: ModelConfig) -> int:
@@ -67,7 +97,7 @@ def _non_embedding(cfg: ModelConfig, moe: MoEConfig, experts_per_moe_layer: int)
     return (
         cfg.n_layers * _attention_params(cfg)
         + n_dense * _mlp_params(cfg.dim, cfg.ffn_dim, cfg.activation)
-        + n_moe * _moe_layer_params(cfg.dim, moe, experts_per_moe_layer)
+        + n_moe * int(_moe_layer_params(cfg.dim, moe, experts_per_moe_layer))
         + _norm_params(cfg)
     )
 
@@ -78,6 +108,8 @@ def param_counts(cfg: ModelConfig, moe: MoEConfig) -> ParamCounts:
     Fine-grained experts (``moe.granularity`` G) are counted as built: ``E·G`` experts of
     width F/G, ``K·G`` active, so expert parameters, total and active, do not change with
     G (an MLP's parameters are linear in its width); only the router grows, to ``E·G·D``.
+    Active counts K experts per token for every router; expert choice's tokens meet
+    ``experts_per_token`` (about cf·K) on average, which ``train_flops_per_token`` counts.
     """
     moe = moe.fine_grained()
     embedding = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
@@ -91,14 +123,23 @@ def param_counts(cfg: ModelConfig, moe: MoEConfig) -> ParamCounts:
 def train_flops_per_token(cfg: ModelConfig, moe: MoEConfig) -> float:
     """Model FLOPs per trained token: ``6 · P_matmul + 6 · L · S · H·Dh``.
 
-    ``P_matmul`` is the active matmul weights a token meets: attention projections, the
-    dense MLP or the router plus K routed experts plus shared experts, and the LM head
-    (``V·D``). The second term is attention scores and values: ``2·2·H·Dh`` FLOPs per key
-    (``H·Dh = D`` by default; grouped-query attention shares keys and values between query
-    heads but every query head still computes its own scores), ``S/2`` keys on average under
-    the causal mask, times 3 for forward + backward. Norms and softmaxes are left out, as
-    in Kaplan et al. and Megatron's count.
+    ``P_matmul`` is the matmul weights a token meets: attention projections, the dense MLP
+    or the MoE layer (``moe_layer_forward_flops_per_token / 2``: its router, two matrices
+    under noisy top-k; the expert rows it costs, ``experts_per_token``: K, or expert
+    choice's ``C·E/S`` over a sequence; the shared experts), and the LM head (``V·D``). The
+    second term is attention scores and values: ``2·2·H·Dh`` FLOPs per key (``H·Dh = D`` by
+    default; grouped-query attention shares keys and values between query heads but every
+    query head still computes its own scores), ``S/2`` keys on average under the causal
+    mask, times 3 for forward + backward. Norms, softmaxes and the noisy router's softplus
+    and noise are left out, as in Kaplan et al. and Megatron's count. Expert choice over a
+    ``micro_batch`` group rounds its capacity up over ``b·S`` tokens rather than S: the
+    count takes S's (they differ by less than ``E/S`` expert rows per token).
     """
-    active = param_counts(cfg, moe).non_embedding_active
-    matmul = active - _norm_params(cfg) + cfg.vocab_size * cfg.dim
+    n_moe = num_moe_layers(cfg)
+    matmul = (
+        cfg.n_layers * _attention_params(cfg)
+        + (cfg.n_layers - n_moe) * _mlp_params(cfg.dim, cfg.ffn_dim, cfg.activation)
+        + n_moe * moe_layer_forward_flops_per_token(cfg.dim, moe, cfg.seq_len) / 2
+        + cfg.vocab_size * cfg.dim
+    )
     return 6.0 * matmul + 6.0 * cfg.n_layers * cfg.seq_len * attention_width(cfg)
