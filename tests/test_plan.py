@@ -9,13 +9,16 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from launch.config import load_config
 from moe.config import ConfigError
 from parallel.simulator.cluster import (
-    ClusterLayout, all_to_all_time, dp_group, edp_group, ep_group, gemm_time, group_split, in_flight, layout_problem,
-    predict_cluster, remote_node_share, rows_per_rank, stage_layers, stage_memory, stage_micro_time, stage_param_counts,
-    tp_group,
+    CROSS_ENTROPY_BYTES, ClusterLayout, all_to_all_time, dp_group, edp_group, ep_group, gemm_time, group_split,
+    in_flight, layout_problem, paired_share, predict_cluster, remote_node_share, rows_per_rank, stage_layers,
+    stage_memory, stage_micro_time, stage_param_counts, tp_group,
 )
 from parallel.simulator.hardware import load_hardware, parse_hardware
 from parallel.simulator.plan import plan
@@ -220,3 +223,65 @@ def test_routing_variants_count_the_layer_as_built() -> None:
     rows, local, f = tokens * 16 / (2 * E / 8), 2 * E // 8, moe.expert_ffn_dim // 2
     share = H100.kernel_efficiency["grouped_mm"]
     assert grouped == pytest.approx(3 * local * (gemm_time(H100, rows, 2 * f, D, share) + gemm_time(H100, rows, D, f, share)))
+
+
+class _ByteCount(TorchDispatchMode):
+    """Bytes the aten ops read (their tensor arguments) and write (their results) of tensors
+    with ``numel`` elements; ops that move no data or touch one element per row (views, the
+    target gather and its scatter) are not counted."""
+
+    NO_DATA = {"view", "_unsafe_view", "alias", "unsqueeze", "expand", "as_strided", "detach", "index", "index_put_"}
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.bytes = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.overloadpacket.__name__ not in self.NO_DATA:
+            reads = tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
+            for t in reads + tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.numel() == self.numel:
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def test_cross_entropy_bytes_are_megatron_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CROSS_ENTROPY_BYTES is what megatron-core's vocab-parallel cross-entropy (forward and
+    backward through autograd, one TP rank) moves per bf16 logit, counted op by op; the last
+    stage adds exactly that over an identical stage without the head's GEMMs."""
+    import megatron.core.tensor_parallel.cross_entropy as ce
+    monkeypatch.setattr(ce, "get_tensor_model_parallel_group", lambda: None)
+    monkeypatch.setattr(ce, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(ce, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *args, **kwargs: None)
+    S, V = 64, 1000
+    logits = torch.randn(S, 1, V, dtype=torch.bfloat16, requires_grad=True)
+    with _ByteCount(S * V) as count:
+        ce.vocab_parallel_cross_entropy(logits, torch.randint(0, V, (S, 1))).sum().backward()
+    assert count.bytes == CROSS_ENTROPY_BYTES * S * V
+
+    two = dataclasses.replace(QWEN.model, n_layers=2)
+    layout = ClusterLayout(tp=2, pp=2, ep=8, dp=4, global_batch=64)
+    first, last = (stage_micro_time(two, QWEN.moe, layout, H100, H100.dispatchers["alltoall"], s) for s in (0, 1))
+    rate = H100.memory_bandwidth * H100.memory_efficiency
+    assert last.elementwise - first.elementwise == pytest.approx(
+        CROSS_ENTROPY_BYTES * layout.tokens * two.vocab_size / layout.tp / rate)
+
+
+def test_all_to_all_overlap_pairs_the_steady_state_only() -> None:
+    """Combined 1F1B runs the warm-up forwards (interleaved: 2(p − s − 1) + (v − 1)p + 1 chunk
+    steps of m·v) and as many cool-down backwards alone; without PP the first and last of m."""
+    layout = ClusterLayout(tp=2, pp=8, vpp=4, ep=32, dp=16, global_batch=2048, overlap_moe_a2a=True)
+    steps = layout.micro_batches * layout.vpp
+    assert paired_share(layout, 0) == pytest.approx(1 - (14 + 24 + 1) / steps)
+    assert paired_share(layout, 7) == pytest.approx(1 - (24 + 1) / steps)
+    flat = ClusterLayout(tp=2, pp=1, ep=8, dp=128, global_batch=2048)
+    assert paired_share(flat, 0) == pytest.approx(1 - 1 / 16)
+    st = stage_micro_time(QWEN.model, QWEN.moe, layout, H100, H100.dispatchers["deepep"], 0)
+    share = H100.dispatchers["deepep"].compute_share
+    alone, paired = dataclasses.replace(st, paired=0.0), dataclasses.replace(st, paired=1.0)
+    assert alone.exposed_ep(share) == st.ep_comm
+    assert st.exposed_ep(share) == pytest.approx(
+        st.paired * paired.exposed_ep(share) + (1 - st.paired) * st.ep_comm)

@@ -60,7 +60,8 @@ latency); DP reduce-scatters the fp32 gradient buffers over ``dp`` (dense) and `
 with ``overlap_param_gather`` the all-gather behind the first micro-batch's forward (only
 what exceeds it is exposed). ``overlap_moe_a2a`` (megatron-core's
 ``overlap_moe_expert_parallel_comm``, interleaved 1F1B or no PP) pairs each all-to-all with
-another micro-batch's attention or MLP (``StageTime.exposed_ep``).
+another micro-batch's attention or MLP (``StageTime.exposed_ep``) in the schedule's steady
+state only: the warm-up forwards and cool-down backwards run alone (``paired_share``).
 
 **Step**: ``m · t_micro`` of the slowest stage, the bubble ``(p−1)·t_micro`` (1F1B) or
 ``(p−1)·t_micro / v`` (interleaved), the exposed DP time and the optimizer (memory-bound
@@ -92,6 +93,12 @@ Recompute = Literal["none", "selective", "moe", "full"]
 RECOMPUTE_MODES = ("none", "selective", "moe", "full")
 BF16 = 2  # bytes per bf16 element
 ATTENTION_BACKWARD = 2.5  # flash attention's backward: 5 GEMM-like passes to the forward's 2 (Dao 2023)
+# Bytes megatron-core's unfused vocab-parallel cross-entropy (tensor_parallel/cross_entropy.py,
+# used unless --cross-entropy-loss-fusion) moves per logit element of a rank: forward, the fp32
+# copy of the bf16 logits (read 2, write 4), the max (read 4), the in-place subtraction (8), exp
+# (8), the sum (read 4), the in-place division (8); backward, the in-place multiplication by the
+# loss gradient (8) and autograd's cast of the fp32 gradient to the logits' bf16 (read 4, write 2).
+CROSS_ENTROPY_BYTES = 6 + 4 + 8 + 8 + 4 + 8 + 8 + 6
 OPTIMIZER_BYTES = 30  # per shard element: fp32 main param, exp_avg, exp_avg_sq read+write (24), fp32 grad read (4), bf16 param write (2)
 # Kernels per layer, forward (fused TE/megatron kernels: norm, qkv, RoPE, attention, out
 # proj, residual; router, top-k, permute, dispatch, grouped GEMMs, act, combine, unpermute);
@@ -334,6 +341,7 @@ class StageTime:
     ep_comm: float = 0.0  # the dispatcher's all-to-alls and the GPU's idle wait on the host after its token-count syncs
     pp_comm: float = 0.0
     moe_layers: list[tuple[float, float, float, float]] = field(default_factory=list)
+    paired: float = 1.0  # share of the micro-batches the all-to-all overlap pairs (``paired_share``)
 
     @property
     def compute(self) -> float:
@@ -346,18 +354,35 @@ class StageTime:
         backward combine, the forward dispatch (and the GPU's wait on the host) with the backward MLP, the forward
         MLP with the backward dispatch, the forward combine with the backward attention
         (backward ≈ 2x forward). A pair of comm ``c`` and compute ``x``, which runs at
-        ``overlap_share`` of its speed while ``c`` is in flight, adds ``max(c − x, c·(1 − share))``."""
+        ``overlap_share`` of its speed while ``c`` is in flight, adds ``max(c − x, c·(1 − share))``.
+        Only the ``paired`` share of the stage's chunk steps run as such pairs; the schedule's
+        warm-up forwards and cool-down backwards run alone, their all-to-alls exposed."""
         if overlap_share is None:
             return self.ep_comm
 
         def extra(c: float, x: float) -> float:
             return max(c - x, c * (1 - overlap_share))
 
-        return sum(extra(a2a, attn) + extra(a2a + sync, 2 * mlp) + extra(a2a, mlp) + extra(a2a, 2 * attn)
-                   for attn, mlp, a2a, sync in self.moe_layers)
+        pairs = sum(extra(a2a, attn) + extra(a2a + sync, 2 * mlp) + extra(a2a, mlp) + extra(a2a, 2 * attn)
+                    for attn, mlp, a2a, sync in self.moe_layers)
+        return self.paired * pairs + (1 - self.paired) * self.ep_comm
 
     def total(self, overlap_share: float | None) -> float:
         return self.compute + self.tp_comm + self.exposed_ep(overlap_share) + self.pp_comm
+
+
+def paired_share(layout: ClusterLayout, stage: int) -> float:
+    """Share of stage ``stage``'s chunk forwards (and backwards) that megatron-core's combined
+    1F1B (``overlap_moe_expert_parallel_comm``) runs as overlapped forward-backward pairs: all
+    but the warm-up forwards and as many cool-down backwards, which run alone. Interleaved:
+    ``2(p − s − 1) + (v − 1)p + 1`` of the ``m·v`` chunk steps (pipeline_parallel/schedules.py
+    ``get_pp_rank_microbatches``: the interleaved warm-up plus the one extra forward it schedules
+    so that each pair's forward and backward are independent); without PP the first forward and
+    the last backward, 1 of ``m`` (``combined_1f1b_schedule_for_no_pipelining``)."""
+    t = layout
+    steps = t.micro_batches * t.vpp
+    alone = 1 if t.pp == 1 else 2 * (t.pp - stage - 1) + (t.vpp - 1) * t.pp + 1
+    return 1.0 - min(steps, alone) / steps
 
 
 def elementwise_bytes(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout,
@@ -394,7 +419,7 @@ def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, 
     passes = 3.0 + (t.recompute == "full")  # forward, 2x backward, a recomputed forward
     moe_passes = 3.0 + (t.recompute in ("full", "moe"))
     rate_bw = hw.memory_bandwidth * hw.memory_efficiency
-    out = StageTime()
+    out = StageTime(paired=paired_share(t, stage))
     R = rows_per_rank(moe, t)
     local = moe.num_experts // t.ep
     ep_members = ep_group(t)
@@ -448,9 +473,9 @@ def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, 
             # tp_comm_overlap pipelines each all-gather/reduce-scatter with the GEMM it feeds or
             # follows (TE userbuffers, chunked): only what exceeds those GEMMs is exposed
             out.tp_comm += max(0.0, tp - tp_gemms) if t.tp_comm_overlap else tp
-    if stage == t.pp - 1:  # LM head and the vocab-parallel cross-entropy (fp32 logits read and written)
+    if stage == t.pp - 1:  # LM head and megatron's unfused vocab-parallel cross-entropy
         out.gemm += 3 * gemm_time(hw, T, model.vocab_size / t.tp, D)
-        out.elementwise += 3 * T * model.vocab_size / t.tp * 4 * 2 / rate_bw
+        out.elementwise += CROSS_ENTROPY_BYTES * T * model.vocab_size / t.tp / rate_bw
     if t.pp > 1:
         neighbour = [dense_rank(t, 0, 0, 0), dense_rank(t, 0, 0, 1)]
         link = hw.inter_node if group_split(hw, neighbour)[1] else hw.intra_node
