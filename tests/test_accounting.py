@@ -84,3 +84,40 @@ def test_train_flops_per_token_is_three_forwards_of_the_counted_matmuls(variant:
     matmul = sum(n for op, n in counted.items() if "scaled_dot_product" not in op)
     attention = 6.0 * MODEL.n_layers * S * MODEL.dim
     assert 3 * matmul / (B * S) == pytest.approx(train_flops_per_token(MODEL, moe) - attention, rel=1e-12)
+
+
+def _one_process(moe: MoEConfig) -> Any:
+    from parallel.config import ParallelConfig
+    from parallel.simulator.predict import Layout
+
+    return Layout.build(ParallelConfig(), MODEL, moe, B, B)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_predictor_params_are_the_built_models(variant: str) -> None:
+    """``moe simulate``'s parameters (names, sizes) for each router: noisy top-k's two
+    matrices, hash routing's none, fine-grained experts as built."""
+    from parallel.simulator.predict import rank_params
+
+    moe = dataclasses.replace(BASE, **VARIANTS[variant])
+    built = {(name, p.numel()) for name, p in Transformer(MODEL, moe).named_parameters()}
+    assert {(s.name, s.numel) for s in rank_params(MODEL, moe, _one_process(moe))} == built
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_predictor_flops_are_the_matmuls_a_forward_runs(variant: str) -> None:
+    """``micro_batch_flops`` (its matmuls and the experts' rows, ``rows_per_token``) against
+    FlopCounterMode on a one-process forward of the micro-batch (attention left out: SDPA's
+    count is its own convention)."""
+    from parallel.simulator.predict import micro_batch_flops, rows_per_token
+
+    moe = dataclasses.replace(BASE, **VARIANTS[variant])
+    layout = _one_process(moe)
+    torch.manual_seed(0)
+    model = Transformer(MODEL, moe).train()
+    ids_BS = torch.randint(0, V, (B, S))
+    counted = _counted(lambda: model(ids_BS))
+    rows = layout.routed_tokens * rows_per_token(moe.fine_grained(), layout)
+    predicted = micro_batch_flops(MODEL, moe, layout, 0, rows)
+    assert predicted["matmul"] + predicted["grouped_mm"] == pytest.approx(
+        sum(n for op, n in counted.items() if "scaled_dot_product" not in op), rel=1e-12)

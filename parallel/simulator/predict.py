@@ -52,7 +52,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from moe.accounting import attention_width, num_moe_layers, train_flops_per_token
+from moe.accounting import attention_width, experts_per_token, num_moe_layers, router_params, train_flops_per_token
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.mlp import input_width
 from moe.recompute import Recompute
@@ -142,13 +142,29 @@ def stage_layers(model: ModelConfig, layout: Layout, stage: int) -> list[int]:
     return [i for chunk in stage_chunks(model, layout, stage) for i in chunk]
 
 
+def rows_per_token(moe: MoEConfig, layout: Layout) -> float:
+    """Expert rows per routed token (``moe`` as built, ``fine_grained()``): K, or expert
+    choice's ``C·E/G`` over its group (a sequence; a rank's routed tokens under
+    ``moe.expert_choice_scope=micro_batch``)."""
+    return experts_per_token(moe, layout.seq_len if moe.expert_choice_scope == "sequence" else layout.routed_tokens)
+
+
+def _router_specs(prefix: str, dim: int, moe: MoEConfig, chunk: int) -> list[ParamSpec]:
+    """A learned router's weights as ``moe.layer`` names them: ``weight_ED`` (``W_g``), and
+    noisy top-k's ``noise_weight_ED``; none for hash routing (``accounting.router_params``)."""
+    names = {"hash": [], "noisy_topk": ["weight_ED", "noise_weight_ED"]}.get(moe.router, ["weight_ED"])
+    return [ParamSpec(f"{prefix}ffn.router.{name}", moe.num_experts * dim, False, chunk) for name in names]
+
+
 def rank_params(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int = 0) -> list[ParamSpec]:
     """This rank's parameters in ``Transformer.named_parameters()`` order, sharded.
 
     tp divides attention, dense MLP and (padded) vocabulary matrices; ep·etp divide expert
     weights, which are expert-buffer parameters whenever they are sharded (ep > 1) or tensor
     parallelism marks them (tp or etp > 1, ``parallel/tensor_parallel.py``); the tied LM head
-    is a second copy on the last stage when pp > 1 (megatron's rule)."""
+    is a second copy on the last stage when pp > 1 (megatron's rule). Fine-grained experts
+    as built (``moe.fine_grained()``)."""
+    moe = moe.fine_grained()
     t = layout.topology
     d, tp = model.dim, t.tp
     hd = attention_width(model)  # H·Dh
@@ -169,7 +185,7 @@ def rank_params(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int =
         out += [ParamSpec(p + "attn.out.weight", d * hd // tp, False, c), ParamSpec(p + "ffn_norm.weight", d, False, c)]
         if model.is_moe_layer(i):
             local, f = moe.num_experts // t.ep, moe.expert_ffn_dim // t.etp
-            out += [ParamSpec(p + "ffn.router.weight_ED", moe.num_experts * d, False, c),
+            out += [*_router_specs(p, d, moe, c),
                     ParamSpec(p + "ffn.experts.w_in_EDF", local * d * input_width(f, moe.activation), expert_buffer, c),
                     ParamSpec(p + "ffn.experts.w_out_EFD", local * f * d, expert_buffer, c)]
             if moe.num_shared_experts:
@@ -356,7 +372,9 @@ def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, laye
     Under bf16 activations the fp32 pieces are the norms' ``x.float()``, ``x·rsqrt`` and
     ``rsqrt`` (in place of the bf16 input), SDPA's logsumexp, the router's ``x.float()`` and
     ``W.float()`` beside its fp32 logits, softmax and gates, and the expert rows ``y.float()``
-    the gates multiply (the product is cast back: N·D of each dtype)."""
+    the gates multiply (the product is cast back: N·D of each dtype). N is T·K, under expert
+    choice ``rows_per_token``; the router's own tensors are counted as softmax top-k's."""
+    moe = moe.fine_grained()
     t = layout.topology
     T, D, tp, k = layout.tokens, model.dim, t.tp, moe.top_k
     Tn = T // tp if layout.sequence_parallel else T  # tokens a norm sees
@@ -381,8 +399,9 @@ def activation_elements(model: ModelConfig, moe: MoEConfig, layout: Layout, laye
             experts += rows * D
         # gated rows: the expert outputs (their fp32 copy in bf16) and the products; the
         # local sort's row order and each row's token (int64), each row's gate
-        gated = Saved(fp32=Tr * k * D, act=Tr * k * D) if wide else Saved(act=2 * Tr * k * D)
-        gated += Saved(fp32=2 * 2 * Tr * k + Tr * k)
+        n = Tr * rows_per_token(moe, layout)  # N
+        gated = Saved(fp32=n * D, act=n * D) if wide else Saved(act=2 * n * D)
+        gated += Saved(fp32=2 * 2 * n + n)
         # bf16: only a shared expert keeps the norm's output (the router keeps its fp32 copy)
         norm = _norm_saved(Tn, D, layout, output_kept=not wide or moe.num_shared_experts > 0)
         ffn = norm + Saved(fp32=router, act=experts) + gated
@@ -459,7 +478,9 @@ def replay_rows(
     its experts computed in one gradient forward (the observed maximum load, for memory);
     ``rows_sync``: per gradient forward and layer, the mean of the EP group's largest
     computed rows (every layer's all-to-all waits for the slowest member: for time);
-    ``rows_mean``: the same for the group's mean (the work a CPU shared by all ranks does)."""
+    ``rows_mean``: the same for the group's mean (the work a CPU shared by all ranks does).
+    Expert choice's counts are the rows its experts took: no capacity applies to them."""
+    moe = moe.fine_grained()
     t = layout.topology
     by_key: dict[tuple[int, int, bool, int], ForwardRouting] = {}
     ordinal: dict[tuple[int, int, bool], int] = {}
@@ -478,7 +499,8 @@ def replay_rows(
             recs = [by_key.get((r, step, grad, idx)) for r in members]
             if any(r is None for r in recs):
                 raise ConfigError(f"routing records incomplete for step {step}: ranks {members} must all be recorded")
-            cap = expert_capacity_or_none(recs[0].tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+            cap = None if moe.router == "expert_choice" else expert_capacity_or_none(
+                recs[0].tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
             for layer in range(len(recs[0].counts_LE)):
                 rows = group_rows([kept_counts(r.counts_LE[layer], cap) for r in recs])
                 tag = "grad" if grad else "nograd"
@@ -520,6 +542,7 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
       all-reduced in ``finalize_model_grads``, and the routers' again for the logged router
       gradient norm.
     """
+    moe = moe.fine_grained()
     t = layout.topology
     x = layout.tokens * model.dim * _dtype_bytes(layout)
     m = t.micro_batches
@@ -529,7 +552,7 @@ def _tp_bytes(comm: Comm, model: ModelConfig, moe: MoEConfig, layout: Layout, la
     counts = {"micro_batch": moe.num_experts, "sequence": layout.micro_batch * moe.num_experts}
     stats = n_moe * 4 * (3 + moe.num_experts + counts.get(moe.aux_loss_scope, 0))
     loss = 3 * layout.tokens * 4 if last else 0
-    routers = n_moe * moe.num_experts * model.dim * 4
+    routers = n_moe * router_params(model.dim, moe) * 4
     qk_norms = len(layers) * 2 * model.head_size * 4 if model.qk_norm else 0
     if layout.sequence_parallel:
         linears = 2 * len(layers) + 2 * n_dense  # qkv and out in every layer, w_in and w_out in dense ones
@@ -582,6 +605,7 @@ def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, ex
     """Bytes of one rank over ``steps`` steps. ``rows`` from ``replay_rows`` (exact), else
     uniform routing. ``extra_forwards``: no-gradient routing pre-passes per step
     (``moe.aux_loss_scope=global_batch`` with more than one forward per global batch)."""
+    moe = moe.fine_grained()
     t = layout.topology
     coords = rank_coords(t, rank)
     layers = stage_layers(model, layout, coords["pp"])
@@ -592,7 +616,7 @@ def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, ex
     if t.ep > 1 and n_moe:
         D = model.dim
         if rows is None:
-            off = layout.routed_tokens * moe.top_k * (t.ep - 1) / t.ep
+            off = layout.routed_tokens * rows_per_token(moe, layout) * (t.ep - 1) / t.ep
             comm.ep_all_to_all = int(steps * n_moe * (m * 2 * 2 * off + extra_forwards * 2 * off) * D * act)
             forwards = steps * (m + extra_forwards)
         else:
@@ -621,7 +645,7 @@ def comm_bytes(model: ModelConfig, moe: MoEConfig, layout: Layout, rank: int, ex
         loss_sums, load_counts = 4 * 4, 4 * n_moe_all * moe.num_experts
         prepass = load_counts if extra_forwards else 0
         if t.dp > 1:
-            router_grads = 4 * n_moe * moe.num_experts * model.dim  # this stage's routers
+            router_grads = 4 * n_moe * router_params(model.dim, moe)  # this stage's routers
             comm.dp_metrics = steps * (loss_sums + load_counts + router_grads + prepass)
         if t.pp > 1:  # stage sums of the losses and counts, and of the router gradient's square (fp64)
             comm.pp_metrics = steps * (loss_sums + load_counts + 8 + prepass)
@@ -649,7 +673,9 @@ def cores_per_rank(hw: Hardware, world: int, threads: int | None = None) -> floa
 
 def micro_batch_flops(model: ModelConfig, moe: MoEConfig, layout: Layout, stage: int, rows: float) -> dict[str, float]:
     """Forward FLOPs of one micro-batch on one rank of ``stage`` by kernel (``matmul``:
-    projections, router, head; ``grouped_mm``: experts; ``attention``); backward = 2x."""
+    projections, router (two matmuls under noisy top-k), head; ``grouped_mm``: the experts'
+    ``rows``; ``attention``); backward = 2x."""
+    moe = moe.fine_grained()
     t = layout.topology
     T, D, S, tp = layout.tokens, model.dim, layout.seq_len, t.tp
     hd = attention_width(model)  # H·Dh
@@ -659,7 +685,7 @@ def micro_batch_flops(model: ModelConfig, moe: MoEConfig, layout: Layout, stage:
         flops["attention"] += 2 * T * S * hd / tp  # causal QK^T and AV
         if model.is_moe_layer(i):
             f = moe.expert_ffn_dim / t.etp
-            flops["matmul"] += 2 * layout.routed_tokens * D * moe.num_experts
+            flops["matmul"] += 2 * layout.routed_tokens * router_params(D, moe)
             flops["grouped_mm"] += 2 * rows * D * (input_width(int(f), moe.activation) + f)
             if moe.num_shared_experts:
                 fs = moe.expert_ffn_dim * moe.num_shared_experts / tp
@@ -827,6 +853,7 @@ def predict(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, en
 
     Routing recorded on another layout (a scaled-down emulation) gives the imbalance only:
     per layer and step, the expert shares are folded onto this layout's EP ranks."""
+    moe = moe.fine_grained()
     t = layout.topology
     if hw.kind == "gpu" and t.world_size > hw.world_size:
         raise ConfigError(f"the layout needs {t.world_size} devices but cluster '{hw.name}' has "
@@ -849,7 +876,7 @@ def predict(model: ModelConfig, moe: MoEConfig, layout: Layout, hw: Hardware, en
         else:
             if r_rows:
                 comm = Comm(**{k: v / steps for k, v in asdict(comm).items()})
-            rows_mean = layout.routed_tokens * moe.top_k
+            rows_mean = layout.routed_tokens * rows_per_token(moe, layout)
             rows_time = rows_mean * imbalance
             rows_layers = [rows_time] * n_moe
         add_activations(memory, model, moe, layout, coords["pp"], rows_layers, shard)
@@ -908,6 +935,7 @@ def refill_rise(model: ModelConfig, moe: MoEConfig, layout: Layout, layers: list
     ``W_out``'s backward of the last MLP; shared experts are not counted."""
     if layout.recompute != "selective":
         return 0.0
+    moe = moe.fine_grained()
     b, t, D, T = _dtype_bytes(layout), layout.topology, model.dim, layout.tokens
     rise, freed = 0.0, head_freed
     for i in reversed(layers):
@@ -915,7 +943,7 @@ def refill_rise(model: ModelConfig, moe: MoEConfig, layout: Layout, layers: list
             R, f, activation = rows[i], moe.expert_ffn_dim / t.etp, moe.activation
             weight, grad_y = moe.num_experts / t.ep * f * D, R * D
             # the gated rows N·D (fp32: the expert rows; bf16: their fp32 copy) and the products N·D
-            after = layout.routed_tokens * moe.top_k * D * (4 + b) + (R * D * b if t.ep > 1 else 0.0)
+            after = layout.routed_tokens * rows_per_token(moe, layout) * D * (4 + b) + (R * D * b if t.ep > 1 else 0.0)
         else:
             R, f, activation, after = T, model.ffn_dim / t.tp, model.activation, 0.0
             weight, grad_y = f * D, 0.0
@@ -930,10 +958,11 @@ def refill_rise(model: ModelConfig, moe: MoEConfig, layout: Layout, layers: list
 def uniform_memory(model: ModelConfig, moe: MoEConfig, layout: Layout, engine: str, rank: int) -> Memory:
     """Global ``rank``'s predicted bytes under uniform routing: model states (exact), the
     activations and the largest transient (see the module doc)."""
+    moe = moe.fine_grained()
     memory, shard = state_memory(model, moe, layout, engine, rank)
     stage = rank_coords(layout.topology, rank)["pp"]
     n_moe = sum(model.is_moe_layer(i) for i in stage_layers(model, layout, stage))
-    add_activations(memory, model, moe, layout, stage, [layout.routed_tokens * moe.top_k] * n_moe, shard)
+    add_activations(memory, model, moe, layout, stage, [layout.routed_tokens * rows_per_token(moe, layout)] * n_moe, shard)
     return memory
 
 
