@@ -248,9 +248,10 @@ class _ByteCount(TorchDispatchMode):
 
 
 def test_cross_entropy_bytes_are_megatron_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CROSS_ENTROPY_BYTES is what megatron-core's vocab-parallel cross-entropy (forward and
-    backward through autograd, one TP rank) moves per bf16 logit, counted op by op; the last
-    stage adds exactly that over an identical stage without the head's GEMMs."""
+    """CROSS_ENTROPY_BYTES["unfused"] is what megatron-core's vocab-parallel cross-entropy
+    (forward and backward through autograd, one TP rank) moves per bf16 logit, counted op by
+    op; the last stage adds the bytes of the layout's implementation over an identical stage
+    (the fused ones are read off their kernels, not measured here); an unknown one is refused."""
     import megatron.core.tensor_parallel.cross_entropy as ce
     monkeypatch.setattr(ce, "get_tensor_model_parallel_group", lambda: None)
     monkeypatch.setattr(ce, "get_tensor_model_parallel_rank", lambda: 0)
@@ -260,14 +261,21 @@ def test_cross_entropy_bytes_are_megatron_cores(monkeypatch: pytest.MonkeyPatch)
     logits = torch.randn(S, 1, V, dtype=torch.bfloat16, requires_grad=True)
     with _ByteCount(S * V) as count:
         ce.vocab_parallel_cross_entropy(logits, torch.randint(0, V, (S, 1))).sum().backward()
-    assert count.bytes == CROSS_ENTROPY_BYTES * S * V
+    assert count.bytes == CROSS_ENTROPY_BYTES["unfused"] * S * V
 
     two = dataclasses.replace(QWEN.model, n_layers=2)
     layout = ClusterLayout(tp=2, pp=2, ep=8, dp=4, global_batch=64)
     first, last = (stage_micro_time(two, QWEN.moe, layout, H100, H100.dispatchers["alltoall"], s) for s in (0, 1))
     rate = H100.memory_bandwidth * H100.memory_efficiency
-    assert last.elementwise - first.elementwise == pytest.approx(
-        CROSS_ENTROPY_BYTES * layout.tokens * two.vocab_size / layout.tp / rate)
+    logits = layout.tokens * two.vocab_size / layout.tp
+    assert last.elementwise - first.elementwise == pytest.approx(CROSS_ENTROPY_BYTES["unfused"] * logits / rate)
+    for impl in ("native", "te"):
+        fused_layout = dataclasses.replace(layout, cross_entropy=impl)  # type: ignore[arg-type]
+        fused = stage_micro_time(two, QWEN.moe, fused_layout, H100, H100.dispatchers["alltoall"], 1)
+        assert last.elementwise - fused.elementwise == pytest.approx(
+            (CROSS_ENTROPY_BYTES["unfused"] - CROSS_ENTROPY_BYTES[impl]) * logits / rate)
+    unknown = dataclasses.replace(layout, cross_entropy="fused")  # type: ignore[arg-type]
+    assert "cross_entropy='fused' is not one of" in (layout_problem(two, QWEN.moe, unknown) or "")
 
 
 def test_all_to_all_overlap_pairs_the_steady_state_only() -> None:

@@ -31,6 +31,12 @@ ZOO_LAYOUTS = "https://github.com/yanring/Megatron-MoE-ModelZoo/blob/3a2d8b5c116
 # the day the Mixtral 8x22B figures were written; before, its Mixtral-8x22B.yaml set it); the
 # Qwen3 runs (2025-05) had neither
 ZOO_TP_OVERLAP = "https://github.com/yanring/Megatron-MoE-ModelZoo/blob/b09773a8ffab/sbatch_benchmarking.sh"
+# the cross-entropy each run's model yaml selects: that commit's Mixtral-8x22B.yaml passes
+# --cross-entropy-loss-fusion --cross-entropy-fusion-impl native; the Qwen3-235B yaml of the long-context
+# row's commit (b0b92ff, 2025-11-04) the same with impl te; the Qwen3 yaml of the 4k rows' commit
+# (8017e11) neither (the unfused vocab-parallel cross-entropy)
+ZOO_CE_FUSION = "https://github.com/yanring/Megatron-MoE-ModelZoo/blob/b09773a8ffab/model_configs/benchmarking/Mixtral-8x22B.yaml"
+ZOO_LONG_CONTEXT_YAML = "https://github.com/yanring/Megatron-MoE-ModelZoo/blob/b0b92ff329df/model_configs/benchmarking/Qwen3-235B-A22B.yaml"
 MCORE_README = "https://github.com/NVIDIA/Megatron-LM/blob/core_r0.9.0/megatron/core/transformer/moe/README.md"
 
 
@@ -107,11 +113,11 @@ RUNS = [
         "GBS 2048 | GA 256 | no recompute | 29.0 s | 167 TF", ZOO, step_s=29.0),
     Run("qwen3-235b seq 16k tp4 pp8 vpp4 ep8 deepep", "qwen3-235b-a22b", 256,
         dict(tp=4, pp=8, vpp=4, ep=8, dp=8, recompute="moe", dispatcher="deepep", embedding_loss_slots=True,
-             micro_batch=1, global_batch=256, seq_len=16384),
+             micro_batch=1, global_batch=256, seq_len=16384, cross_entropy="te"),
         "Long Context (Qwen3-235B-A22, DeepEP, bf16): | H100 | 16384 | 32 nodes | TP 4 | CP 1 | GBS 256 | "
         "295 (forced balance) / 237 (dropless) | ; PP=8 VPP=4 EP=8 ... --recompute-granularity selective "
         "--recompute-modules layernorm moe (MBS: the zoo's default 1); forced balance = our uniform routing",
-        ZOO, tflops=295),
+        f"{ZOO}; {ZOO_LONG_CONTEXT_YAML}", tflops=295),
     Run("mixtral-8x7b tp1 pp4 vpp8 ep8 alltoall", "mixtral-8x7b", 64,
         dict(tp=1, pp=4, vpp=8, ep=8, dp=16, micro_batch=1, global_batch=256, seq_len=4096, recompute="none",
              dispatcher="alltoall"),
@@ -122,16 +128,16 @@ RUNS = [
         tflops=468, causal_flops=False),
     Run("mixtral-8x22b tp2 pp8 vpp7 ep8 alltoall forced-balance", "mixtral-8x22b", 128,
         dict(tp=2, pp=8, vpp=7, ep=8, dp=8, micro_batch=1, global_batch=256, seq_len=4096, recompute="none",
-             dispatcher="alltoall", tp_comm_overlap=True),
+             dispatcher="alltoall", tp_comm_overlap=True, cross_entropy="native"),
         "'Dropless training with forced balancing, performance should be around 465 TFLOPS for H100' "
         "(GBS=256, NNODES=16; layout: the zoo's [Mixtral-8x22B] TP 2 PP 8 EP 8 VPP 7 MBS 1, VPP 7 since 2025-07-30; "
         "forced balance = our uniform routing; the dropless 445 TFLOPS routes real data, which we do not model)",
-        f"{ZOO_MIXTRAL}; {ZOO_LAYOUTS}; {ZOO_TP_OVERLAP}", tflops=465),
+        f"{ZOO_MIXTRAL}; {ZOO_LAYOUTS}; {ZOO_TP_OVERLAP}; {ZOO_CE_FUSION}", tflops=465),
     Run("mixtral-8x22b tp2 pp8 vpp7 ep8 alltoall token-drop", "mixtral-8x22b", 128,
         dict(tp=2, pp=8, vpp=7, ep=8, dp=8, micro_batch=1, global_batch=256, seq_len=4096, recompute="none",
-             dispatcher="alltoall", tp_comm_overlap=True),
+             dispatcher="alltoall", tp_comm_overlap=True, cross_entropy="native"),
         "'Token Drop training, perf should be around 470TFLOPS for H100' (capacity factor 1, padded: under uniform "
-        "routing the same rows as forced balance)", f"{ZOO_MIXTRAL}; {ZOO_LAYOUTS}; {ZOO_TP_OVERLAP}", tflops=470),
+        "routing the same rows as forced balance)", f"{ZOO_MIXTRAL}; {ZOO_LAYOUTS}; {ZOO_TP_OVERLAP}; {ZOO_CE_FUSION}", tflops=470),
 ]
 
 

@@ -93,12 +93,21 @@ Recompute = Literal["none", "selective", "moe", "full"]
 RECOMPUTE_MODES = ("none", "selective", "moe", "full")
 BF16 = 2  # bytes per bf16 element
 ATTENTION_BACKWARD = 2.5  # flash attention's backward: 5 GEMM-like passes to the forward's 2 (Dao 2023)
-# Bytes megatron-core's unfused vocab-parallel cross-entropy (tensor_parallel/cross_entropy.py,
-# used unless --cross-entropy-loss-fusion) moves per logit element of a rank: forward, the fp32
-# copy of the bf16 logits (read 2, write 4), the max (read 4), the in-place subtraction (8), exp
-# (8), the sum (read 4), the in-place division (8); backward, the in-place multiplication by the
-# loss gradient (8) and autograd's cast of the fp32 gradient to the logits' bf16 (read 4, write 2).
-CROSS_ENTROPY_BYTES = 6 + 4 + 8 + 8 + 4 + 8 + 8 + 6
+CrossEntropy = Literal["unfused", "native", "te"]
+# Bytes megatron-core's vocab-parallel cross-entropy moves per bf16 logit of a rank, forward and
+# backward, by implementation:
+# - unfused (tensor_parallel/cross_entropy.py, the default): the fp32 copy of the logits (read 2,
+#   write 4), the max (read 4), the in-place subtraction (8), exp (8), the sum (read 4), the
+#   in-place division (8); backward, the in-place multiplication by the loss gradient (8) and
+#   autograd's cast of the fp32 gradient to bf16 (read 4, write 2);
+# - native (--cross-entropy-loss-fusion --cross-entropy-fusion-impl native,
+#   fusions/fused_cross_entropy.py): each torch.compile'd step one pass over its operands, a
+#   mutated input written back: the fp32 copy and its max (6), subtract-exp-sum in place (8), the
+#   division in place (8), the backward's in-place multiplication and bf16 cast (read 4, write 6);
+# - te (--cross-entropy-fusion-impl te, TransformerEngine's Triton kernels,
+#   transformer_engine/pytorch/triton/cross_entropy.py): the online-softmax pass reads the bf16
+#   logits (2), the backward kernel reads them and writes the gradient in place (4).
+CROSS_ENTROPY_BYTES: dict[str, int] = {"unfused": 6 + 4 + 8 + 8 + 4 + 8 + 8 + 6, "native": 6 + 8 + 8 + 10, "te": 2 + 4}
 OPTIMIZER_BYTES = 30  # per shard element: fp32 main param, exp_avg, exp_avg_sq read+write (24), fp32 grad read (4), bf16 param write (2)
 # Kernels per layer, forward (fused TE/megatron kernels: norm, qkv, RoPE, attention, out
 # proj, residual; router, top-k, permute, dispatch, grouped GEMMs, act, combine, unpermute);
@@ -129,6 +138,7 @@ class ClusterLayout:
     overlap_moe_a2a: bool = False  # overlap_moe_expert_parallel_comm
     tp_comm_overlap: bool = False  # tp_comm_overlap (TE userbuffers: TP all-gathers/reduce-scatters pipelined with their GEMMs)
     embedding_loss_slots: bool = False  # account_for_embedding_in_pipeline_split and account_for_loss_in_pipeline_split
+    cross_entropy: CrossEntropy = "unfused"  # cross_entropy_loss_fusion off | on with cross_entropy_fusion_impl native | te
 
     @property
     def world_size(self) -> int:
@@ -152,7 +162,9 @@ class ClusterLayout:
         parts = [f"tp={self.tp}", f"pp={self.pp}"] + ([f"vpp={self.vpp}"] if self.vpp > 1 else [])
         parts += [f"ep={self.ep}"] + ([f"etp={self.etp}"] if self.etp > 1 else []) + [f"dp={self.dp}"]
         parts += [f"mbs={self.micro_batch}", f"recompute={self.recompute}", f"dispatcher={self.dispatcher}"]
-        return " ".join(parts + (["a2a-overlap"] if self.overlap_moe_a2a else []) + (["tp-overlap"] if self.tp_comm_overlap else []))
+        parts += ["a2a-overlap"] if self.overlap_moe_a2a else []
+        parts += ["tp-overlap"] if self.tp_comm_overlap else []
+        return " ".join(parts + ([f"ce-{self.cross_entropy}"] if self.cross_entropy != "unfused" else []))
 
 
 def layout_problem(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, gpus: int | None = None) -> str | None:
@@ -175,6 +187,8 @@ def layout_problem(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, gp
          f"the interleaved schedule needs the {t.micro_batches} micro-batches to be a multiple of pp={t.pp}"),
         (t.tokens % t.tp == 0, f"tp={t.tp} must divide the micro-batch's {t.tokens} tokens (sequence parallelism)"),
         (t.recompute in RECOMPUTE_MODES, f"recompute={t.recompute!r} is not one of {list(RECOMPUTE_MODES)}"),
+        (t.cross_entropy in CROSS_ENTROPY_BYTES,
+         f"cross_entropy={t.cross_entropy!r} is not one of {list(CROSS_ENTROPY_BYTES)}"),
     ]
     return next((why for ok, why in checks if not ok), None)
 
@@ -473,9 +487,9 @@ def stage_micro_time(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, 
             # tp_comm_overlap pipelines each all-gather/reduce-scatter with the GEMM it feeds or
             # follows (TE userbuffers, chunked): only what exceeds those GEMMs is exposed
             out.tp_comm += max(0.0, tp - tp_gemms) if t.tp_comm_overlap else tp
-    if stage == t.pp - 1:  # LM head and megatron's unfused vocab-parallel cross-entropy
+    if stage == t.pp - 1:  # LM head and megatron's vocab-parallel cross-entropy
         out.gemm += 3 * gemm_time(hw, T, model.vocab_size / t.tp, D)
-        out.elementwise += CROSS_ENTROPY_BYTES * T * model.vocab_size / t.tp / rate_bw
+        out.elementwise += CROSS_ENTROPY_BYTES[t.cross_entropy] * T * model.vocab_size / t.tp / rate_bw
     if t.pp > 1:
         neighbour = [dense_rank(t, 0, 0, 0), dense_rank(t, 0, 0, 1)]
         link = hw.inter_node if group_split(hw, neighbour)[1] else hw.intra_node
