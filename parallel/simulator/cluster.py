@@ -31,8 +31,10 @@ FLOPs (data and weight gradients) and ``ATTENTION_BACKWARD`` times the attention
   ``m = R/El`` is what makes small experts memory-bound;
 - attention: flash attention, causal ``2·T·S·q/tp`` FLOPs forward at
   ``peak · kernel_efficiency.attention``; its scores never reach memory;
-- elementwise (norms, RoPE, residual adds, SwiGLU, permute/unpermute, the loss) at
+- elementwise (norms, RoPE, residual adds, SwiGLU, permute/unpermute) at
   ``memory_bandwidth · memory_efficiency`` (``elementwise_bytes``);
+- the loss on the last stage: the LM head's GEMMs and megatron's vocab-parallel
+  cross-entropy, ``CROSS_ENTROPY_BYTES[layout.cross_entropy] · T·V/tp`` bytes at that rate;
 - ``op_overhead_s`` per kernel (``KERNELS_*``).
 Recompute: ``full`` runs each block's forward again in the backward; ``selective``
 (megatron's ``--recompute-modules layernorm moe_act``, this trainer's ``selective``) reruns
