@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 from launch.config import load_config
 from moe.config import ConfigError
 from parallel.simulator.cluster import (
-    CROSS_ENTROPY_BYTES, ClusterLayout, all_to_all_time, dp_group, edp_group, ep_group, gemm_time, group_split,
+    CROSS_ENTROPY_BYTES, CROSS_ENTROPY_PEAK_BYTES, ClusterLayout, all_to_all_time, dp_group, edp_group, ep_group, gemm_time, group_split,
     in_flight, layout_problem, paired_share, predict_cluster, remote_node_share, rows_per_rank, stage_layers,
     stage_memory, stage_micro_time, stage_param_counts, tp_group,
 )
@@ -293,3 +294,50 @@ def test_all_to_all_overlap_pairs_the_steady_state_only() -> None:
     assert alone.exposed_ep(share) == st.ep_comm
     assert st.exposed_ep(share) == pytest.approx(
         st.paired * paired.exposed_ep(share) + (1 - st.paired) * st.ep_comm)
+
+
+class _LivePeak(TorchDispatchMode):
+    """The most bytes held at once by tensors of ``numel`` elements the aten ops create
+    (each storage counted until it is freed)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.live, self.now, self.peak = numel, {}, 0, 0  # type: ignore[var-annotated]
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel:
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.live:
+                    self.live[storage.data_ptr()] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._freed, storage.data_ptr())
+        return out
+
+
+def test_cross_entropy_peak_is_megatron_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last stage's transient is the logits megatron-core's unfused cross-entropy holds at
+    its peak (the head's bf16 logits and their fp32 copy; the fp32 softmax and the bf16
+    gradient), measured through forward and backward: 6 bytes per logit."""
+    import megatron.core.tensor_parallel.cross_entropy as ce
+    monkeypatch.setattr(ce, "get_tensor_model_parallel_group", lambda: None)
+    monkeypatch.setattr(ce, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(ce, "get_tensor_model_parallel_world_size", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *args, **kwargs: None)
+    S, V = 64, 1000
+    hidden = torch.randn(S, 1, V, dtype=torch.bfloat16, requires_grad=True)
+    with _LivePeak(S * V) as live:
+        logits = hidden * 1.0  # the head's bf16 output, made inside the count
+        loss = ce.vocab_parallel_cross_entropy(logits, torch.randint(0, V, (S, 1)))
+        del logits
+        loss.sum().backward()
+    assert live.peak == CROSS_ENTROPY_PEAK_BYTES["unfused"] * S * V
+    layout = ClusterLayout(tp=2, pp=2, ep=8, dp=4, global_batch=64)
+    for impl in CROSS_ENTROPY_PEAK_BYTES:
+        mem = stage_memory(QWEN.model, QWEN.moe, dataclasses.replace(layout, cross_entropy=impl), H100, 1)  # type: ignore[arg-type]
+        assert mem.transient == CROSS_ENTROPY_PEAK_BYTES[impl] * layout.tokens * QWEN.model.vocab_size / layout.tp

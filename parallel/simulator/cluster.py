@@ -74,7 +74,7 @@ parameters ``2Ψ``, fp32 gradient buffers ``4Ψ`` (``grad_reduce_in_fp32``), fp3
 parameters and Adam moments ``12Ψ_dense/dp + 12Ψ_expert/edp``; activations
 (``layer_activation_bytes``) times the micro-batches in flight: ``p − s`` (1F1B) or
 ``min(m·v, 2(p − s − 1) + (v − 1)p + 1)`` chunks (interleaved: megatron's warm-up plus
-one); the loss's fp32 logits and their gradient on the last stage (transient); the
+one); the loss's logits at its peak on the last stage (transient, ``CROSS_ENTROPY_PEAK_BYTES``); the
 device's reserved bytes (CUDA context, NCCL/dispatcher buffers, cuBLAS workspaces); and the
 caching allocator's fragmentation as its own line: ``fragmentation · (activations +
 transient)``.
@@ -110,6 +110,10 @@ CrossEntropy = Literal["unfused", "native", "te"]
 #   transformer_engine/pytorch/triton/cross_entropy.py): the online-softmax pass reads the bf16
 #   logits (2), the backward kernel reads them and writes the gradient in place (4).
 CROSS_ENTROPY_BYTES: dict[str, int] = {"unfused": 6 + 4 + 8 + 8 + 4 + 8 + 8 + 6, "native": 6 + 8 + 8 + 10, "te": 2 + 4}
+# Bytes per logit live at the loss's peak: unfused and native hold the bf16 logits and their fp32
+# copy in the forward, the fp32 softmax and the bf16 gradient cast from it in the backward (6);
+# TransformerEngine's kernels keep the bf16 logits and write the gradient into them (2).
+CROSS_ENTROPY_PEAK_BYTES: dict[str, int] = {"unfused": 2 + 4, "native": 2 + 4, "te": 2}
 OPTIMIZER_BYTES = 30  # per shard element: fp32 main param, exp_avg, exp_avg_sq read+write (24), fp32 grad read (4), bf16 param write (2)
 # Kernels per layer, forward (fused TE/megatron kernels: norm, qkv, RoPE, attention, out
 # proj, residual; router, top-k, permute, dispatch, grouped GEMMs, act, combine, unpermute);
@@ -608,7 +612,7 @@ def stage_memory(model: ModelConfig, moe: MoEConfig, layout: ClusterLayout, hw: 
     per_micro = sum(layer_activation_bytes(model, moe, t, i) for i in layers)
     mem.activations = count * (per_micro / t.vpp if chunked else per_micro)
     if stage == t.pp - 1:
-        mem.transient = 2 * t.tokens * model.vocab_size / t.tp * 4  # fp32 logits and their gradient
+        mem.transient = CROSS_ENTROPY_PEAK_BYTES[t.cross_entropy] * t.tokens * model.vocab_size / t.tp
     mem.fragmentation = hw.fragmentation * (mem.activations + mem.transient)
     return mem
 
