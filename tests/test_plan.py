@@ -8,6 +8,7 @@ import json
 import math
 import weakref
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -248,16 +249,22 @@ class _ByteCount(TorchDispatchMode):
         return out
 
 
-def test_cross_entropy_bytes_are_megatron_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CROSS_ENTROPY_BYTES["unfused"] is what megatron-core's vocab-parallel cross-entropy
-    (forward and backward through autograd, one TP rank) moves per bf16 logit, counted op by
-    op; the last stage adds the bytes of the layout's implementation over an identical stage
-    (the fused ones are read off their kernels, not measured here); an unknown one is refused."""
+def _one_rank_cross_entropy(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """megatron-core's vocab-parallel cross-entropy module, run as one TP rank without a group."""
     import megatron.core.tensor_parallel.cross_entropy as ce
     monkeypatch.setattr(ce, "get_tensor_model_parallel_group", lambda: None)
     monkeypatch.setattr(ce, "get_tensor_model_parallel_rank", lambda: 0)
     monkeypatch.setattr(ce, "get_tensor_model_parallel_world_size", lambda: 1)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda *args, **kwargs: None)
+    return ce
+
+
+def test_cross_entropy_bytes_are_megatron_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CROSS_ENTROPY_BYTES["unfused"] is what megatron-core's vocab-parallel cross-entropy
+    (forward and backward through autograd, one TP rank) moves per bf16 logit, counted op by
+    op; the last stage adds the bytes of the layout's implementation over an identical stage
+    (the fused ones are read off their kernels, not measured here); an unknown one is refused."""
+    ce = _one_rank_cross_entropy(monkeypatch)
     S, V = 64, 1000
     logits = torch.randn(S, 1, V, dtype=torch.bfloat16, requires_grad=True)
     with _ByteCount(S * V) as count:
@@ -324,11 +331,7 @@ def test_cross_entropy_peak_is_megatron_cores(monkeypatch: pytest.MonkeyPatch) -
     """The last stage's transient is the logits megatron-core's unfused cross-entropy holds at
     its peak (the head's bf16 logits and their fp32 copy; the fp32 softmax and the bf16
     gradient), measured through forward and backward: 6 bytes per logit."""
-    import megatron.core.tensor_parallel.cross_entropy as ce
-    monkeypatch.setattr(ce, "get_tensor_model_parallel_group", lambda: None)
-    monkeypatch.setattr(ce, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(ce, "get_tensor_model_parallel_world_size", lambda: 1)
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *args, **kwargs: None)
+    ce = _one_rank_cross_entropy(monkeypatch)
     S, V = 64, 1000
     hidden = torch.randn(S, 1, V, dtype=torch.bfloat16, requires_grad=True)
     with _LivePeak(S * V) as live:
