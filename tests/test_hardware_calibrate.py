@@ -48,3 +48,19 @@ def test_cluster_fields_round_trip_and_bad_profiles() -> None:
         parse_hardware({**raw, "dispatchers": {"deepep": {**deepep, "bandwidth": 1}}}, "x.yaml")
     with pytest.raises(ConfigError, match="memory_efficiency=1.5 is a share"):
         parse_hardware({**raw, "memory_efficiency": 1.5}, "x.yaml")
+
+
+def test_a_key_given_twice_is_refused_naming_key_and_file(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys; a hardware file pasted over (here: a second
+    ``matmul_efficiency``, and one nested in a dispatcher profile) is refused instead."""
+    shipped = (Path(__file__).resolve().parent.parent / "configs" / "hardware" / "h100-ib.yaml").read_text()
+    first = next(i for i, line in enumerate(shipped.splitlines(), 1) if line.startswith("matmul_efficiency:"))
+    top = tmp_path / "top.yaml"
+    top.write_text(shipped + "matmul_efficiency: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"hardware file '{top}': key 'matmul_efficiency' is given twice "
+                                          rf"\(lines {first} and {shipped.count(chr(10)) + 1}\); keep one"):
+        load_hardware(top)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(shipped.replace("\n  deepep:", "\n  deepep:\n    latency_s: 1.0\n  #", 1))
+    with pytest.raises(ConfigError, match="nested.yaml': key 'latency_s' is given twice"):
+        load_hardware(nested)
