@@ -35,6 +35,11 @@ Per rank, the measured live tensor bytes (``parallel.simulator.measure``: the pr
 allocator accounting on a CPU, the CUDA allocator on a GPU) next to the simulator's
 prediction for the same layout and the emulation's own routing (``predict``): model states,
 the activations a backward starts from, and the step's peak, with predicted/measured ratios.
+
+Outputs: ``--out`` (a directory, a path under a file, an unwritable directory, or a file
+``moe bench`` did not write) and ``--runs`` (a file, unwritable, or already holding one of
+this run's run directories) are refused before anything runs; the JSON is replaced whole
+(temporary file + rename), so a failed write keeps the earlier table.
 """
 
 from __future__ import annotations
@@ -448,6 +453,7 @@ def bench_layouts(config: str, overrides: list[str], layouts_text: str, steps: i
     from launch.check_layouts import layout_configs, parse_layouts, train_records
 
     layouts, configs = layout_configs(config, overrides, parse_layouts(layouts_text), warmup + steps, runs)
+    check_runs_dir(runs, [Path(str(cfg.train.run_dir)) for cfg in configs])
     rows = []
     for layout, cfg in zip(layouts, configs):
         print(f"layout {layout.name}: {cfg.parallel.world_size} rank(s), engine {layout.engine}", file=sys.stderr)
@@ -455,6 +461,26 @@ def bench_layouts(config: str, overrides: list[str], layouts_text: str, steps: i
         records = train_records(Path(summary["run_dir"]))
         rows.append(layout_row(layout.name, layout.engine, cfg, summary, records, steps))
     return rows
+
+
+def check_runs_dir(runs: Path, run_dirs: list[Path]) -> None:
+    """``--runs``: refused before the first run, not at the layout that meets it, when it is
+    a file, cannot be created and written, or already holds one of ``run_dirs`` with
+    files in it (an earlier benchmark's run: training there would replace its metrics and
+    checkpoints)."""
+    if runs.exists() and not runs.is_dir():
+        raise ConfigError(f"--runs {str(runs)!r} is a file; give a directory")
+    held = next((d for d in run_dirs if d.is_dir() and any(d.iterdir())), None)
+    if held is not None:
+        raise ConfigError(f"--runs {str(runs)!r} already holds {held.name}/, an earlier run's; "
+                          "choose a new or empty --runs directory")
+    existing = Path(os.path.abspath(runs))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--runs {str(runs)!r}: {existing} is a file, not a directory; give a writable directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--runs {str(runs)!r}: {existing} is not writable; give a writable directory")
 
 
 def _layouts_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -608,8 +634,12 @@ def _memory_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> l
 
 
 def _write(out: Path, payload: dict[str, Any]) -> None:
+    """``out`` replaced whole (temporary file + rename): a killed or failed write leaves the
+    earlier table, never half of one."""
+    from parallel.checkpoint import write_atomic_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2, default=str))
+    write_atomic_text(out, json.dumps(payload, indent=2, default=str))
     print(f"written: {out}")
 
 
@@ -673,6 +703,7 @@ def main(argv: list[str]) -> int:
 def _layouts_main(args: argparse.Namespace, device: torch.device) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"--steps {args.steps} --warmup {args.warmup}: need at least 1 timed step and no negative warmup")
+    check_output_file(args.out, "--out", "moe bench", _is_bench_result)
     runs = args.runs or Path(tempfile.mkdtemp(prefix="bench-layouts-"))
     rows = bench_layouts(args.config, args.overrides, args.layouts, args.steps, args.warmup, runs)
     print(f"device: {device_name(device)}; {args.config} {' '.join(args.overrides)}; "
@@ -691,11 +722,13 @@ def _memory_main(args: argparse.Namespace, device: torch.device) -> int:
     cases = memory_cases(args.config, args.overrides, args.layouts, modes, dtypes, args.steps)
     check_output_file(args.out, "--out", "moe bench", _is_bench_result)
     runs = args.runs or Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    run_dirs = [runs / f"{i}-{case.layout}-{case.dtype}-{case.recompute}".replace(",", "_").replace("=", "")
+                for i, case in enumerate(cases)]
+    check_runs_dir(runs, run_dirs)
     rows = []
-    for i, case in enumerate(cases):
+    for i, (case, run_dir) in enumerate(zip(cases, run_dirs)):
         print(f"case {i + 1}/{len(cases)}: {case.layout}, {case.dtype}, recompute {case.recompute}", file=sys.stderr)
-        name = f"{i}-{case.layout}-{case.dtype}-{case.recompute}".replace(",", "_").replace("=", "")
-        rows.append(run_memory_case(args.config, case, args.steps, runs / name))
+        rows.append(run_memory_case(args.config, case, args.steps, run_dir))
     ratios = activation_ratios(rows)
     kind = "CUDA allocator" if device.type == "cuda" else "live CPU tensor bytes (profiler allocator accounting)"
     print(f"device: {device_name(device)}; {args.config} {' '.join(args.overrides)}; step 1 of {args.steps}; {kind}")

@@ -245,6 +245,13 @@ ROWS = (
         "model.vocab_size=257 is smaller than the dataset's vocabulary (300 ids); set model.vocab_size=300"),
     row("tokenizer-hash-mismatch-dp2", f"train {TINY} data.path={{fx}}/bpe-dataset model.vocab_size=300 "
         "data.tokenizer={fx}/other-tokenizer.json parallel.dp=2 parallel.ep=2", 2, "is not the tokenizer"),
+    # moe bench layouts: --out and --runs refused before the first layout trains
+    row("bench-layouts-out-over-another-file", f"bench layouts {TINY} --layouts dp=1 --out {{fx}}/a-file", 2,
+        "exists and was not written by `moe bench`"),
+    row("bench-layouts-out-a-directory", f"bench layouts {TINY} --layouts dp=1 --out {{fx}}/notes", 2,
+        "is a directory; give a file path"),
+    row("bench-layouts-runs-a-file", f"bench layouts {TINY} --layouts dp=1 --runs {{fx}}/a-file --out {{scratch}}/l.json",
+        2, "a-file' is a file; give a directory"),
 )
 
 
@@ -399,7 +406,7 @@ def _command(r: Row) -> str:
 
 
 SUBCOMMANDS = ("data prepare", "sweep report", "simulate calibrate", "simulate validate", "simulate plan", "bench kernels",
-               "bench layer", "ckpt inspect", "ckpt import", "ckpt export", "ckpt upcycle", "data tokenizer")
+               "bench layer", "bench layouts", "ckpt inspect", "ckpt import", "ckpt export", "ckpt upcycle", "data tokenizer")
 
 
 def test_rows_are_unique_and_cover_every_command() -> None:

@@ -130,3 +130,37 @@ def test_bench_memory_bad_arguments_are_one_error_line(tmp_path: Path, capsys: p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_bench_layouts_refuses_a_used_runs_dir_before_running(tmp_path: Path) -> None:
+    """An earlier benchmark's run in ``--runs`` is refused before the first layout trains:
+    a one-rank layout would otherwise train over its metrics and checkpoints."""
+    from moe.config import ConfigError
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    earlier = tmp_path / "runs" / "1-dp2" / "metrics.jsonl"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"kind": "train", "step": 1}\n')
+    with pytest.raises(ConfigError, match=r"--runs '.*runs' already holds 1-dp2/, an earlier run's"):
+        main(["layouts", str(tiny), "--layouts", "dp=1;dp=2", "--runs", str(tmp_path / "runs"),
+              "--out", str(tmp_path / "layouts.json")])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["1-dp2", "metrics.jsonl", "runs"]
+    assert earlier.read_text() == '{"kind": "train", "step": 1}\n'
+
+
+def test_bench_output_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails after the new table is half on disk leaves the earlier table whole."""
+    import os
+
+    from launch.bench import _write
+
+    out = tmp_path / "layouts.json"
+    _write(out, {"device": "cpu", "rows": [1]})
+
+    def fail(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="No space left"):
+        _write(out, {"device": "cpu", "rows": [2] * 1000})
+    assert json.loads(out.read_text()) == {"device": "cpu", "rows": [1]}
