@@ -64,3 +64,16 @@ def test_a_key_given_twice_is_refused_naming_key_and_file(tmp_path: Path) -> Non
     nested.write_text(shipped.replace("\n  deepep:", "\n  deepep:\n    latency_s: 1.0\n  #", 1))
     with pytest.raises(ConfigError, match="nested.yaml': key 'latency_s' is given twice"):
         load_hardware(nested)
+
+
+def test_an_unreadable_hardware_file_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that exists but cannot be read (permissions; simulated: the tests may run as root)."""
+    path = tmp_path / "h100.yaml"
+    path.write_text("kind: gpu\n")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match=rf"hardware file '{path}' cannot be read: Permission denied"):
+        load_hardware(path)

@@ -278,6 +278,8 @@ def load_hardware(path: str | Path) -> Hardware:
         raise ConfigError(f"hardware file {str(path)!r}: {'a directory' if path.is_dir() else 'no such file'}")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except OSError as err:  # unreadable: permissions, I/O
+        raise ConfigError(f"hardware file {str(path)!r} cannot be read: {err.strerror}") from None
     except ConfigError as err:
         raise ConfigError(f"hardware file {str(path)!r}: {err}") from None
     except (UnicodeDecodeError, yaml.YAMLError) as err:
