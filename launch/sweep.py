@@ -315,8 +315,19 @@ def plan(sweep: SweepConfig) -> list[Trial]:
 
 
 def finished(trial: Trial) -> bool:
+    """Whether ``trial`` ran all its steps (its summary says so). An unreadable summary is one
+    error naming it, before the sweep starts anything."""
     summary = Path(trial.run_dir) / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("steps") == trial.cfg.train.steps
+    if not summary.is_file():
+        return False
+    try:
+        steps = json.loads(summary.read_text()).get("steps")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise ConfigError(
+            f"{summary}: unreadable ({type(err).__name__}: {err}); fix it, or delete {trial.run_dir} and run the "
+            "sweep again to rerun that trial"
+        ) from None
+    return steps == trial.cfg.train.steps
 
 
 def _prepared(trial: Trial) -> Config:
@@ -333,10 +344,20 @@ def _prepared(trial: Trial) -> Config:
 
 
 def _write_trial_json(trial: Trial) -> None:
+    from launch.sweep_report import write_text_atomically
+
     run_dir = Path(trial.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"key": trial.key, "axes": trial.axes, "overrides": trial.overrides}
-    (run_dir / "trial.json").write_text(json.dumps(record, indent=2))
+    write_text_atomically(run_dir / "trial.json", json.dumps(record, indent=2))
+
+
+def write_sweep_json(sweep: SweepConfig, out_dir: Path) -> None:
+    """``out_dir/sweep.json``: the sweep config the last ``moe sweep`` ran (the report reads
+    its fit settings), replaced whole: a write that fails keeps the previous one."""
+    from launch.sweep_report import write_text_atomically
+
+    write_text_atomically(out_dir / "sweep.json", json.dumps(dataclasses.asdict(sweep), indent=2))
 
 
 def run_trial(trial: Trial, resources: TrialResources) -> dict[str, Any]:
@@ -449,7 +470,7 @@ def run_sweep(sweep: SweepConfig, address: str | None = None) -> list[Trial]:
     out_dir = Path(str(sweep.out_dir)).resolve()
     make_sweep_dir(out_dir)
     pending = [t for t in trials if not finished(t)]
-    (out_dir / "sweep.json").write_text(json.dumps(dataclasses.asdict(sweep), indent=2))
+    write_sweep_json(sweep, out_dir)
     print(f"[sweep] {len(trials)} trials, {len(trials) - len(pending)} already finished, {len(pending)} to run "
           f"(Ray Tune, {sweep.max_concurrent} at a time); outputs in {out_dir}", flush=True)
     write_results_table(out_dir)

@@ -201,7 +201,9 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """``path`` replaced whole by ``text`` (see ``_write_atomically``); ``moe sweep`` writes its
+    own state files (sweep.json, each trial.json) through this too."""
     _write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
@@ -226,9 +228,9 @@ def _write_table(out_dir: Path, rows: list[dict[str, Any]]) -> None:
             f"{_si(r['params_embedding'])} | {_si(r['flops_per_token'])} | {_si(r['tokens_seen'])} | "
             f"{_fmt(r['final_val_loss'])} | {_fmt(r['best_val_loss'])} | {r['tokens_per_s']:.0f} | {share} |"
         )
-    _write_text(out_dir / "results.md", "# Sweep results (finished trials)\n\n" + "\n".join(lines) + "\n")
+    write_text_atomically(out_dir / "results.md", "# Sweep results (finished trials)\n\n" + "\n".join(lines) + "\n")
     records = "".join(json.dumps({k: v for k, v in r.items() if k != "load_shares"}) + "\n" for r in rows)
-    _write_text(out_dir / "results.jsonl", records)
+    write_text_atomically(out_dir / "results.jsonl", records)
 
 
 # -- analysis ---------------------------------------------------------------------------
@@ -468,9 +470,9 @@ def write_report(out_dir: Path) -> Path:
     loss_key, delta, bootstrap = _fit_settings(out_dir)
     _write_table(out_dir, rows)
     analysis = analyse(rows, loss_key, delta, bootstrap)
-    _write_text(out_dir / "fit.json", json.dumps(analysis, indent=2))
+    write_text_atomically(out_dir / "fit.json", json.dumps(analysis, indent=2))
     plots = _plots(rows, analysis, out_dir)
-    _write_text(out_dir / "report.md", _markdown(rows, analysis, plots))
+    write_text_atomically(out_dir / "report.md", _markdown(rows, analysis, plots))
     return out_dir / "report.md"
 
 

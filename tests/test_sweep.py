@@ -3,6 +3,7 @@ end to end through Ray Tune, resuming, and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from launch.scaling_fit import ExpertLaw
-from launch.sweep import load_sweep, plan, run_sweep
+from launch.sweep import load_sweep, plan, run_sweep, write_sweep_json
 from launch.sweep_report import analyse, collect, equal_total_pairs, write_report
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
@@ -359,3 +360,44 @@ def test_report_compares_fine_grained_with_coarse_at_equal_experts(tmp_path: Pat
     report = write_report(out).read_text()
     assert "coarse learned 1.9000 vs learned-g4 1.8500" in report
     assert "| f8 | base | topk | 8 | 4 | 1 |" in (out / "results.md").read_text()
+
+
+def test_sweep_json_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite of sweep.json that fails halfway (disk full) keeps the previous file whole,
+    leaves no temporary file, and says which file and why in one error."""
+    sweep = load_sweep(_sweep_file(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_sweep_json(sweep, out)
+    before = (out / "sweep.json").read_text()
+    write_text = Path.write_text
+
+    def half_then_full(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    changed = dataclasses.replace(sweep, max_concurrent=sweep.max_concurrent + 1)
+    with pytest.raises(ConfigError, match=r"sweep.json: cannot write it \(No space left on device\)"):
+        write_sweep_json(changed, out)
+    monkeypatch.undo()
+    assert (out / "sweep.json").read_text() == before and [p.name for p in out.iterdir()] == ["sweep.json"]
+    write_sweep_json(changed, out)
+    assert json.loads((out / "sweep.json").read_text())["max_concurrent"] == sweep.max_concurrent + 1
+
+
+def test_an_unreadable_trial_summary_is_one_error_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated summary.json in a planned trial: one error naming it, nothing written."""
+    from launch.cli import main as cli_main
+
+    path = _sweep_file(tmp_path)
+    trial_dir = Path(plan(load_sweep(path))[0].run_dir)
+    trial_dir.mkdir(parents=True)
+    (trial_dir / "summary.json").write_text('{"steps": 1,\n')
+    assert cli_main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{trial_dir / 'summary.json'}: unreadable (JSONDecodeError" in err[0], err
+    assert f"delete {trial_dir} and run the sweep again" in err[0]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["trials"]
