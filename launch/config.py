@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from launch.data import DataConfig
-from moe.config import ConfigError, ModelConfig, MoEConfig, require
+from moe.config import ConfigError, ModelConfig, MoEConfig, UniqueKeyLoader, require
 from parallel.config import ParallelConfig
 
 
@@ -335,24 +335,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the
-    last one silently, so a section pasted twice would override the first unseen."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be repeated
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise ConfigError(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
-            if isinstance(key, typing.Hashable):
-                seen[key] = line
-        return super().construct_mapping(node, deep)
-
-
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """One line for a YAML error: PyYAML's own message spans several, with context."""
     if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
@@ -424,7 +406,7 @@ def read_yaml(path: str | Path, what: str, kind: str = "") -> dict[str, Any]:
             f"{what} {name} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as UTF-8"
         ) from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except ConfigError as err:
         raise ConfigError(f"{what} {name}: {err}") from None
     except yaml.YAMLError as err:

@@ -8,8 +8,11 @@ in YAML (``moe.top_k``).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -20,6 +23,25 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise ``ConfigError("key=value: allowed")`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the
+    last one silently, so a pasted block would override the first unseen. Every YAML the
+    project reads (configs, hardware files) goes through it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be repeated
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in lines:
+                raise ConfigError(f"key '{key}' is given twice (lines {lines[key]} and {line}); keep one")
+            if isinstance(key, Hashable):
+                lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 Activation = Literal["gelu", "swiglu"]

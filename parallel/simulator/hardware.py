@@ -40,14 +40,13 @@ runs on the same cores, so ranks share them (see ``predict.rank_compute_share``)
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from moe.config import ConfigError
+from moe.config import ConfigError, UniqueKeyLoader
 
 DTYPES = ("float32", "bfloat16")
 KERNELS = ("grouped_mm", "attention")
@@ -249,26 +248,6 @@ def _shares(raw: dict[str, Any], key: str, names: tuple[str, ...], of: str, wher
     return shares
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the
-    last one silently, so a pasted block would override a measured figure unseen. The
-    same rule as ``launch.config.read_yaml``'s (which ``moe simulate`` reads with; this
-    module cannot import ``launch/``)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be repeated
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, Hashable) and key in lines:
-                raise ConfigError(f"key '{key}' is given twice (lines {lines[key]} and {line}); keep one")
-            if isinstance(key, Hashable):
-                lines[key] = line
-        return super().construct_mapping(node, deep)
-
-
 def load_hardware(path: str | Path) -> Hardware:
     """Read and validate ``path``; a missing or unreadable file, or a key given twice, is a
     ``ConfigError`` too. (``moe simulate`` reads hardware files through
@@ -277,7 +256,7 @@ def load_hardware(path: str | Path) -> Hardware:
     if not path.is_file():
         raise ConfigError(f"hardware file {str(path)!r}: {'a directory' if path.is_dir() else 'no such file'}")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except OSError as err:  # unreadable: permissions, I/O
         raise ConfigError(f"hardware file {str(path)!r} cannot be read: {err.strerror}") from None
     except ConfigError as err:
