@@ -369,15 +369,32 @@ def _sharding(optimizer: Any) -> dict[str, Any]:
     return {**SHARDING, "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
+def _holds_params(chained: Any) -> bool:
+    """Whether one of the chained optimizers has parameters on this rank. megatron gives
+    every rank the same optimizers (it aligns their param groups across all ranks), so a
+    pipeline rank whose chunks hold no expert layer (``model.moe_every > 1`` with ``pp``/``vpp``,
+    e.g. pp2·vpp2 over 4 layers with MoE in layers 1 and 3: stage 0 runs layers 0 and 2) has
+    an expert optimizer with empty param groups, whose ``state_dict`` fails on torch's Adam
+    (megatron 0.16.1 asserts that its Adam state holds exactly one step count)."""
+    return any(group["params"] for group in chained.optimizer.param_groups)
+
+
 def _optimizer_parts(engine: Any, model_sd: dict[str, Any], is_loading: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """megatron's sharded optimizer state split into (its ShardedTensors, everything else)."""
+    """megatron's sharded optimizer state split into (its ShardedTensors, everything else),
+    ``{index in the chain: state}`` over the chained optimizers that hold parameters on this
+    rank (``ChainedOptimizer.sharded_state_dict`` per optimizer: with the unprefixed keys of
+    ``SHARDING`` the index is no part of any key). An empty one has nothing to save or load;
+    its ranks (a pipeline stage's data-parallel group) all skip it, so no collective is
+    left unmatched."""
     from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
     _init_adam_state(engine.optimizer)
+    metadata = _sharding(engine.optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-        full = engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_sharding(engine.optimizer))
+        full = {i: c.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+                for i, c in enumerate(engine.optimizer.chained_optimizers) if _holds_params(c)}
     sharded, rest = extract_matching_values(full, lambda v: isinstance(v, ShardedBase))
     return sharded, rest
 
@@ -569,16 +586,16 @@ def load_dist_checkpoint(path: Path, engine: Any, model: torch.nn.Module, groups
 
 
 def _load_optimizer(optimizer: Any, state: dict[str, Any]) -> None:
-    """``ChainedOptimizer.load_state_dict``, split in two per optimizer: the non-tensor state,
+    """``ChainedOptimizer.load_state_dict`` over the parts of :func:`_optimizer_parts` (the
+    optimizers holding parameters), split in two per optimizer: the non-tensor state,
     then the model-shaped Adam states, loaded while the inner Adam's per-parameter ``step``
     is set aside (megatron 0.16.1 copies every entry of torch Adam's state, ``step``
     included, from the loaded states, which never hold one: a KeyError), then restored as
     one tensor per parameter: megatron gives every parameter the *same* step tensor, which
     torch's foreach AdamW then increments once per parameter (silently wrong bias
     corrections from the second parameter on)."""
-    chained = optimizer.chained_optimizers
-    parts = [state[k] for k in sorted(state)] if len(chained) > 1 else [state]
-    for opt, part in zip(chained, parts, strict=True):
+    for index, part in state.items():
+        opt = optimizer.chained_optimizers[index]
         param_state = part.pop("param_state")
         part.pop("param_state_sharding_type")
         opt.load_state_dict(part)

@@ -330,6 +330,27 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["lm_loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
+def _train_command(corpus: Path) -> list[str]:
+    """``moe train`` of the tiny model of ``RUN`` on ``corpus`` (a subprocess: its ranks are
+    the local launcher's)."""
+    return [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "tiny.yaml"), *RUN, f"data.path={corpus}"]
+
+
+def _train_run(cmd: list[str], run_dir: Path, *overrides: str) -> None:
+    done = subprocess.run([*cmd, *overrides, f"train.run_dir={run_dir}"], cwd=ROOT,
+                          env={**os.environ, "TORCHDYNAMO_DISABLE": "1"}, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _cut_after(source: Path, target: Path, step: int) -> None:
+    """A copy of run ``source`` as if it had been killed right after the checkpoint of ``step``."""
+    shutil.copytree(source, target)
+    for later in (target / "checkpoints").glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    (target / "checkpoints" / "latest").unlink()
+
+
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_which_reshards(tmp_path: Path) -> None:
     """A 2-rank run (ep2) saving every step is SIGKILLed (driver, ranks, writer processes)
     while a save has shard files in its temp directory; the previous checkpoint verifies,
@@ -337,8 +358,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_which_reshards(tmp_
     corpus = tmp_path / "corpus"
     prepare(stdlib_sources()[:30], corpus, val_fraction=0.2)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "tiny.yaml"), *RUN,
-           f"data.path={corpus}", f"train.run_dir={run}"]
+    cmd = [*_train_command(corpus), f"train.run_dir={run}"]
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
     proc = subprocess.Popen([*cmd, "parallel.ep=2", "train.steps=60", "train.ckpt_every=1"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -374,30 +394,38 @@ def test_pp2_to_dp2_to_pp2_through_the_training_loop(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     prepare(stdlib_sources()[:30], corpus, val_fraction=0.2)
     full, cut, back = tmp_path / "full", tmp_path / "cut", tmp_path / "back"
-    cmd = [sys.executable, "-m", "launch.cli", "train", str(ROOT / "configs" / "tiny.yaml"), *RUN,
-           f"data.path={corpus}", "train.micro_batch_size=2", "train.steps=4", "model.tie_embeddings=true"]
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
-
-    def train(run_dir: Path, *layout: str) -> None:
-        done = subprocess.run([*cmd, *layout, f"train.run_dir={run_dir}"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    def cut_after(source: Path, target: Path, step: int) -> None:
-        shutil.copytree(source, target)
-        for later in (target / "checkpoints").glob("step-*"):
-            if int(later.name.split("-")[1]) > step:
-                shutil.rmtree(later)
-        (target / "checkpoints" / "latest").unlink()
-
-    train(full, "parallel.pp=2", "parallel.dp=1", "train.ckpt_every=2")
+    cmd = [*_train_command(corpus), "train.micro_batch_size=2", "train.steps=4", "model.tie_embeddings=true"]
+    _train_run(cmd, full, "parallel.pp=2", "parallel.dp=1", "train.ckpt_every=2")
     assert json.loads((full / "checkpoints" / "step-00000002" / MANIFEST_FILE).read_text())["layout"]["pp"] == 2
-    cut_after(full, cut, 2)
-    train(cut, "parallel.pp=1", "parallel.dp=2", "train.ckpt_every=1", "train.resume=true")
+    _cut_after(full, cut, 2)
+    _train_run(cmd, cut, "parallel.pp=1", "parallel.dp=2", "train.ckpt_every=1", "train.resume=true")
     assert _train_losses(cut)[3] == pytest.approx(_train_losses(full)[3], rel=TOL)
-    cut_after(cut, back, 3)
-    train(back, "parallel.pp=2", "parallel.dp=1", "train.ckpt_every=1", "train.resume=true")
+    _cut_after(cut, back, 3)
+    _train_run(cmd, back, "parallel.pp=2", "parallel.dp=1", "train.ckpt_every=1", "train.resume=true")
     assert _train_losses(back)[4] == pytest.approx(_train_losses(full)[4], rel=TOL)
+
+
+def test_a_pipeline_rank_without_experts_saves_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """pp2·vpp2·ep2·dp2 over 4 layers with MoE in layers 1 and 3 (``model.moe_every=2``):
+    pipeline rank 0 runs layers 0 and 2, so its expert optimizer (which megatron creates on
+    every rank) holds no parameter, and megatron's ``state_dict`` of it asserted during the
+    save. The checkpoint of step 2 now saves, and the run resumed from it repeats the
+    uninterrupted run's losses of steps 3 and 4 (Adam moments included) bit for bit."""
+    corpus = tmp_path / "corpus"
+    prepare(stdlib_sources()[:30], corpus, val_fraction=0.2)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    cmd = [*_train_command(corpus), "model.n_layers=4", "model.moe_every=2", "parallel.pp=2", "parallel.vpp=2",
+           "parallel.ep=2", "train.micro_batch_size=2", "train.steps=4", "train.ckpt_every=2"]
+    _train_run(cmd, full)
+    manifest = json.loads((full / "checkpoints" / "step-00000002" / MANIFEST_FILE).read_text())
+    assert {k: manifest["layout"][k] for k in ("pp", "vpp", "ep", "dp")} == {"pp": 2, "vpp": 2, "ep": 2, "dp": 2}
+    experts = {k.split(".")[1] for k in manifest["tensors"] if k.startswith("blocks.") and ".experts." in k}
+    assert experts == {"1", "3"}
+    assert "optimizer.state.exp_avg.blocks.3.ffn.experts.w_in_EDF" in manifest["tensors"]
+    _cut_after(full, cut, 2)
+    _train_run(cmd, cut, "train.resume=true")
+    losses = _train_losses(cut)
+    assert [losses[3], losses[4]] == [_train_losses(full)[s] for s in (3, 4)]
 
 
 def test_content_hash_is_layout_independent() -> None:
