@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from launch.config import check_output_file
+from launch.config import check_creatable, check_output_file
 from moe.config import ConfigError
 
 if TYPE_CHECKING:
@@ -474,13 +474,7 @@ def check_runs_dir(runs: Path, run_dirs: list[Path]) -> None:
     if held is not None:
         raise ConfigError(f"--runs {str(runs)!r} already holds {held.name}/, an earlier run's; "
                           "choose a new or empty --runs directory")
-    existing = Path(os.path.abspath(runs))
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--runs {str(runs)!r}: {existing} is a file, not a directory; give a writable directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--runs {str(runs)!r}: {existing} is not writable; give a writable directory")
+    check_creatable(runs, Path(os.path.abspath(runs)), "--runs", "a writable directory")
 
 
 def _layouts_table(rows: list[dict[str, Any]]) -> list[str]:

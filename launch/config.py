@@ -426,13 +426,19 @@ def check_output_file(path: Path, flag: str, command: str, ours: Callable[[Path]
         raise ConfigError(f"{flag} {str(path)!r} is a directory; give a file path")
     if path.is_file() and not ours(path):
         raise ConfigError(f"{flag} {str(path)!r} exists and was not written by `{command}`; choose another path")
-    existing = Path(os.path.abspath(path)).parent
+    check_creatable(path, Path(os.path.abspath(path)).parent, flag, "a path in a writable directory")
+
+
+def check_creatable(path: Path, directory: Path, flag: str, fix: str) -> None:
+    """``directory`` (``path``'s, or ``path`` itself) exists or can be made: its nearest
+    existing ancestor is a directory this user can write into; else one error ending in ``fix``."""
+    existing = directory
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"{flag} {str(path)!r}: {existing} is a file, not a directory; give a path in a writable directory")
+        raise ConfigError(f"{flag} {str(path)!r}: {existing} is a file, not a directory; give {fix}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {str(path)!r}: {existing} is not writable; give a path in a writable directory")
+        raise ConfigError(f"{flag} {str(path)!r}: {existing} is not writable; give {fix}")
 
 
 def _example(directory: Path) -> str:
