@@ -26,18 +26,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.config import load_config
-from launch.data import DataError, prepare_main
-from launch.rank import LaunchError
+from launch.config import LaunchError, load_config
+from launch.data import DataError
 from moe.config import ConfigError
-from parallel.checkpoint import CheckpointError
+from parallel.config import CheckpointError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from launch.local_launcher import start  # the heavy imports (torch, tensorboard) only when training
-
     overrides = [*args.overrides, *([f"launch.address={args.address}"] if args.address is not None else [])]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # a bad config is refused before the heavy imports
+    from launch.local_launcher import start  # torch, megatron-core, tensorboard: only when training
+
     summary = start(cfg, Path(args.config).stem)
     run_dir = summary["run_dir"]
     load = summary["expert_load_tail"]
@@ -94,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _data(args: argparse.Namespace) -> int:
     if args.action == "prepare":
+        from launch.data.corpus import prepare_main
+
         return prepare_main(args.rest)
     from launch.data.bpe import main as tokenizer_main
 

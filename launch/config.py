@@ -27,6 +27,10 @@ from moe.config import ConfigError, ModelConfig, MoEConfig, UniqueKeyLoader, req
 from parallel.config import ParallelConfig
 
 
+class LaunchError(RuntimeError):
+    """The run could not start, or a rank failed; the message says which and where to look.
+    (Here, not in ``launch.rank``, so the command line catches it without importing torch.)"""
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimisation run: AdamW with linear warmup then cosine decay to ``min_lr_ratio·lr``."""

@@ -35,17 +35,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launch.config import Config, LaunchConfig
+from launch.config import Config, LaunchConfig, LaunchError
 
 # What a launcher runs on every rank: ``entry(cfg, config_name)`` with torch.distributed
 # initialised (or in the driver's process for a one-rank layout: ``launch.local_launcher.start``),
 # returning rank 0's result (``{}`` elsewhere). It travels to the ranks pickled: a module-level
 # function, or a ``functools.partial`` of one with picklable arguments.
 RankEntry = Callable[[Config, str], dict[str, Any]]
-
-
-class LaunchError(RuntimeError):
-    """The run could not start, or a rank failed; the message says which and where to look."""
 
 
 class RankFailure(LaunchError):

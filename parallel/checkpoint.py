@@ -40,14 +40,12 @@ from typing import Any
 
 import torch
 
+from parallel.config import CheckpointError
+
 STATE_FILE = "state.pt"
 COMPLETE_FILE = "COMPLETE"
 LATEST_FILE = "latest"
 STEP_NAME = re.compile(r"step-\d{8,}")  # what ``latest`` holds
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or does not fit the run."""
 
 
 def _step_name(step: int) -> str:

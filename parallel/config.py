@@ -13,6 +13,11 @@ from typing import Literal
 from moe.config import require
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the run. (Here, not in
+    ``parallel.checkpoint``, so the command line catches it without importing torch.)"""
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """``world = tp · pp · dp`` for dense parts; experts are split ``ep`` ways (× ``etp``).

@@ -6,18 +6,29 @@ sources, ``prepare``, the embedded corpus, ``moe data prepare``) and ``stream`` 
 prepared dataset, sampling batches). The names other modules import are re-exported here.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from launch.data.config import DATASET_FILES, PREPARE_HINT, SOURCE_SUFFIXES, SPLITS, DataConfig, DataError
-from launch.data.corpus import (
-    PreparedData,
-    SplitStats,
-    collect_sources,
-    ensure_dataset,
-    prepare,
-    prepare_main,
-    stdlib_sources,
-)
-from launch.data.stream import TokenStream, load_split, read_meta
-from launch.data.tokenizer import ByteTokenizer, HFTokenizer, load_hf_tokenizer
+
+# The rest is imported on first use (PEP 562): `corpus` and `stream` import torch and
+# megatron-core, and the command line reads its config through `launch.data.config`, so a bad
+# config is refused before those seconds of imports.
+_LAZY = {
+    "PreparedData": "corpus", "SplitStats": "corpus", "collect_sources": "corpus", "ensure_dataset": "corpus",
+    "prepare": "corpus", "prepare_main": "corpus", "stdlib_sources": "corpus",
+    "TokenStream": "stream", "load_split": "stream", "read_meta": "stream",
+    "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "load_hf_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'launch.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"launch.data.{_LAZY[name]}"), name)
+
 
 __all__ = [
     "DATASET_FILES",
