@@ -388,44 +388,32 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_which_reshards(tmp_
 
 
 def test_pp2_to_dp2_to_pp2_through_the_training_loop(tmp_path: Path) -> None:
-    """A pipeline-parallel run (pp2, tied embeddings: each end stage holds a copy) checkpoints
-    through ``launch.train``; resumed at pp1 x dp2 and then back at pp2, each leg gives the
-    uninterrupted run's next-step loss."""
+    """A pipeline-parallel run checkpoints through ``launch.train``; resumed at pp1 x dp2 and
+    then back at its own layout, each leg gives the uninterrupted run's next-step loss.
+
+    The layout, pp2·vpp2·ep2·dp2 over 4 layers with MoE in layers 1 and 3
+    (``model.moe_every=2``) and tied embeddings (each end stage holds a copy), has a pipeline
+    rank without expert parameters: rank 0 runs layers 0 and 2, so its expert optimizer
+    (megatron creates one on every rank) is empty, and megatron's ``state_dict`` of it
+    asserted in the save and the load."""
     corpus = tmp_path / "corpus"
     prepare(stdlib_sources()[:30], corpus, val_fraction=0.2)
     full, cut, back = tmp_path / "full", tmp_path / "cut", tmp_path / "back"
-    cmd = [*_train_command(corpus), "train.micro_batch_size=2", "train.steps=4", "model.tie_embeddings=true"]
-    _train_run(cmd, full, "parallel.pp=2", "parallel.dp=1", "train.ckpt_every=2")
-    assert json.loads((full / "checkpoints" / "step-00000002" / MANIFEST_FILE).read_text())["layout"]["pp"] == 2
-    _cut_after(full, cut, 2)
-    _train_run(cmd, cut, "parallel.pp=1", "parallel.dp=2", "train.ckpt_every=1", "train.resume=true")
-    assert _train_losses(cut)[3] == pytest.approx(_train_losses(full)[3], rel=TOL)
-    _cut_after(cut, back, 3)
-    _train_run(cmd, back, "parallel.pp=2", "parallel.dp=1", "train.ckpt_every=1", "train.resume=true")
-    assert _train_losses(back)[4] == pytest.approx(_train_losses(full)[4], rel=TOL)
-
-
-def test_a_pipeline_rank_without_experts_saves_and_resumes_bit_for_bit(tmp_path: Path) -> None:
-    """pp2·vpp2·ep2·dp2 over 4 layers with MoE in layers 1 and 3 (``model.moe_every=2``):
-    pipeline rank 0 runs layers 0 and 2, so its expert optimizer (which megatron creates on
-    every rank) holds no parameter, and megatron's ``state_dict`` of it asserted during the
-    save. The checkpoint of step 2 now saves, and the run resumed from it repeats the
-    uninterrupted run's losses of steps 3 and 4 (Adam moments included) bit for bit."""
-    corpus = tmp_path / "corpus"
-    prepare(stdlib_sources()[:30], corpus, val_fraction=0.2)
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    cmd = [*_train_command(corpus), "model.n_layers=4", "model.moe_every=2", "parallel.pp=2", "parallel.vpp=2",
-           "parallel.ep=2", "train.micro_batch_size=2", "train.steps=4", "train.ckpt_every=2"]
-    _train_run(cmd, full)
+    cmd = [*_train_command(corpus), "model.n_layers=4", "model.moe_every=2", "train.micro_batch_size=2",
+           "train.steps=4", "model.tie_embeddings=true"]
+    layout = ["parallel.pp=2", "parallel.vpp=2", "parallel.ep=2", "parallel.dp=2"]
+    _train_run(cmd, full, *layout, "train.ckpt_every=2")
     manifest = json.loads((full / "checkpoints" / "step-00000002" / MANIFEST_FILE).read_text())
     assert {k: manifest["layout"][k] for k in ("pp", "vpp", "ep", "dp")} == {"pp": 2, "vpp": 2, "ep": 2, "dp": 2}
     experts = {k.split(".")[1] for k in manifest["tensors"] if k.startswith("blocks.") and ".experts." in k}
     assert experts == {"1", "3"}
     assert "optimizer.state.exp_avg.blocks.3.ffn.experts.w_in_EDF" in manifest["tensors"]
     _cut_after(full, cut, 2)
-    _train_run(cmd, cut, "train.resume=true")
-    losses = _train_losses(cut)
-    assert [losses[3], losses[4]] == [_train_losses(full)[s] for s in (3, 4)]
+    _train_run(cmd, cut, "parallel.pp=1", "parallel.dp=2", "train.ckpt_every=1", "train.resume=true")
+    assert _train_losses(cut)[3] == pytest.approx(_train_losses(full)[3], rel=TOL)
+    _cut_after(cut, back, 3)
+    _train_run(cmd, back, *layout, "train.ckpt_every=1", "train.resume=true")
+    assert _train_losses(back)[4] == pytest.approx(_train_losses(full)[4], rel=TOL)
 
 
 def test_content_hash_is_layout_independent() -> None:
