@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from launch.config import Config, LaunchConfig, TrainConfig, build, load_config, locate, read_yaml, searched
 from launch.data import DataConfig
+from launch.dirlock import held_directory
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError, ModelConfig, MoEConfig, require
 from parallel.config import ParallelConfig
@@ -462,13 +463,22 @@ def _run_tune(pending: list[Trial], sweep: SweepConfig, out_dir: Path, trials: l
 
 def run_sweep(sweep: SweepConfig, address: str | None = None) -> list[Trial]:
     """Run every unfinished trial through Ray Tune; return the trials that failed. Every
-    trial's config is checked before the first trial starts."""
-    from launch.ray_launcher import _session
-    from launch.sweep_report import make_sweep_dir, write_results_table
+    trial's config is checked before the first trial starts. The sweep holds its out_dir
+    while it runs (``launch.dirlock``): a second ``moe sweep`` there would restart, and so
+    delete, this one's trials that have no checkpoint yet."""
+    from launch.sweep_report import make_sweep_dir
 
     trials = plan(sweep)
     out_dir = Path(str(sweep.out_dir)).resolve()
     make_sweep_dir(out_dir)
+    with held_directory(out_dir, "out_dir"):
+        return _run_unfinished(trials, sweep, out_dir, address)
+
+
+def _run_unfinished(trials: list[Trial], sweep: SweepConfig, out_dir: Path, address: str | None) -> list[Trial]:
+    from launch.ray_launcher import _session
+    from launch.sweep_report import write_results_table
+
     pending = [t for t in trials if not finished(t)]
     write_sweep_json(sweep, out_dir)
     print(f"[sweep] {len(trials)} trials, {len(trials) - len(pending)} already finished, {len(pending)} to run "

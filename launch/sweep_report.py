@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from launch.dirlock import LOCK_FILE
 from launch.scaling_fit import COEFFS, ExpertLaw, fit_power_law, fit_with_uncertainty
 from moe.config import ConfigError
 
@@ -176,7 +177,7 @@ def make_sweep_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{where} is a file; choose a new or empty directory")
     if out_dir.is_dir() and not is_sweep_dir(out_dir):
-        foreign = sorted(path.name for path in out_dir.iterdir())
+        foreign = sorted(path.name for path in out_dir.iterdir() if path.name != LOCK_FILE)
         if foreign:
             raise ConfigError(
                 f"{where} is not a sweep directory (it holds {foreign[0]}, which `moe sweep` did not write); "

@@ -59,6 +59,7 @@ import torch.distributed as dist
 from launch.ckpt.init_from import read_initial_weights
 from launch.config import Config, TrainConfig, to_dict
 from launch.data import TokenStream, ensure_dataset, load_split
+from launch.dirlock import LOCK_FILE, held_directory
 from launch.memory import memory_kind, peak_memory_per_rank
 from launch.metrics import METRICS_FILE, CollapseAlarm, MetricsLog, NullLog, read_metrics, to_json, truncate_after
 from launch.plots import plot_expert_load, plot_loss_curve
@@ -304,6 +305,7 @@ def _discard_outputs(run_dir: Path, created: Path | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+    (run_dir / LOCK_FILE).unlink(missing_ok=True)  # the hold's file too (it would keep the directory)
     if created is None:
         return
     for directory in (run_dir, *run_dir.parents):
@@ -318,20 +320,26 @@ def _discard_outputs(run_dir: Path, created: Path | None) -> None:
 @contextmanager
 def claimed_run_dir(run_dir: Path, resume: bool) -> Iterator[None]:
     """Hold ``run_dir`` for the run in the block, which starts a new run there or (``resume``)
-    continues the one there. Refused, before anything is written, when a new run would
-    share the directory with another run's outputs or the directory cannot be created and
-    written (``ConfigError``). A new run that fails before it recorded anything (a metrics
-    record or a checkpoint) removes its outputs and the directories it made: a run
-    directory is never left half-made, and the retry is not refused."""
+    continues the one there. Refused, before anything is written, when another moe command
+    holds the directory, a new run would share it with another run's outputs, or it cannot
+    be created and written (``ConfigError``). A new run that fails before it recorded
+    anything (a metrics record or a checkpoint) removes its outputs and the directories it
+    made: a run directory is never left half-made, and the retry is not refused."""
     if not resume:
-        _refuse_reuse(run_dir)
+        _refuse_reuse(run_dir)  # first without writing anything: a refused start leaves the directory as it was
     created = _make_run_dir(run_dir)
-    try:
-        yield
-    except BaseException:
-        if not resume and not _has_records(run_dir):
-            _discard_outputs(run_dir, created)
-        raise
+    # Held for the whole run (``launch.dirlock``): a second command in this directory, even
+    # a resume of this run, is refused while this one runs; the reuse check below runs
+    # under the hold, so two new runs started at once cannot both pass it.
+    with held_directory(run_dir, "train.run_dir"):
+        if not resume:
+            _refuse_reuse(run_dir)
+        try:
+            yield
+        except BaseException:
+            if not resume and not _has_records(run_dir):
+                _discard_outputs(run_dir, created)
+            raise
 
 
 @dataclass

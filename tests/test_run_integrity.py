@@ -22,6 +22,7 @@ import torch
 
 from launch.cli import main as cli
 from launch.config import load_config
+from launch.dirlock import LOCK_FILE, held_directory
 from launch.rank import LaunchError, RankFailure, _record_failure, group_failure, with_restarts
 from launch.train import train_rank
 from moe.config import ConfigError
@@ -99,6 +100,25 @@ def test_a_run_dir_holding_other_files_only_is_used(small_corpus: Path, tmp_path
     (run / "trial.json").write_text("{}")
     assert _train(small_corpus, run, "train.steps=1") == 0
     assert (run / "trial.json").read_text() == "{}" and (run / "summary.json").is_file()
+
+
+def test_a_run_dir_in_use_is_refused_until_its_holder_ends(
+    small_corpus: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resume started while the run still goes (its hold taken here, as the running
+    command's would be) is one error naming the holder and writes nothing; once the hold
+    ends the resume runs. A lock file left by a killed holder (no lock on it) stops nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = _snapshot(run)
+    with held_directory(run, "train.run_dir"):
+        capsys.readouterr()
+        assert _train(small_corpus, run, "train.steps=3", "train.resume=true") == 2
+        assert f"train.run_dir={str(run)!r} is in use by moe pid {os.getpid()} on " in _error(capsys)
+    assert _snapshot(run) == before
+    (run / LOCK_FILE).write_text("moe pid 1 on a-killed-host\n")
+    assert _train(small_corpus, run, "train.steps=3", "train.resume=true") == 0
+    assert not (run / LOCK_FILE).exists()
 
 
 def test_keep_one_checkpoint_never_prunes_the_one_latest_names(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from launch.dirlock import held_directory
 from launch.scaling_fit import ExpertLaw
 from launch.sweep import load_sweep, plan, run_sweep, write_sweep_json
 from launch.sweep_report import analyse, collect, equal_total_pairs, write_report
@@ -72,6 +74,17 @@ def test_a_grid_value_the_base_config_rejects_fails_before_any_trial(tmp_path: P
     with pytest.raises(ConfigError, match=message):
         run_sweep(sweep)
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_a_second_sweep_over_a_running_sweeps_out_dir_is_refused(tmp_path: Path) -> None:
+    """It would restart, and so delete, the first sweep's trials that have no checkpoint yet."""
+    sweep = load_sweep(_sweep_file(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    with held_directory(out, "out_dir"):
+        with pytest.raises(ConfigError, match=rf"out_dir='{re.escape(str(out))}' is in use by moe pid {os.getpid()} on "):
+            run_sweep(sweep)
+    assert list(out.iterdir()) == []
 
 
 # -- planning ----------------------------------------------------------------------------
