@@ -77,11 +77,14 @@ def write_atomic_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a process killed at any point leaves either
     the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # after a failed write (a full disk): no temporary file left beside path
+        tmp.unlink(missing_ok=True)
 
 
 def state_file(rank: int) -> str:

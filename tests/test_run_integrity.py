@@ -26,7 +26,7 @@ from launch.dirlock import LOCK_FILE, held_directory
 from launch.rank import LaunchError, RankFailure, _record_failure, group_failure, with_restarts
 from launch.train import train_rank
 from moe.config import ConfigError
-from parallel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from parallel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, write_atomic_text
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -119,6 +119,21 @@ def test_a_run_dir_in_use_is_refused_until_its_holder_ends(
     (run / LOCK_FILE).write_text("moe pid 1 on a-killed-host\n")
     assert _train(small_corpus, run, "train.steps=3", "train.resume=true") == 0
     assert not (run / LOCK_FILE).exists()
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "latest"
+    write_atomic_text(target, "old")
+
+    def full_disk(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError):
+        write_atomic_text(target, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"] and target.read_text() == "old"
 
 
 def test_keep_one_checkpoint_never_prunes_the_one_latest_names(tmp_path: Path) -> None:
