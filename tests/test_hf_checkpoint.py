@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hf_testing import logits, our_model
 from launch.ckpt.cli import ckpt_main
@@ -87,6 +87,7 @@ def test_tokenizer_files_are_copied_and_named(hf_dirs: dict[str, Path], tmp_path
     tokenizer.train_from_iterator(["def f(x):\n    return x + 1\n"] * 20, trainers.BpeTrainer(vocab_size=261))
     tokenizer.save(str(hf / "tokenizer.json"))
     (hf / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (hf / "generation_config.json").write_text('{"eos_token_id": 7, "temperature": 0.6}')  # a published model's
     import_hf(hf, tmp_path / "ckpt")
     copied = tmp_path / "ckpt" / "tokenizer"
     assert sorted(p.name for p in copied.iterdir()) == ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
@@ -188,6 +189,8 @@ def test_imported_model_trains_under_a_layout_and_exports_to_transformers(
     trained = our_model(run)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert (logits(hf, ids) - logits(trained, ids)).abs().max() <= 1e-5
+    # trained on a byte dataset: generate stops at its end-of-document id, not Mixtral's default 2
+    assert hf.config.eos_token_id == hf.generation_config.eos_token_id == hf.generation_config.bos_token_id == 256
     # It started from the imported weights (another initialisation differs by ~0.05) and trained
     # them (at lr 1e-6 Adam moves each weight by about 1e-6 a step).
     before, after = read_model_state(tmp_path / "ckpt")[0], read_model_state(run)[0]
@@ -313,10 +316,16 @@ def test_tokenizer_goes_through_import_export_and_eval(hf_dirs: dict[str, Path],
     tokenizer.train_from_iterator([text], trainers.BpeTrainer(vocab_size=200, special_tokens=["<|endoftext|>"]))
     tokenizer.save(str(hf / "tokenizer.json"))
     (hf / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (hf / "generation_config.json").write_text('{"eos_token_id": 7, "temperature": 0.6}')  # a published model's
     import_hf(hf, tmp_path / "ckpt")
     export_hf(tmp_path / "ckpt", tmp_path / "exported")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "exported" / name).read_bytes() == (hf / name).read_bytes(), name
+    # the published generation config goes through, the end-of-document id added to its end ids
+    eod = tokenizer.token_to_id("<|endoftext|>")
+    generation = GenerationConfig.from_pretrained(tmp_path / "exported")
+    assert generation.eos_token_id == [7, eod] and generation.temperature == 0.6
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["eos_token_id"] == [7, eod]
     (tmp_path / "code.txt").write_text(text)
     record, _ = evaluate(tmp_path / "ckpt", ["launch.launcher=local", "launch.threads=1"], str(tmp_path / "code.txt"),
                          str(tmp_path / "eval.json"))
@@ -324,3 +333,8 @@ def test_tokenizer_goes_through_import_export_and_eval(hf_dirs: dict[str, Path],
     assert record["tokenizer"] == {"name": "tokenizer", "vocab_size": tokenizer.get_vocab_size()}
     assert len(ids) + 1 < len(text.encode()) // 2  # subword tokens: a byte model would see twice as many
     assert 0 < record["tokens"] <= len(ids) + 1 and math.isfinite(record["loss"])
+    # a tokenizer gone since training: the ids are unknown, written as null (not Qwen's defaults)
+    shutil.rmtree(tmp_path / "ckpt" / "tokenizer")
+    assert export_hf(tmp_path / "ckpt", tmp_path / "exported-without")["eod"] is None
+    generation = json.loads((tmp_path / "exported-without" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] is None and generation["bos_token_id"] is None

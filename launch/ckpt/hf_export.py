@@ -9,9 +9,20 @@ sinkhorn routers, shared experts, Mixtral without renormalised gates or with den
 are refused by name; losses, jitter and kernels only shape training and pass), and writes::
 
     HF_DIR/config.json               # architectures, the conventions mapped back (hf_config.hf_config)
-    HF_DIR/generation_config.json
+    HF_DIR/generation_config.json    # bos/eos: the end-of-document id the model was trained with
     HF_DIR/model.safetensors         # or model-0000i-of-0000n.safetensors (5 GB each) + model.safetensors.index.json
     HF_DIR/tokenizer.json ...        # the files of the config's data.tokenizer, when it names a tokenizer.json
+
+The model saw documents as ``doc EOD doc EOD ...`` (``launch.data``): EOD is the token it
+learned to emit at a document's end and to start the next one after, so ``config.json`` and
+``generation_config.json`` name it as both ``eos_token_id`` (``generate`` stops there) and
+``bos_token_id``, as GPT-2's configs do with ``<|endoftext|>``. It is the byte tokenizer's
+256, or the end-of-text id of the tokenizer (``data.tokenizer``) or dataset (``data.path``)
+the config names; when neither can be read any more both are written as null (unknown)
+rather than the architecture's defaults (Mixtral's 1 and 2), which would be wrong. A model
+imported from published weights (``moe ckpt import`` keeps their generation_config.json
+beside the tokenizer) keeps that file, its sampling settings and ids, with EOD added to its
+``eos_token_id`` when it is not there.
 
 Tensors are written in transformers' saved layout (``moe.hf_weights.weight_table``),
 converted one at a time; the directory is built under a temporary name beside ``--out``
@@ -34,6 +45,7 @@ from launch.ckpt.hf_config import check_expressible, default_architecture, hf_co
 from launch.ckpt.hf_import import prepare_out
 from launch.ckpt.safetensors_io import SHARD_BYTES, write_safetensors
 from launch.config import build
+from launch.data import ByteTokenizer, DataError, load_hf_tokenizer, read_meta
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.hf_weights import HF_NAMES, Entry, weight_table
 from parallel.checkpoint import CheckpointError
@@ -67,6 +79,40 @@ def _copy_tokenizer(saved: dict[str, Any], tmp: Path) -> list[str]:
     return names
 
 
+def _eod(saved: dict[str, Any]) -> int | None:
+    """The end-of-document id ``saved``'s model was trained with, None when the tokenizer
+    or dataset its config names cannot be read here."""
+    data = saved.get("data") or {}
+    try:
+        if data.get("tokenizer"):
+            return load_hf_tokenizer(data["tokenizer"], "data.tokenizer").eod
+        if data.get("path"):
+            return int(read_meta(Path(data["path"]))["eod"])
+    except DataError:
+        return None
+    return ByteTokenizer.eod
+
+
+def _generation_config(saved: dict[str, Any], eod: int | None) -> dict[str, Any]:
+    """generation_config.json: the published one ``moe ckpt import`` kept beside the
+    tokenizer, with ``eod`` among its end ids; else bos = eos = ``eod``."""
+    named = (saved.get("data") or {}).get("tokenizer")
+    published = None
+    if named:
+        path = Path(named)
+        try:
+            published = json.loads(((path if path.is_dir() else path.parent) / "generation_config.json").read_text())
+        except (OSError, ValueError):
+            published = None
+    if not isinstance(published, dict):
+        return {"_from_model_config": True, "bos_token_id": eod, "eos_token_id": eod}
+    ends = published.get("eos_token_id")
+    ends = list(ends) if isinstance(ends, list) else [] if ends is None else [ends]
+    if eod is not None and eod not in ends:
+        ends.append(eod)
+    return {**published, "eos_token_id": ends[0] if len(ends) == 1 else ends or None}
+
+
 def export_hf(source: Path, out: Path, arch: str | None = None, max_shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
     """Write ``source``'s latest checkpoint into ``out`` as ``arch`` (default: the one whose
     layers match, ``hf_config.default_architecture``); a summary of what was written."""
@@ -79,13 +125,17 @@ def export_hf(source: Path, out: Path, arch: str | None = None, max_shard_bytes:
     try:
         tmp.mkdir()
         files = write_safetensors(tmp, _hf_tensors(state, weight_table(arch, model, moe)), max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(hf_config(model, moe, arch, dtype), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps({"_from_model_config": True}, indent=2) + "\n")
+        eod = _eod(saved)
+        generation = _generation_config(saved, eod)
+        special = {"bos_token_id": generation.get("bos_token_id"), "eos_token_id": generation["eos_token_id"]}
+        (tmp / "config.json").write_text(json.dumps({**hf_config(model, moe, arch, dtype), **special}, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer = _copy_tokenizer(saved, tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"architecture": arch, "checkpoint": str(found), "files": files, "tokenizer": tokenizer, "dtype": dtype}
+    return {"architecture": arch, "checkpoint": str(found), "files": files, "tokenizer": tokenizer, "dtype": dtype,
+            "eod": eod}
 
 
 def main(argv: list[str]) -> int:
@@ -100,4 +150,8 @@ def main(argv: list[str]) -> int:
     summary = export_hf(args.source, args.out, args.arch)
     print(f"exported {summary['checkpoint']} as {summary['architecture']} ({summary['dtype']}) -> {args.out}/: "
           + ", ".join(["config.json", "generation_config.json", *summary["files"], *summary["tokenizer"]]))
+    if summary["eod"] is None:
+        print("note: the tokenizer or dataset the checkpoint's config names is not readable here, so "
+              "bos_token_id and eos_token_id are written as null; set them in config.json and "
+              "generation_config.json to the end-of-document id the model was trained with")
     return 0
