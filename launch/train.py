@@ -433,7 +433,7 @@ class Run:
         self.run_dir = resolve_run_dir(cfg.train, config_name)
 
         torch.manual_seed(cfg.train.seed)
-        self.net = Transformer(cfg.model, cfg.moe).to(self.device)  # same init on every rank
+        self.net = Transformer(cfg.model, cfg.moe)  # same init on every rank, on the CPU
         if init_state is not None:  # the whole model on every rank; the parallelism below shards it
             self.net.load_state_dict(init_state)
         if self.topology.ep > 1:
@@ -445,6 +445,11 @@ class Run:
             apply_tensor_parallel(self.net, info.groups, cfg.parallel.sequence_parallel)
         self.n_moe_layers = len(self.net.moe_layers())
         self.chunks = self._stage_chunks()  # prunes self.net to this rank's stages when pp > 1
+        # To the device only now, sharded: the whole model, which every rank builds, never
+        # reaches a GPU (Qwen3-30B-A3B's is 122 GB in fp32). The chunks hold their own
+        # references to the RoPE tables.
+        for module in (self.net, *self.chunks):
+            module.to(self.device)
         # Recomputation last: it marks the final modules (EP and TP replace some) and counts
         # train.recompute_layers per pipeline chunk (after the split).
         for chunk in self.chunks:

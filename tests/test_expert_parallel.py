@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -118,3 +120,41 @@ def test_ep_mismatched_capacity_names_the_ranks(rank_pool: Callable[[int], RankP
     messages = rank_pool(2).run(ep_mismatch_fails_on_every_rank)
     for message in messages:
         assert "ranks disagree on capacity (rank 0: 4, rank 1: 6)" in message
+
+
+def experts_moved_to_the_device(rank: int, world: int, cfg: Any) -> list[int]:
+    """Experts in each expert weight of every module the training run moves to its device
+    (``nn.Module.to``, spied on while ``launch.train.Run`` builds this rank's model)."""
+    from launch.train import Run, rank_info
+
+    moved: list[int] = []
+    original = torch.nn.Module.to
+
+    def spy(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        moved.extend(p.shape[0] for n, p in self.named_parameters() if n.endswith("w_in_EDF"))
+        return original(self, *args, **kwargs)
+
+    torch.nn.Module.to = spy  # type: ignore[method-assign]
+    try:
+        with rank_info(cfg) as info:
+            Run(cfg, "tiny", info)
+    finally:
+        torch.nn.Module.to = original  # type: ignore[method-assign]
+    return moved
+
+
+def test_the_run_moves_only_its_shard_to_the_device(
+    rank_pool: Callable[[int], RankPool], small_corpus: Path, tmp_path: Path
+) -> None:
+    """Every rank builds the whole model from one seed, on the CPU, and moves it to its
+    device only once sharded: under ep=2 each moved expert weight holds 2 of the 4 experts
+    (a GPU never holds the whole model, which at real scale it cannot)."""
+    from launch.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", [
+        "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=16", "model.ffn_dim=64",
+        "moe.num_experts=4", "moe.expert_ffn_dim=32", "train.batch_size=4", "data.val_tokens=256",
+        "launch.threads=1", "parallel.dp=2", "parallel.ep=2", f"data.path={small_corpus}",
+        f"train.run_dir={tmp_path / 'run'}"])
+    for moved in rank_pool(2).run(experts_moved_to_the_device, cfg):
+        assert moved and set(moved) == {2}, moved
