@@ -138,9 +138,8 @@ def start(cfg: Config, config_name: str, entry: RankEntry | None = None) -> dict
     the run's summary); ``moe eval`` passes its own. A one-rank layout calls ``entry`` in
     this process, without torch.distributed.
 
-    The data is checked against the model, then a layout whose model states cannot fit, or
-    whose ranks on this machine cannot build the model, is refused (``launch.preflight``),
-    before any rank starts. The run
+    The data is checked against the model, then a layout whose model states cannot fit is
+    refused (``launch.preflight``), before any rank starts. The run
     directory is settled here, once, for every layout, before any work starts
     (each rank computing its own timestamped directory would scatter the run): a directory
     that holds another run is refused unless resuming, one that cannot be created and
@@ -149,14 +148,13 @@ def start(cfg: Config, config_name: str, entry: RankEntry | None = None) -> dict
     recorded anything leaves no outputs behind (``launch.train.claimed_run_dir``). Across
     ranks the directory is made absolute: ranks may not share the driver's working directory.
     """
-    from launch.preflight import check_build, check_data, check_memory
+    from launch.preflight import check_data, check_memory
     from launch.train import check_layout, check_resume, claimed_run_dir, resolve_run_dir, train_rank
 
     entry = entry or train_rank
     topology = check_layout(cfg)
     check_data(cfg)
     check_memory(cfg, topology)
-    check_build(cfg, topology)
     one_process = topology.world_size == 1 and cfg.launch.address is None
     run_dir = resolve_run_dir(cfg.train, config_name)
     run_dir = run_dir if one_process else run_dir.resolve()

@@ -19,12 +19,6 @@ The memory the ranks have: on GPU ranks, each device's total memory; on CPU rank
 machine's available memory (``MemAvailable``), shared by every rank that runs here. Ranks
 on a remote Ray cluster (``launch.address``) are on machines this process cannot see:
 only their GPUs are checked, when this machine has the same kind.
-
-Building the model (``check_build``): every rank builds the whole plain model on the CPU in
-fp32 and shards it only then (docs/parallelism.md), holding ``train.init_from``'s whole
-state beside it while it loads; the ranks that run on this machine (every rank, without
-``launch.address``), GPU ranks included, must find that in its available memory together.
-With many ranks per machine this, not the sharded states, is what does not fit.
 """
 
 from __future__ import annotations
@@ -37,14 +31,12 @@ from pathlib import Path
 import torch
 
 from launch.config import Config
-from moe.accounting import param_counts
 from moe.config import ConfigError, ModelConfig
 from parallel.simulator.predict import Layout, Memory, rank_coords, rank_params, uniform_memory
 from parallel.topology import Topology
 
 MEMINFO = Path("/proc/meminfo")
 GIB = 1024**3
-FP32_BYTES = 4  # the model is built in fp32 (moe.model.Transformer), whatever train.dtype
 
 # Which keys shrink each kind of parameter (the names ``rank_params`` gives them).
 SHRINK = {
@@ -160,27 +152,6 @@ def check_memory(cfg: Config, topology: Topology) -> list[Memory]:
             file=sys.stderr,
         )
     return memories
-
-
-def check_build(cfg: Config, topology: Topology) -> None:
-    """Refuse (``ConfigError``) a layout whose ranks on this machine cannot build the model
-    (module docstring); nothing is checked for ranks on a remote cluster."""
-    host = None if cfg.launch.address is not None else available_host_bytes()
-    if host is None:
-        return
-    total = param_counts(cfg.model, cfg.moe).total
-    loading = bool(cfg.train.init_from) and not cfg.train.resume
-    each = (2 if loading else 1) * FP32_BYTES * total
-    world = topology.world_size
-    if world * each > host:
-        with_weights = " and the whole of train.init_from's weights beside it" if loading else ""
-        raise ConfigError(
-            f"the model cannot be built on this machine: each of the {world} rank(s) builds the whole model "
-            f"({total:,} parameters) on the CPU in fp32{with_weights} before sharding it, {each / GIB:.2f} GiB "
-            f"each and {world * each / GIB:.2f} GiB in all, but this machine has {host / GIB:.1f} GiB available; "
-            "run fewer ranks here (launch.address: a Ray cluster spreads them over machines) or use a machine "
-            "with more memory (docs/parallelism.md: how a rank builds its model)"
-        )
 
 
 def check_vocab(model: ModelConfig, data_vocab: int) -> None:

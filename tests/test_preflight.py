@@ -23,7 +23,7 @@ import torch
 import launch.preflight as preflight
 from launch.config import load_config
 from launch.data import DataError, prepare, stdlib_sources
-from launch.preflight import check_build, check_data, check_memory, data_vocab_size
+from launch.preflight import check_data, check_memory, data_vocab_size
 from launch.train import check_layout
 from moe.config import ConfigError
 
@@ -91,31 +91,6 @@ def test_gpu_ranks_are_held_against_each_device(monkeypatch: pytest.MonkeyPatch)
     Props.total_memory = largest - 1
     with pytest.raises(ConfigError, match=r"rank \d's model states alone need .* each GPU's"):
         check_memory(cfg, topology)
-
-
-def test_ranks_that_cannot_build_the_model_here_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """16 ranks with 16 experts split over them: their sharded states fit where 16 whole fp32
-    models, which they build before sharding, do not; init_from's weights double that."""
-    from moe.accounting import param_counts
-
-    layout = ["parallel.dp=16", "parallel.ep=16", "moe.num_experts=16"]
-    cfg = load_config(TINY, layout)
-    topology = check_layout(cfg)
-    build = 16 * 4 * param_counts(cfg.model, cfg.moe).total
-    states, _ = _states_and_peak(layout)
-    assert states < build
-    monkeypatch.setattr(preflight, "available_host_bytes", lambda: build - 1)
-    check_memory(cfg, topology)  # the states fit
-    with pytest.raises(ConfigError, match=r"cannot be built on this machine: each of the 16 rank\(s\) builds the whole"):
-        check_build(cfg, topology)
-    monkeypatch.setattr(preflight, "available_host_bytes", lambda: build + 1)
-    check_build(cfg, topology)
-    with_weights = load_config(TINY, [*layout, "train.init_from=runs/any"])
-    with pytest.raises(ConfigError, match="and the whole of train.init_from's weights beside it"):
-        check_build(with_weights, topology)
-    remote = load_config(TINY, [*layout, "launch.address=auto"])
-    monkeypatch.setattr(preflight, "available_host_bytes", lambda: 1)
-    check_build(remote, topology)  # ranks on other machines: nothing this machine can check
 
 
 def test_cli_refuses_an_impossible_model_before_any_work(tmp_path: Path) -> None:
