@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -55,6 +56,7 @@ import yaml
 from tqdm import tqdm
 
 import torch.distributed as dist
+from torch import nn
 
 from launch.ckpt.init_from import read_initial_weights
 from launch.config import Config, TrainConfig, to_dict
@@ -66,7 +68,7 @@ from launch.plots import plot_expert_load, plot_loss_curve
 from launch.rank import NonFiniteStop
 from moe.accounting import param_counts, train_flops_per_token
 from moe.config import ConfigError
-from moe.model import Transformer
+from moe.model import Transformer, build_streamed
 from moe.noisy_router import set_noise_step
 from moe.recompute import apply_recompute
 from moe.router import update_expert_bias
@@ -433,21 +435,18 @@ class Run:
         self.run_dir = resolve_run_dir(cfg.train, config_name)
 
         torch.manual_seed(cfg.train.seed)
-        self.net = Transformer(cfg.model, cfg.moe)  # same init on every rank, on the CPU
-        if init_state is not None:  # the whole model on every rank; the parallelism below shards it
-            self.net.load_state_dict(init_state)
-        if self.topology.ep > 1:
-            apply_expert_parallel(self.net, info.groups.ep)
+        # This rank's pieces of the model, on the CPU, each expert-sharded as soon as it is
+        # built (the single-process model's values: same seed on every rank).
+        self.net = build_streamed(cfg.model, cfg.moe, self._holds_piece, partial(self._finish_piece, init_state))
         # Tensor parallelism after expert parallelism: EP replaces the expert parameters, and
         # TP sets the marks (allreduce, tensor_model_parallel, partition_dim, sequence_parallel)
         # that the engine and the checkpoint read on the final parameter objects.
         if self.topology.tp > 1 or self.topology.etp > 1:
             apply_tensor_parallel(self.net, info.groups, cfg.parallel.sequence_parallel)
-        self.n_moe_layers = len(self.net.moe_layers())
-        self.chunks = self._stage_chunks()  # prunes self.net to this rank's stages when pp > 1
-        # To the device only now, sharded: the whole model, which every rank builds, never
-        # reaches a GPU (Qwen3-30B-A3B's is 122 GB in fp32). The chunks hold their own
-        # references to the RoPE tables.
+        self.n_moe_layers = sum(cfg.model.is_moe_layer(i) for i in range(cfg.model.n_layers))
+        self.chunks = self._stage_chunks()  # this rank's chunks of self.net when pp > 1
+        # To the device only now, sharded: a GPU never holds more than its shard (Qwen3-30B-A3B's
+        # whole model is 122 GB in fp32). The chunks hold their own references to the RoPE tables.
         for module in (self.net, *self.chunks):
             module.to(self.device)
         # Recomputation last: it marks the final modules (EP and TP replace some) and counts
@@ -506,6 +505,33 @@ class Run:
             config.pipeline_dtype = dtype  # the activations the stages exchange: the parameters' dtype
             return MegatronEngine(self.chunks, self.info.groups, optim, config, dtype)
         return MegatronEngine(self.net, self.info.groups, optim, dtype=dtype)
+
+    def _holds_piece(self, name: str) -> bool:
+        """Whether this rank keeps the model piece ``name`` (``moe.model.model_pieces``): its
+        pipeline stages' blocks; the embedding on the first stage, and on the last one too
+        when tied (the LM head is its copy); the final norm and LM head on the last."""
+        t = self.topology
+        if t.pp == 1:
+            return True
+        from parallel.pipeline import stage_layers
+
+        stage = self.info.groups.pp.rank()
+        first, last = stage == 0, stage == t.pp - 1
+        if name.startswith("blocks."):
+            layers = stage_layers(self.cfg.model.n_layers, t.pp, t.vpp, stage, t.first_stage_layers, t.last_stage_layers)
+            return int(name.removeprefix("blocks.")) in {i for chunk in layers for i in chunk}
+        if name == "embed":
+            return first or (last and self.cfg.model.tie_embeddings)
+        return last
+
+    def _finish_piece(self, init_state: dict[str, torch.Tensor] | None, name: str, piece: nn.Module) -> None:
+        """A kept piece, just built: ``train.init_from``'s weights loaded (a tied LM head is
+        the embedding's), then its experts sharded over ep."""
+        if init_state is not None and not (name == "lm_head" and self.cfg.model.tie_embeddings):
+            prefix = f"{name}."
+            piece.load_state_dict({k.removeprefix(prefix): v for k, v in init_state.items() if k.startswith(prefix)})
+        if self.topology.ep > 1:
+            apply_expert_parallel(piece, self.info.groups.ep)
 
     def _stage_chunks(self) -> list[Transformer]:
         """This rank's pipeline chunks (``parallel.pipeline.split_stages``); at pp=1 the model."""

@@ -12,6 +12,7 @@ the model, which returns the LM loss and the sum of every MoE layer's routing lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -161,6 +162,32 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
 
 
+def model_pieces(cfg: ModelConfig, moe: MoEConfig) -> list[tuple[str, Callable[[], nn.Module]]]:
+    """The model's top-level pieces in construction order, each with what builds it: the
+    embedding, every block, the final norm, the LM head (tied or not)."""
+    return [
+        ("embed", partial(nn.Embedding, cfg.vocab_size, cfg.dim)),
+        *((f"blocks.{i}", partial(Block, cfg, moe, cfg.is_moe_layer(i))) for i in range(cfg.n_layers)),
+        ("norm", partial(nn.RMSNorm, cfg.dim, eps=cfg.norm_eps)),
+        ("lm_head", partial(nn.Linear, cfg.dim, cfg.vocab_size, bias=False)),
+    ]
+
+
+def init_parameters(named: Iterable[tuple[str, nn.Parameter]], cfg: ModelConfig) -> None:
+    """N(0, init_std) everywhere; projections into the residual stream (attention out,
+    MLP/expert out) scaled by ``1/sqrt(2L)`` so the residual's variance stays O(1) with
+    depth (GPT-2); RMSNorm gains at 1. In the order given, from the global generator."""
+    std = cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    for name, param in named:
+        if name.endswith("norm.weight"):
+            nn.init.ones_(param)
+        elif name.endswith(("out.weight", "w_out.weight", "w_out_EFD")):
+            nn.init.normal_(param, std=out_std)
+        else:
+            nn.init.normal_(param, std=std)
+
+
 class Transformer(nn.Module):
     """Token embedding -> L blocks -> RMSNorm -> LM head (tied to the embedding if asked).
 
@@ -170,35 +197,30 @@ class Transformer(nn.Module):
     forward skips what is absent (as torchtitan's models do).
     """
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, pieces: dict[str, nn.Module] | None = None) -> None:
+        """``pieces``: already built and initialised pieces (``build_streamed``), by their
+        ``model_pieces`` names; those absent are left out (None, or no block). None: build
+        and initialise every piece here."""
         super().__init__()
         self.cfg = cfg
         self.moe_cfg = moe
-        self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, moe, cfg.is_moe_layer(i)) for i in range(cfg.n_layers)})
-        self.norm: nn.RMSNorm | None = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        built = {name: make() for name, make in model_pieces(cfg, moe)} if pieces is None else pieces
+        self.embed: nn.Embedding | None = built.get("embed")
+        self.blocks = nn.ModuleDict({n.removeprefix("blocks."): m for n, m in built.items() if n.startswith("blocks.")})
+        self.norm: nn.RMSNorm | None = built.get("norm")
+        self.lm_head: nn.Linear | None = built.get("lm_head")
         self.loss_fn: nn.Module = CrossEntropy()
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and self.embed is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed.weight
         cos_SF, sin_SF = rope_tables(cfg.seq_len, cfg.head_size, cfg.rope_theta)
         self.register_buffer("rope_cos_SF", cos_SF, persistent=False)
         self.register_buffer("rope_sin_SF", sin_SF, persistent=False)
-        self.reset_parameters()
+        if pieces is None:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """N(0, init_std) everywhere; projections into the residual stream (attention out,
-        MLP/expert out) scaled by ``1/sqrt(2L)`` so the residual's variance stays O(1)
-        with depth (GPT-2); RMSNorm gains at 1."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(param)
-            elif name.endswith(("out.weight", "w_out.weight", "w_out_EFD")):
-                nn.init.normal_(param, std=out_std)
-            else:
-                nn.init.normal_(param, std=std)
+        """``init_parameters`` over the whole model (a tied LM head once, as the embedding)."""
+        init_parameters(self.named_parameters(), self.cfg)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks.values() if isinstance(b.ffn, MoELayer)]
@@ -244,3 +266,38 @@ class Transformer(nn.Module):
         logits_BSV = self.lm_head(self.norm(x_BSD))
         lm_loss = None if targets_BS is None else self.loss_fn(logits_BSV, targets_BS)
         return ModelOutput(logits_BSV, lm_loss, aux_loss, z_loss, stats)
+
+
+def build_streamed(
+    cfg: ModelConfig, moe: MoEConfig, keep: Callable[[str], bool], finish: Callable[[str, nn.Module], None]
+) -> Transformer:
+    """``Transformer(cfg, moe)`` holding only the pieces ``keep`` names, each passed to
+    ``finish`` (which may shard it in place) as soon as it is built: the pieces' values are
+    exactly the whole model's, but at most one whole piece (the largest block) exists at a
+    time, never the whole model.
+
+    The whole model draws from the global generator twice: each piece's constructor (e.g.
+    ``nn.Linear``'s own init) in construction order, then ``reset_parameters`` over all
+    parameters in the same order. So a first pass builds and drops every piece, recording
+    the generator's state before each; a second builds each piece again from its recorded
+    state on a forked generator (its constructor draws what it drew in the whole model,
+    ``NoisyTopKRouter``'s salt included) and initialises it from the main generator, which
+    the first pass left where ``reset_parameters`` starts. A tied LM head is the embedding:
+    not initialised again, tied after (``keep`` must keep the embedding with it).
+    """
+    plan = model_pieces(cfg, moe)
+    states = []
+    for _, make in plan:  # pass 1: where each constructor starts, and where the init starts
+        states.append(torch.get_rng_state())
+        make()
+    built: dict[str, nn.Module] = {}
+    for (name, make), state in zip(plan, states, strict=True):
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state)
+            piece = make()
+        if not (cfg.tie_embeddings and name == "lm_head"):
+            init_parameters(piece.named_parameters(prefix=name), cfg)
+        if keep(name):
+            finish(name, piece)
+            built[name] = piece
+    return Transformer(cfg, moe, built)

@@ -100,3 +100,36 @@ def test_head_dim_frees_the_head_count_from_dim() -> None:
     cfg = dataclasses.replace(SMALL, n_heads=5, head_dim=8, n_kv_heads=1)
     attn = Transformer(cfg, SMALL_MOE).blocks["0"].attn
     assert attn.qkv.weight.shape == ((5 + 2) * 8, 32) and attn.out.weight.shape == (32, 40)
+
+
+STREAM_MODEL = ModelConfig(dim=32, n_layers=3, n_heads=2, seq_len=16, ffn_dim=64, vocab_size=64, moe_every=2)
+STREAM_MOE = MoEConfig(num_experts=4, top_k=2, normalize_weights=True, expert_ffn_dim=32)
+
+
+@pytest.mark.parametrize("moe_kw", [
+    {}, {"router": "noisy_topk", "normalize_weights": False},
+    {"router": "hash", "top_k": 1, "normalize_weights": False, "aux_loss_coeff": 0.0},
+    {"score": "sigmoid", "num_shared_experts": 1, "granularity": 2},
+], ids=["topk", "noisy-salt", "hash", "sigmoid-shared-fine"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_streamed_build_is_the_whole_models_init(moe_kw: dict, tie: bool) -> None:
+    """``build_streamed`` (one piece at a time, as a training rank builds its share) gives
+    every kept piece the whole model's values bit for bit, noisy top-k's construction-time
+    salt included, and leaves the generator where the whole build does."""
+    from moe.model import build_streamed
+
+    model, moe = dataclasses.replace(STREAM_MODEL, tie_embeddings=tie), dataclasses.replace(STREAM_MOE, **moe_kw)
+    torch.manual_seed(7)
+    whole = Transformer(model, moe)
+    after_whole = torch.get_rng_state()
+    finished: list[str] = []
+    keep = {"embed", "blocks.1", "norm", "lm_head"}
+    torch.manual_seed(7)
+    part = build_streamed(model, moe, keep.__contains__, lambda name, piece: finished.append(name))
+    assert torch.equal(torch.get_rng_state(), after_whole)
+    assert finished == ["embed", "blocks.1", "norm", "lm_head"] and list(part.blocks) == ["1"]
+    reference = whole.state_dict()
+    for name, value in part.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    assert part.blocks["1"].ffn.router.__dict__.get("noise_salt") == whole.blocks["1"].ffn.router.__dict__.get("noise_salt")
+    assert (part.lm_head.weight is part.embed.weight) is tie
