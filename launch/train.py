@@ -438,6 +438,7 @@ class Run:
         # This rank's pieces of the model, on the CPU, each expert-sharded as soon as it is
         # built (the single-process model's values: same seed on every rank).
         self.net = build_streamed(cfg.model, cfg.moe, self._holds_piece, partial(self._finish_piece, init_state))
+        del init_state  # every kept piece has its weights: the whole state goes now, not with __init__
         # Tensor parallelism after expert parallelism: EP replaces the expert parameters, and
         # TP sets the marks (allreduce, tensor_model_parallel, partition_dim, sequence_parallel)
         # that the engine and the checkpoint read on the final parameter objects.

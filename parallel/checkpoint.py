@@ -248,7 +248,10 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Read this rank's part of a checkpoint written by ``save_checkpoint``."""
+    """Read this rank's part of a checkpoint written by ``save_checkpoint``. The tensors are
+    memory-mapped from the file: pages come in as they are read, from the page cache that
+    the ranks of a machine share (``train.init_from`` of an imported model reads the whole
+    state on every rank, and copies only each piece it keeps)."""
     if not _is_complete(path):
         raise CheckpointError(f"checkpoint {str(path)!r} has no {COMPLETE_FILE} marker; it is not a complete checkpoint")
     saved_world = saved_world_size(path)
@@ -259,7 +262,7 @@ def load_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> dict[str,
         )
     file = path / state_file(rank)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for a damaged file
         raise CheckpointError(
             f"checkpoint {str(file)!r} cannot be read ({type(err).__name__}: {err}); "
