@@ -58,6 +58,7 @@ from tqdm import tqdm
 import torch.distributed as dist
 from torch import nn
 
+from launch.ckpt.full_state import ModelState
 from launch.ckpt.init_from import read_initial_weights
 from launch.config import Config, TrainConfig, to_dict
 from launch.data import TokenStream, ensure_dataset, load_split
@@ -438,7 +439,6 @@ class Run:
         # This rank's pieces of the model, on the CPU, each expert-sharded as soon as it is
         # built (the single-process model's values: same seed on every rank).
         self.net = build_streamed(cfg.model, cfg.moe, self._holds_piece, partial(self._finish_piece, init_state))
-        del init_state  # every kept piece has its weights: the whole state goes now, not with __init__
         # Tensor parallelism after expert parallelism: EP replaces the expert parameters, and
         # TP sets the marks (allreduce, tensor_model_parallel, partition_dim, sequence_parallel)
         # that the engine and the checkpoint read on the final parameter objects.
@@ -525,12 +525,13 @@ class Run:
             return first or (last and self.cfg.model.tie_embeddings)
         return last
 
-    def _finish_piece(self, init_state: dict[str, torch.Tensor] | None, name: str, piece: nn.Module) -> None:
-        """A kept piece, just built: ``train.init_from``'s weights loaded (a tied LM head is
-        the embedding's), then its experts sharded over ep."""
+    def _finish_piece(self, init_state: ModelState | None, name: str, piece: nn.Module) -> None:
+        """A kept piece, just built: ``train.init_from``'s weights of this piece alone read and
+        loaded (a tied LM head is the embedding's), then its experts sharded over ep."""
         if init_state is not None and not (name == "lm_head" and self.cfg.model.tie_embeddings):
             prefix = f"{name}."
-            piece.load_state_dict({k.removeprefix(prefix): v for k, v in init_state.items() if k.startswith(prefix)})
+            weights = init_state.read(k for k in init_state.shapes if k.startswith(prefix))
+            piece.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()})
         if self.topology.ep > 1:
             apply_expert_parallel(piece, self.info.groups.ep)
 

@@ -209,13 +209,19 @@ def _train_rank(rank: int, world_size: int, cfg: Any) -> None:
 
 
 def test_sigmoid_expert_bias_of_a_sharded_checkpoint_is_read_back(
-    small_corpus: Path, tmp_path: Path, rank_pool: Callable[[int], Any]
+    small_corpus: Path, tmp_path: Path, rank_pool: Callable[[int], Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A dp=2·ep=2 run with sigmoid scores and bias balancing saves a sharded checkpoint whose
     expert bias lives in its extras, not among the sharded parameters; ``train.init_from``
     under one process (and export's reader) takes it from there: equal to the bias the run
-    logged at its last step, which is not zero. Export refuses sigmoid scores by name."""
+    logged at its last step, which is not zero. Export refuses sigmoid scores by name.
+    A run started from it opens the checkpoint without reading a tensor, then reads each
+    piece it builds on its own (one DCP read per piece, of that piece's names only), and ends
+    with the whole checkpoint's weights."""
+    import torch.distributed.checkpoint as dcp
+
     from launch.check_layouts import train_records
+    from launch.train import Run
 
     run = tmp_path / "run"
     routing = ["model.dim=32", "model.n_layers=3", "model.moe_every=1", "model.n_heads=2", "model.ffn_dim=64",
@@ -226,12 +232,25 @@ def test_sigmoid_expert_bias_of_a_sharded_checkpoint_is_read_back(
     rank_pool(cfg.parallel.world_size).run(_train_rank, cfg, timeout=240)
     logged = torch.tensor(train_records(run)[-1]["expert_bias"])
     assert logged.shape == (3, 4) and logged.abs().max() > 0
-    one = load_config(ROOT / "configs" / "tiny.yaml", [*TRAIN, *routing, f"train.init_from={run}"])
+    one = load_config(ROOT / "configs" / "tiny.yaml", [*TRAIN, *routing, f"train.init_from={run}",
+                                                        f"data.path={small_corpus}", f"train.run_dir={tmp_path / 'one'}"])
+    reads: list[list[str]] = []
+    real_load = dcp.load
+    monkeypatch.setattr(dcp, "load", lambda state, **kw: (reads.append(sorted(state)), real_load(state, **kw))[1])
     state = read_initial_weights(str(run), one.model, one.moe)
+    assert reads == []
+    whole = state.whole()
     net = Transformer(one.model, one.moe)
-    net.load_state_dict(state)
+    net.load_state_dict(whole)
     loaded = torch.stack([net.blocks[str(b)].ffn.router.expert_bias_E for b in range(3)])
     assert torch.equal(loaded, logged)
+    reads.clear()
+    started = Run(one, "tiny").net.state_dict()
+    pieces = ["embed", "blocks.0", "blocks.1", "blocks.2", "norm"]  # tied: the LM head is the embedding
+    stored = [n for n in whole if n != "lm_head.weight" and not n.endswith("expert_bias_E")]  # the DCP keys
+    assert reads == [sorted(n for n in stored if n.startswith(f"{p}.")) for p in pieces]
+    assert started.keys() == whole.keys()
+    assert all(torch.equal(started[n], whole[n]) for n in whole)
     with pytest.raises(CheckpointError, match=r"moe\.score='sigmoid' .*moe\.expert_bias_update_rate=0\.01"):
         export_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
