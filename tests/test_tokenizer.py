@@ -74,15 +74,18 @@ def test_prepare_with_tokenizer_matches_transformers(bpe: Path, sources: list[Pa
     assert meta["tokenizer"] == "huggingface" and meta["vocab_size"] == 384 and meta["eod"] == 0
     assert meta["tokenizer_file"]["path"] == str(bpe) and meta["tokenizer_file"]["name"] == bpe.parent.name
     assert meta["tokenizer_file"]["sha256"] == hashlib.sha256(bpe.read_bytes()).hexdigest()
-    reference = PreTrainedTokenizerFast(tokenizer_file=str(bpe))
-    expected: list[int] = []
+    # split_special_tokens: the "<|endoftext|>" that launch/data/tokenizer.py's source quotes is
+    # text, not the end of a document
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(bpe), split_special_tokens=True)
+    assert any("<|endoftext|>" in path.read_text() for path in sources)
+    expected: dict[str, list[int]] = {"train": [], "val": []}
     for path in sources:
         doc_id = path.name  # the sources' common root is their directory
-        if corpus_module._is_val(doc_id, 0.3):
-            expected += reference(path.read_text(), add_special_tokens=False)["input_ids"] + [0]
-    stream = load_split(tmp_path / "ds", "val")
-    assert stream.tokens.tolist() == expected
-    assert prepared.val.tokens == len(expected) - prepared.val.documents
+        split = "val" if corpus_module._is_val(doc_id, 0.3) else "train"
+        expected[split] += reference(path.read_text(), add_special_tokens=False)["input_ids"] + [0]
+    for split in ("train", "val"):
+        assert load_split(tmp_path / "ds", split).tokens.tolist() == expected[split]
+    assert prepared.val.tokens == len(expected["val"]) - prepared.val.documents
 
 
 def test_vocabulary_over_65536_is_stored_as_int32(tmp_path: Path) -> None:
@@ -103,6 +106,41 @@ def test_vocabulary_over_65536_is_stored_as_int32(tmp_path: Path) -> None:
     stream = load_split(tmp_path / "ds", "train")
     assert stream.vocab_size == 70_001 and 70_000 in stream.tokens
     assert set(np.unique(stream.tokens).tolist()) == {0, 1, 2, 70_000}
+
+
+def test_a_mistral_shaped_tokenizer_ends_documents_with_its_eos(sources: list[Path], tmp_path: Path) -> None:
+    """A tokenizer laid out as Mixtral's published tokenizer.json (SentencePiece BPE: a
+    Metaspace pre-tokenizer, ``<unk>``, ``<s>``, ``</s>`` as ids 0-2, no ``<|endoftext|>``),
+    trained here: documents end with ``</s>``, the id transformers' Llama tokenizer takes as
+    its eos, and a prepared dataset's documents decode back to the texts, a literal ``</s>``
+    in one of them included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    text = [path.read_text() for path in sources]
+    assert any("</s>" in doc for doc in text)  # launch/data/tokenizer.py quotes it: text, not an end
+    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"]))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_hf_tokenizer(tmp_path)
+    reference = LlamaTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert tokenizer.eod == reference.eos_token_id == 2
+    assert tokenizer.vocab_size == backend.get_vocab_size() == len(reference)
+    prepare(sources, tmp_path / "ds", 0.3, tokenizer=tokenizer)
+    ids = [load_split(tmp_path / "ds", split).tokens.tolist() for split in ("train", "val")]
+    assert sorted(reference.decode(doc) for split in ids for doc in _split_at(split, 2)) == sorted(text)
+
+
+def _split_at(ids: list[int], eod: int) -> list[list[int]]:
+    """``ids`` = ``doc eod doc eod ...`` cut into its documents."""
+    docs, start = [], 0
+    for i, token in enumerate(ids):
+        if token == eod:
+            docs.append(ids[start:i])
+            start = i + 1
+    return docs
 
 
 def test_bad_tokenizer_paths(tmp_path: Path) -> None:

@@ -109,8 +109,9 @@ class HFTokenizer:
     backend: Any
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text, without special tokens (EOD is added at load time), in
-        the dataset's dtype; the library encodes the batch on all cores."""
+        """Token ids of each text, without special tokens (EOD is added at load time; a special
+        token's text in a document is encoded as text), in the dataset's dtype; the library
+        encodes the batch on all cores."""
         dtype = ids_dtype(self.vocab_size)
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=dtype) for encoding in encodings]
@@ -143,6 +144,10 @@ def load_hf_tokenizer(path: str | Path, key: str = "--tokenizer") -> HFTokenizer
             f"{key}={path}: not a Hugging Face tokenizer ({reason}); give a tokenizer.json or a model "
             "directory holding one"
         ) from None
+    # A special token's text inside a document (an HTML strikethrough's "</s>", a source file
+    # quoting "<|endoftext|>") is text: encoded as such, it can never pass for the end of a
+    # document, which only the dataset's own separators are (transformers: split_special_tokens).
+    backend.encode_special_tokens = True
     vocab = backend.get_vocab(with_added_tokens=True)
     if not vocab:
         raise DataError(f"{key}={path}: the tokenizer has an empty vocabulary; give a trained tokenizer")
