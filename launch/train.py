@@ -58,7 +58,7 @@ from tqdm import tqdm
 import torch.distributed as dist
 from torch import nn
 
-from launch.ckpt.full_state import ModelState
+from launch.ckpt.full_state import ModelState, piece_of
 from launch.ckpt.init_from import read_initial_weights
 from launch.config import Config, TrainConfig, to_dict
 from launch.data import TokenStream, ensure_dataset, load_split
@@ -529,9 +529,8 @@ class Run:
         """A kept piece, just built: ``train.init_from``'s weights of this piece alone read and
         loaded (a tied LM head is the embedding's), then its experts sharded over ep."""
         if init_state is not None and not (name == "lm_head" and self.cfg.model.tie_embeddings):
-            prefix = f"{name}."
-            weights = init_state.read(k for k in init_state.shapes if k.startswith(prefix))
-            piece.load_state_dict({k.removeprefix(prefix): v for k, v in weights.items()})
+            weights = init_state.read(k for k in init_state.shapes if piece_of(k) == name)
+            piece.load_state_dict({k.removeprefix(f"{name}."): v for k, v in weights.items()})
         if self.topology.ep > 1:
             apply_expert_parallel(piece, self.info.groups.ep)
 

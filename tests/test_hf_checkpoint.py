@@ -133,6 +133,33 @@ def test_import_then_export_is_bitwise_equal(hf_dirs: dict[str, Path], tmp_path:
     assert (tmp_path / "hf" / "generation_config.json").is_file()
 
 
+def test_export_in_bfloat16_reads_one_piece_at_a_time(
+    hf_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--dtype bfloat16``: every tensor is the original's bf16 rounding, config.json says
+    so, and transformers loads it; the export read the checkpoint piece by piece (embedding,
+    each block, norm, LM head: one read each, in order), never the whole model at once."""
+    from launch.ckpt.full_state import ModelState, piece_of
+
+    import_hf(hf_dirs["mixtral"], tmp_path / "ckpt")
+    reads: list[set[str]] = []
+    real_read = ModelState.read
+    monkeypatch.setattr(ModelState, "read", lambda self, names: real_read(self, reads.append(set(names)) or reads[-1]))
+    assert ckpt_main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+    layers = json.loads((hf_dirs["mixtral"] / "config.json").read_text())["num_hidden_layers"]
+    assert [{piece_of(n) for n in names} for names in reads] == [
+        {"embed"}, *({f"blocks.{i}"} for i in range(layers)), {"norm"}, {"lm_head"}]
+    original, exported = _tensors(hf_dirs["mixtral"]), _tensors(tmp_path / "hf")
+    assert original.keys() == exported.keys()
+    for name, tensor in original.items():
+        assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor.bfloat16()), name
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    ids = torch.randint(0, 261, (2, 13))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(hf_dirs["mixtral"]).eval()
+    assert 0 < (logits(hf, ids) - logits(reference, ids)).abs().max() < 0.05  # bf16 weights: rounded, close
+
+
 def test_sharded_export_and_import_of_shards(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
     """Shards of at most 20 kB (5 GB in use) with their index; the shards import again, identically."""
     import_hf(hf_dirs["qwen3"], tmp_path / "ckpt")

@@ -2,7 +2,7 @@
 
     moe ckpt inspect DIR [--verify]            a checkpoint's layout, step, tensors and checksums
     moe ckpt import HF_DIR --out CKPT_DIR      a Hugging Face Mixtral/Qwen3-MoE/Llama/Qwen3 model as our checkpoint
-    moe ckpt export CKPT_OR_RUN_DIR --out HF_DIR [--arch A]   our checkpoint (any layout) for transformers
+    moe ckpt export CKPT_OR_RUN_DIR --out HF_DIR [--arch A] [--dtype D]   our checkpoint (any layout) for transformers
     moe ckpt upcycle DENSE --experts E --top-k K [--granularity G] --out CKPT_DIR   a dense model made MoE
 """
 

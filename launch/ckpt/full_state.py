@@ -52,6 +52,7 @@ class ModelState:
     found: Path
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
     _read: Callable[[list[str]], dict[str, torch.Tensor]]
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -61,6 +62,13 @@ class ModelState:
     def whole(self) -> dict[str, torch.Tensor]:
         """Every tensor of the model."""
         return self.read(self.shapes)
+
+
+def piece_of(name: str) -> str:
+    """The model piece (``moe.model.model_pieces``) a tensor name belongs to: ``blocks.3``
+    for ``blocks.3.attn.qkv.weight``, ``embed`` for ``embed.weight``."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
 
 
 def _tied_name(config: dict[str, Any], name: str) -> str:
@@ -97,8 +105,9 @@ def _open_dist(path: Path) -> ModelState:
               if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")}
     bias = _expert_bias(path, config)  # a few floats per layer, from the extras: read now
     shapes = {**{key: tuple(meta.size) for key, meta in stored.items()}, **{n: tuple(b.shape) for n, b in bias.items()}}
+    dtypes = {**{key: meta.properties.dtype for key, meta in stored.items()}, **{n: b.dtype for n, b in bias.items()}}
     if config["model"]["tie_embeddings"] and "embed.weight" in shapes:
-        shapes["lm_head.weight"] = shapes["embed.weight"]
+        shapes["lm_head.weight"], dtypes["lm_head.weight"] = shapes["embed.weight"], dtypes["embed.weight"]
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
@@ -111,7 +120,7 @@ def _open_dist(path: Path) -> ModelState:
                 dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
         return {n: bias[n] if n in bias else state[_tied_name(config, n)] for n in names}
 
-    return ModelState(path, config, shapes, read)
+    return ModelState(path, config, shapes, dtypes, read)
 
 
 def _open_per_rank(path: Path) -> ModelState:
@@ -133,11 +142,12 @@ def _open_per_rank(path: Path) -> ModelState:
     experts = {p.removeprefix(_MODEL_PREFIX) for p in manifests[0]["shard"]["expert_paths"]}
     ep_order = [r for _, r in sorted(holder.items())]
     shapes = {name: tuple(t.shape) for name, t in tensors[0].items()}
+    dtypes = {name: t.dtype for name, t in tensors[0].items()}
     for name in experts:
         parts = [tensors[r][name].shape for r in ep_order]
         shapes[name] = (sum(p[0] for p in parts), *parts[0][1:])
     if config["model"]["tie_embeddings"]:
-        shapes["lm_head.weight"] = shapes["embed.weight"]
+        shapes["lm_head.weight"], dtypes["lm_head.weight"] = shapes["embed.weight"], dtypes["embed.weight"]
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
         def one(name: str) -> torch.Tensor:
@@ -148,7 +158,7 @@ def _open_per_rank(path: Path) -> ModelState:
 
         return {n: one(n) for n in names}
 
-    return ModelState(path, config, shapes, read)
+    return ModelState(path, config, shapes, dtypes, read)
 
 
 def open_model_state(path: Path) -> ModelState:

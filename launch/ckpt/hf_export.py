@@ -1,9 +1,9 @@
-"""``moe ckpt export CKPT_OR_RUN_DIR --out HF_DIR [--arch A]``: our checkpoint as a
-directory ``transformers`` loads (``AutoModelForCausalLM.from_pretrained(HF_DIR)``).
+"""``moe ckpt export CKPT_OR_RUN_DIR --out HF_DIR [--arch A] [--dtype D]``: our checkpoint
+as a directory ``transformers`` loads (``AutoModelForCausalLM.from_pretrained(HF_DIR)``).
 
-Reads the whole model in one process from a checkpoint saved under any layout
-(``launch.ckpt.full_state``: per-rank files or a sharded dist checkpoint; no GPU, no
-process group), checks that the target architecture expresses the config
+Reads the model in one process, one piece (embedding, block, norm, LM head) at a time, from
+a checkpoint saved under any layout (``launch.ckpt.full_state``: per-rank files or a
+sharded dist checkpoint; no GPU, no process group), checks that the target architecture expresses the config
 (``launch.ckpt.hf_config.check_expressible``: gelu experts, capacity factors, hash or
 sinkhorn routers, shared experts, Mixtral without renormalised gates or with dense layers
 are refused by name; losses, jitter and kernels only shape training and pass), and writes::
@@ -24,9 +24,12 @@ imported from published weights (``moe ckpt import`` keeps their generation_conf
 beside the tokenizer) keeps that file, its sampling settings and ids, with EOD added to its
 ``eos_token_id`` when it is not there.
 
-Tensors are written in transformers' saved layout (``moe.hf_weights.weight_table``),
-converted one at a time; the directory is built under a temporary name beside ``--out``
-and renamed at the end, so a failure leaves nothing at ``--out``.
+Tensors are written in transformers' saved layout (``moe.hf_weights.weight_table``), in
+``--dtype`` (default: the checkpoint's, fp32 masters for a bf16 run; ``bfloat16`` halves
+the files, as published models ship), converted one at a time into 5 GB shards, each
+written when full: the process holds one piece and one shard, never the whole model (a
+Qwen3-235B is 940 GB in fp32). The directory is built under a temporary name beside
+``--out`` and renamed at the end, so a failure leaves nothing at ``--out``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 
 import torch
 
-from launch.ckpt.full_state import read_model_state
+from launch.ckpt.full_state import ModelState, open_model_state, piece_of
 from launch.ckpt.hf_config import check_expressible, default_architecture, hf_config
 from launch.ckpt.hf_import import prepare_out
 from launch.ckpt.safetensors_io import SHARD_BYTES, write_safetensors
@@ -51,6 +54,7 @@ from moe.hf_weights import HF_NAMES, Entry, weight_table
 from parallel.checkpoint import CheckpointError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _configs(saved: dict[str, Any], found: Path) -> tuple[ModelConfig, MoEConfig]:
@@ -60,9 +64,15 @@ def _configs(saved: dict[str, Any], found: Path) -> tuple[ModelConfig, MoEConfig
         raise CheckpointError(f"checkpoint {str(found)!r} records a config this version cannot read: {err}") from None
 
 
-def _hf_tensors(state: dict[str, torch.Tensor], table: list[Entry]) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(state: ModelState, table: list[Entry], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers' tensors of ``table`` in order, in ``dtype``, reading one piece of the
+    model at a time (the table runs piece by piece: embedding, block 0, 1, ..., norm, head)."""
+    held, weights = None, {}
     for entry in table:
-        yield from zip(entry.hf, entry.to_hf(state[entry.ours]), strict=True)
+        if piece_of(entry.ours) != held:
+            held, weights = piece_of(entry.ours), {}  # the previous piece goes before the next comes
+            weights = state.read(e.ours for e in table if piece_of(e.ours) == held)
+        yield from zip(entry.hf, (t.to(dtype) for t in entry.to_hf(weights[entry.ours])), strict=True)
 
 
 def _copy_tokenizer(saved: dict[str, Any], tmp: Path) -> list[str]:
@@ -113,18 +123,24 @@ def _generation_config(saved: dict[str, Any], eod: int | None) -> dict[str, Any]
     return {**published, "eos_token_id": ends[0] if len(ends) == 1 else ends or None}
 
 
-def export_hf(source: Path, out: Path, arch: str | None = None, max_shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
+def export_hf(source: Path, out: Path, arch: str | None = None, max_shard_bytes: int = SHARD_BYTES,
+              dtype: str | None = None) -> dict[str, Any]:
     """Write ``source``'s latest checkpoint into ``out`` as ``arch`` (default: the one whose
-    layers match, ``hf_config.default_architecture``); a summary of what was written."""
-    state, saved, found = read_model_state(source)
+    layers match, ``hf_config.default_architecture``), its tensors in ``dtype`` (a name of
+    ``EXPORT_DTYPES``; default: the checkpoint's); a summary of what was written."""
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype {dtype}: not one of {', '.join(EXPORT_DTYPES)}; bfloat16 is what published models ship")
+    state = open_model_state(source)
+    saved, found = state.config, state.found
     model, moe = _configs(saved, found)
     arch = arch or default_architecture(model)
     check_expressible(model, moe, arch)
     tmp = prepare_out(out)
-    dtype = str(state["embed.weight"].dtype).removeprefix("torch.")
+    dtype = dtype or str(state.dtypes["embed.weight"]).removeprefix("torch.")
     try:
         tmp.mkdir()
-        files = write_safetensors(tmp, _hf_tensors(state, weight_table(arch, model, moe)), max_shard_bytes)
+        tensors = _hf_tensors(state, weight_table(arch, model, moe), getattr(torch, dtype))
+        files = write_safetensors(tmp, tensors, max_shard_bytes)
         eod = _eod(saved)
         generation = _generation_config(saved, eod)
         special = {"bos_token_id": generation.get("bos_token_id"), "eos_token_id": generation["eos_token_id"]}
@@ -146,8 +162,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="a new directory for the Hugging Face model")
     parser.add_argument("--arch", choices=sorted(HF_NAMES), default=None,
                         help="target architecture (default: Qwen3(-MoE) with q/k norms, else Mixtral/Llama)")
+    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
+                        help="the tensors' dtype (default: the checkpoint's; a bf16 run keeps fp32 masters)")
     args = parser.parse_args(argv)
-    summary = export_hf(args.source, args.out, args.arch)
+    summary = export_hf(args.source, args.out, args.arch, dtype=args.dtype)
     print(f"exported {summary['checkpoint']} as {summary['architecture']} ({summary['dtype']}) -> {args.out}/: "
           + ", ".join(["config.json", "generation_config.json", *summary["files"], *summary["tokenizer"]]))
     if summary["eod"] is None:
