@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SPLITS: tuple[str, ...] = ("train", "val")
-SOURCE_SUFFIXES: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl")
+# What a directory walk takes as sources (launch.data.sources): text files, JSON lines (plain or
+# gzip), Parquet.
+SOURCE_SUFFIXES: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")
 DATASET_FILES: tuple[str, ...] = ("meta.json", "train.bin", "train.idx", "val.bin", "val.idx")
 PREPARE_HINT = "run `moe data prepare PATHS --out DIR`"
 

@@ -10,7 +10,6 @@ are inserted when a split is loaded, so the files stay reusable by megatron's ow
 from __future__ import annotations
 
 import argparse
-import codecs
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from launch.data.config import (
     DataError,
     _check_val_fraction,
 )
+from launch.data.sources import documents, is_source_name, unreadable
 from launch.data.stream import _check_dataset_files, _indexed_dataset_module, read_meta
 from launch.data.tokenizer import (
     ByteTokenizer,
@@ -104,12 +104,12 @@ def collect_sources(paths: Sequence[Path]) -> list[Path]:
             kept = [file for file in files if not _note_if_not_text(file, skipped)]
             if not kept:
                 raise DataError(
-                    f"{path}: no {' '.join(SOURCE_SUFFIXES)} text files found; pass files directly "
+                    f"{path}: no {' '.join(SOURCE_SUFFIXES)} source files found; pass files directly "
                     "or a directory that contains some"
                 )
             files = kept
         else:
-            reason = _not_text(path)
+            reason = unreadable(path)
             if reason is not None:
                 raise DataError(f"source {path}: {reason}; only text is tokenized, remove it from PATHS")
             files = [path]
@@ -123,28 +123,10 @@ def collect_sources(paths: Sequence[Path]) -> list[Path]:
 
 def _note_if_not_text(path: Path, skipped: list[str]) -> bool:
     """Whether ``path`` is not text; if so, it is added to ``skipped`` with the reason."""
-    reason = _not_text(path)
+    reason = unreadable(path)
     if reason is not None:
         skipped.append(f"{path} ({reason})")
     return reason is not None
-
-
-def _not_text(path: Path) -> str | None:
-    """Why ``path`` is not UTF-8 text, judged on its first 8 KiB as git and grep judge
-    binary files, or None when it is text."""
-    try:
-        with path.open("rb") as stream:
-            head = stream.read(8192)
-    except OSError as err:
-        raise DataError(f"source {path}: cannot be read ({err.strerror})") from None
-    nul = head.find(b"\0")
-    if nul >= 0:
-        return f"binary, a NUL byte at offset {nul}"
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError as err:
-        return f"not UTF-8 text, byte 0x{head[err.start]:02x} at offset {err.start}"
-    return None
 
 
 def _walk_text_files(directory: Path) -> list[Path]:
@@ -156,7 +138,7 @@ def _walk_text_files(directory: Path) -> list[Path]:
         found.extend(
             Path(parent, name)
             for name in files
-            if Path(name).suffix.lower() in SOURCE_SUFFIXES
+            if is_source_name(name)
             and os.path.isfile(os.path.join(parent, name))
         )
     return found
@@ -200,38 +182,9 @@ def _is_val(doc_id: str, val_fraction: float) -> bool:
 
 
 def _documents(sources: Sequence[Path], doc_ids: Sequence[str]) -> Iterator[tuple[str, str]]:
-    """(doc id, text) for every non-empty document, in source order."""
+    """(doc id, text) for every non-empty document, in source order (``launch.data.sources``)."""
     for path, doc_id in zip(sources, doc_ids):
-        if path.suffix.lower() == ".jsonl":
-            yield from _jsonl_documents(path, doc_id)
-            continue
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        if text:
-            yield doc_id, text
-
-
-def _jsonl_documents(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
-    """One document per line's "text" field; blank lines (a trailing newline) are skipped."""
-    with path.open("rb") as lines:
-        for lineno, raw in enumerate(lines, start=1):
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); each line of a .jsonl source "
-                    'must be a JSON object with a string "text" field'
-                ) from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(
-                    f'{path}:{lineno}: no string "text" field; each line of a .jsonl source '
-                    'must be a JSON object with a string "text" field'
-                )
-            if text:
-                yield f"{doc_id}:{lineno}", text
+        yield from documents(path, doc_id)
 
 
 def _batched(documents: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
@@ -443,8 +396,8 @@ def _parse_prepare_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="moe data prepare",
         description="Tokenize text files into a dataset for `data.path`. Directories are "
-        f"walked for {' '.join(SOURCE_SUFFIXES)} files; .jsonl lines are documents "
-        'taken from their "text" field.',
+        f"walked for {' '.join(SOURCE_SUFFIXES)} files; each line of JSON lines (plain or gzip) "
+        'and each row of Parquet is a document, its "text".',
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATHS", help="files or directories")
     parser.add_argument("--out", required=True, type=_out_path, metavar="DIR", help="dataset directory")

@@ -1,7 +1,7 @@
 """``moe eval CKPT_OR_RUN_DIR [section.key=value ...] [--data PATH] [--out FILE]``: a
 checkpoint's loss (nats per token) and perplexity on the validation split of its run's
-dataset, of another prepared dataset, or of a text/.jsonl file tokenized with the
-checkpoint's tokenizer.
+dataset, of another prepared dataset, or of a source file (text, JSON lines, Parquet)
+tokenized with the checkpoint's tokenizer.
 
 What is evaluated, and how, is the training run's own validation (``launch.train.Run``):
 the checkpoint's saved config with the overrides applied, ``train.init_from`` = the
@@ -147,7 +147,7 @@ def check_dataset_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
 
 
 def file_tokens(path: Path, tokenizer: Tokenizer) -> np.ndarray:
-    """A text or .jsonl file as one token stream, each document followed by EOD (int64)."""
+    """A source file (``launch.data.sources``) as one token stream, each document followed by EOD (int64)."""
     sources = collect_sources([path])
     texts = [text for _, text in _documents(sources, [source.name for source in sources])]
     if not texts:
@@ -265,7 +265,7 @@ def _data_choice(data: str | None, tokenizer: Tokenizer) -> tuple[list[str], Tok
         return [], None
     path = Path(data)
     if not path.exists():
-        raise DataError(f"--data {data}: not found; give a prepared dataset directory or a text/.jsonl file")
+        raise DataError(f"--data {data}: not found; give a prepared dataset directory or a text, .jsonl(.gz) or .parquet file")
     if path.is_dir():
         check_dataset_tokenizer(path, tokenizer)
         return [f"data.path={path.resolve()}"], None
@@ -325,7 +325,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a checkpoint, a checkpoints/ directory or a run directory (its latest checkpoint)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.dp=2 parallel.ep=2")
     parser.add_argument("--data", default=None, metavar="PATH",
-                        help="a prepared dataset (its val split) or a text/.jsonl file (all of it); "
+                        help="a prepared dataset (its val split) or a text, .jsonl(.gz) or .parquet file (all of it); "
                         "default: the run's dataset, val split")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="the JSON result (never overwritten; default runs/eval/<run>-step<N>-<time>.json)")
