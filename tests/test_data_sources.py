@@ -1,5 +1,5 @@
 """``launch.data.sources``: the source formats ``moe data prepare`` reads. The same records
-stored as JSON lines, gzip-compressed JSON lines and Parquet (written by pyarrow, the
+stored as JSON lines, gzip- and zstd-compressed JSON lines and Parquet (written by pyarrow, the
 library Hugging Face datasets use) give the same documents, split by their ids; damaged or
 unsuitable files are one error naming the file and the record."""
 
@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from launch.data import DataError, collect_sources, load_split, prepare
 from launch.data.sources import documents, unreadable
@@ -25,13 +26,16 @@ TEXTS[9] = ""  # an empty document: skipped, its row number not reused
 def _write_all(directory: Path, name: str = "part") -> dict[str, Path]:
     """The records in each format, under one stem, in a directory of their own."""
     paths = {}
-    for fmt in ("jsonl", "jsonl.gz", "parquet"):
+    for fmt in ("jsonl", "jsonl.gz", "jsonl.zst", "parquet"):
         paths[fmt] = directory / fmt / f"{name}.{fmt}"
         paths[fmt].parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"text": text, "id": i}) + "\n" for i, text in enumerate(TEXTS))
     paths["jsonl"].write_text(lines)
     with gzip.open(paths["jsonl.gz"], "wt") as stream:
         stream.write(lines)
+    half = len(lines) // 2  # two frames, as concatenated files have
+    paths["jsonl.zst"].write_bytes(b"".join(zstandard.ZstdCompressor().compress(part.encode())
+                                            for part in (lines[:half], lines[half:])))
     table = pa.table({"id": list(range(len(TEXTS))), "text": TEXTS})
     pq.write_table(table, paths["parquet"], row_group_size=16)  # several row groups: read batch by batch
     return paths
@@ -64,9 +68,10 @@ def test_unsuitable_sources_are_named(tmp_path: Path) -> None:
     fake = tmp_path / "fake.parquet"
     fake.write_text("not parquet")
     assert unreadable(fake) == "not a Parquet file (no PAR1 magic at its start)"
-    fake_gz = tmp_path / "fake.jsonl.gz"
-    fake_gz.write_text('{"text": "plain, not gzip"}\n')
-    assert unreadable(fake_gz).startswith("not gzip-compressed")
+    for suffix, kind in (("jsonl.gz", "gzip"), ("jsonl.zst", "zstd")):
+        fake_compressed = tmp_path / f"fake.{suffix}"
+        fake_compressed.write_text('{"text": "plain, not compressed"}\n')
+        assert unreadable(fake_compressed).startswith(f"not {kind}-compressed"), suffix
     numbers = tmp_path / "numbers.parquet"
     pq.write_table(pa.table({"content": ["a"], "n": [1]}), numbers)
     with pytest.raises(DataError, match=r"numbers.parquet: no string column 'text' \(it has content \(string\), n \(int64\)\)"):
@@ -80,7 +85,22 @@ def test_unsuitable_sources_are_named(tmp_path: Path) -> None:
         stream.write('{"text": "fine"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=r'bad.json.gz:2: no string "text" field'):
         list(documents(bad_line, "bad"))
-    truncated = tmp_path / "truncated.jsonl.gz"
-    truncated.write_bytes(gzip.compress(b'{"text": "a"}\n' * 2000)[:-40])
-    with pytest.raises(DataError, match=r"truncated.jsonl.gz: the gzip stream is damaged"):
-        list(documents(truncated, "truncated"))
+    records = b'{"text": "a"}\n' * 2000
+    for suffix, data in (("jsonl.gz", gzip.compress(records)), ("jsonl.zst", zstandard.ZstdCompressor().compress(records))):
+        truncated = tmp_path / f"truncated.{suffix}"
+        truncated.write_bytes(data[:-8])
+        with pytest.raises(DataError, match=rf"truncated.{suffix}: the compressed stream is damaged"):
+            list(documents(truncated, "truncated"))
+
+
+def test_a_large_zstd_file_streams_across_chunks_and_frames(tmp_path: Path) -> None:
+    """Three frames of about 1 MB decompressed each, read 64 KiB of compressed bytes at a time:
+    the same documents as the plain file."""
+    rng = np.random.default_rng(0)
+    lines = "".join(json.dumps({"text": "".join(rng.choice(list("abcdefgh ü\n"), 500))}) + "\n" for _ in range(6000))
+    plain, packed = tmp_path / "big.jsonl", tmp_path / "big.jsonl.zst"
+    plain.write_text(lines)
+    thirds = [lines[i * len(lines) // 3:(i + 1) * len(lines) // 3] for i in range(3)]
+    packed.write_bytes(b"".join(zstandard.ZstdCompressor().compress(part.encode()) for part in thirds))
+    assert packed.stat().st_size > 3 * (1 << 16)
+    assert list(documents(packed, "big")) == list(documents(plain, "big"))

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SPLITS: tuple[str, ...] = ("train", "val")
-# What a directory walk takes as sources (launch.data.sources): text files, JSON lines (plain or
-# gzip), Parquet.
-SOURCE_SUFFIXES: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")
+# What a directory walk takes as sources (launch.data.sources): text files, JSON lines (plain,
+# gzip or zstd), Parquet.
+SOURCE_SUFFIXES: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst",
+                                    ".parquet")
 DATASET_FILES: tuple[str, ...] = ("meta.json", "train.bin", "train.idx", "val.bin", "val.idx")
 PREPARE_HINT = "run `moe data prepare PATHS --out DIR`"
 

@@ -3,7 +3,8 @@
 - text (``.py .txt .md .rst``, or any file named on the command line): the file is one
   document, UTF-8 (an invalid byte becomes U+FFFD);
 - JSON lines (``.jsonl``; gzip-compressed ``.jsonl.gz`` or ``.json.gz``, as Dolma and
-  RedPajama ship): one document per line, its string ``"text"`` field;
+  RedPajama ship; zstd-compressed ``.jsonl.zst``, as the Pile, SlimPajama and DCLM ship):
+  one document per line, its string ``"text"`` field;
 - Parquet (``.parquet``, as FineWeb and most Hugging Face datasets ship): one document per
   row, its string ``text`` column, read a record batch at a time (``pyarrow``).
 
@@ -17,14 +18,16 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from launch.data.config import SOURCE_SUFFIXES, DataError
 
 _GZIP_JSONL = (".jsonl.gz", ".json.gz")
+_ZSTD_JSONL = (".jsonl.zst",)
 _PARQUET_MAGIC = b"PAR1"
 _RECORD_FIX = 'must be a JSON object with a string "text" field'
 
@@ -38,11 +41,74 @@ def _kind(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(_GZIP_JSONL):
         return "jsonl.gz"
+    if name.endswith(_ZSTD_JSONL):
+        return "jsonl.zst"
     if name.endswith(".jsonl"):
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
     return "text"
+
+
+class _ZstdReader(io.RawIOBase):
+    """A zstd file's decompressed bytes, frame after frame (files are often concatenated
+    frames). A file that ends inside a frame raises ``zstandard.ZstdError``, where the
+    library's own stream reader returns what it has and a truncated download would lose
+    its tail without a word."""
+
+    def __init__(self, path: Path) -> None:
+        import zstandard
+
+        super().__init__()
+        self._zstd = zstandard
+        self._file = path.open("rb")
+        self._frame: Any = None  # the current frame's decompressor
+        self._pending, self._offset = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._offset == len(self._pending):
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise self._zstd.ZstdError("the file ends inside a zstd frame: it is truncated")
+                return 0
+            self._pending, self._offset = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = self._pending[self._offset:self._offset + n]
+        self._offset += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+            out.append(self._frame.decompress(data))
+            data = self._frame.unused_data if self._frame.eof else b""  # the next frame's start
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _zstd_open(path: Path) -> IO[bytes]:
+    return io.BufferedReader(_ZstdReader(path))
+
+
+def _opener(kind: str) -> Callable[[Path], IO[bytes]]:
+    """How a text or JSON-lines source of ``kind`` is opened: its decompressed bytes."""
+    return {"jsonl.gz": lambda path: gzip.open(path, "rb"), "jsonl.zst": _zstd_open}.get(kind, lambda path: path.open("rb"))
+
+
+def _damaged() -> tuple[type[BaseException], ...]:
+    """What a damaged compressed stream raises (gzip, zstd)."""
+    import zstandard
+
+    return gzip.BadGzipFile, EOFError, zstandard.ZstdError
 
 
 def unreadable(path: Path) -> str | None:
@@ -53,11 +119,10 @@ def unreadable(path: Path) -> str | None:
             with path.open("rb") as stream:
                 head = stream.read(4)
             return None if head == _PARQUET_MAGIC else "not a Parquet file (no PAR1 magic at its start)"
-        opener = gzip.open if _kind(path) == "jsonl.gz" else open
-        with opener(path, "rb") as stream:
+        with _opener(_kind(path))(path) as stream:
             head = stream.read(8192)
-    except (gzip.BadGzipFile, EOFError) as err:
-        return f"not gzip-compressed ({err})"
+    except _damaged() as err:
+        return f"not {'gzip' if _kind(path) == 'jsonl.gz' else 'zstd'}-compressed ({err})"
     except OSError as err:
         raise DataError(f"source {path}: cannot be read ({err.strerror})") from None
     nul = head.find(b"\0")
@@ -80,7 +145,7 @@ def documents(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
         if text:
             yield doc_id, text
     else:
-        with (gzip.open(path, "rb") if kind == "jsonl.gz" else path.open("rb")) as lines:
+        with _opener(kind)(path) as lines:
             yield from _jsonl_documents(lines, path, doc_id)
 
 
@@ -100,8 +165,8 @@ def _jsonl_documents(lines: IO[bytes], path: Path, doc_id: str) -> Iterator[tupl
                 raise DataError(f'{path}:{lineno}: no string "text" field; each line of a JSON-lines source {_RECORD_FIX}')
             if text:
                 yield f"{doc_id}:{lineno}", text
-    except (gzip.BadGzipFile, EOFError, OSError) as err:
-        raise DataError(f"{path}: the gzip stream is damaged ({err}); replace the file or remove it from PATHS") from None
+    except (*_damaged(), OSError) as err:
+        raise DataError(f"{path}: the compressed stream is damaged ({err}); replace the file or remove it from PATHS") from None
 
 
 def _parquet_documents(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:

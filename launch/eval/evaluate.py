@@ -265,7 +265,7 @@ def _data_choice(data: str | None, tokenizer: Tokenizer) -> tuple[list[str], Tok
         return [], None
     path = Path(data)
     if not path.exists():
-        raise DataError(f"--data {data}: not found; give a prepared dataset directory or a text, .jsonl(.gz) or .parquet file")
+        raise DataError(f"--data {data}: not found; give a prepared dataset directory or a text, .jsonl(.gz/.zst) or .parquet file")
     if path.is_dir():
         check_dataset_tokenizer(path, tokenizer)
         return [f"data.path={path.resolve()}"], None
@@ -325,7 +325,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a checkpoint, a checkpoints/ directory or a run directory (its latest checkpoint)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.dp=2 parallel.ep=2")
     parser.add_argument("--data", default=None, metavar="PATH",
-                        help="a prepared dataset (its val split) or a text, .jsonl(.gz) or .parquet file (all of it); "
+                        help="a prepared dataset (its val split) or a text, .jsonl(.gz/.zst) or .parquet file (all of it); "
                         "default: the run's dataset, val split")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="the JSON result (never overwritten; default runs/eval/<run>-step<N>-<time>.json)")
