@@ -95,3 +95,51 @@ def test_dense_models_import_and_export_bitwise(dense_dirs: dict[str, Path], tmp
     assert summary["architecture"] == {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
     original, exported = load_file(dense_dirs[arch] / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+
+
+# The child upcycles, then reports how far its peak RSS (VmHWM, kB) rose above its RSS just
+# before (as tests/test_hf_checkpoint.py's import measurement does).
+_PEAK_CHILD = """
+import sys
+from pathlib import Path
+from launch.ckpt.upcycle import upcycle
+def kb(field): return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1])
+rss = kb('VmRSS:')
+upcycle(Path(sys.argv[1]), Path(sys.argv[2]), experts=8, top_k=2)
+print(kb('VmHWM:') - rss)
+"""
+
+
+def _write_random_llama(directory: Path, layers: int) -> int:
+    """A LlamaForCausalLM directory of random fp32 weights (d=256, MLP 512), written with
+    safetensors directly; the size of the upcycled model's experts in bytes."""
+    from safetensors.torch import save_file
+
+    config = LlamaConfig(**{**LLAMA, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": layers,
+                            "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1024},
+                         architectures=["LlamaForCausalLM"])
+    config.save_pretrained(directory)
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in LlamaForCausalLM(config).state_dict().items()}
+    save_file({name: torch.randn(shape) for name, shape in shapes.items()}, str(directory / "model.safetensors"))
+    return layers * 8 * 3 * 256 * 512 * 4
+
+
+def test_upcycle_memory_does_not_grow_with_the_model(tmp_path: Path) -> None:
+    """Streaming: upcycling a dense model of 4 or 16 layers into 8 experts (experts 100 and
+    403 MB), the peak RSS rises by a fixed amount (one block's experts and the conversion's
+    working set), not with the model: the two growths differ by less than a quarter of the
+    302 MB between the models (measured: 116 and 117 MB; building the whole MoE model
+    first, as 8d08cec did, 152 and 334 MB)."""
+    import subprocess
+    import sys
+
+    growth, size = {}, {}
+    for layers in (4, 16):
+        size[layers] = _write_random_llama(tmp_path / f"hf{layers}", layers)
+        done = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(tmp_path / f"hf{layers}"), str(tmp_path / f"moe{layers}")],
+                              cwd=Path(__file__).resolve().parent.parent, check=True, capture_output=True, text=True)
+        growth[layers] = int(done.stdout.split()[-1]) * 1024
+    assert growth[16] - growth[4] < 0.25 * (size[16] - size[4]), (growth, size)
+    state = read_model_state(tmp_path / "moe16")[0]
+    assert state["blocks.15.ffn.experts.w_in_EDF"].shape == (8, 256, 1024) and state["blocks.15.ffn.router.weight_ED"].abs().max() == 0

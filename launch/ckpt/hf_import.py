@@ -22,7 +22,7 @@ writes (``torch.save`` of ``{step, engine: {model}, config, source}``, a manifes
 CRC-32s), but laid out first with no tensor data (``torch.serialization.skip_data``, the
 tensors allocated and never touched, so they cost address space, not memory), then
 filled one table entry at a time through a shared memory map of the file, unmapped after
-each entry. The importer holds one entry's source and converted tensors at a time (at
+each entry (``moe ckpt upcycle`` writes the same way, a piece at a time). The importer holds one entry's source and converted tensors at a time (at
 most one layer's experts), whatever the model's size. The directory is built beside ``--out`` under a temporary name and
 renamed at the end: a failure leaves nothing at ``--out``.
 """
@@ -33,6 +33,7 @@ import json
 import mmap
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from dataclasses import replace
 from pathlib import Path
@@ -52,7 +53,6 @@ from parallel.checkpoint import (
     CheckpointError,
     ShardInfo,
     manifest_file,
-    save_checkpoint,
     state_file,
     tensor_checksums,
     write_atomically,
@@ -93,21 +93,26 @@ def check_tensors(reader: SafetensorsReader, table: list[Entry], shapes: dict[st
         )
 
 
-def convert(reader: SafetensorsReader, table: list[Entry], tied: bool) -> dict[str, torch.Tensor]:
-    """Our state dict, converting one table entry (its few HF tensors) at a time."""
-    state = {entry.ours: entry.to_ours([reader.get(name) for name in entry.hf]) for entry in table}
-    if tied:
-        state["lm_head.weight"] = state["embed.weight"]
-    return state
+Layout = dict[str, tuple[torch.Size, torch.dtype]]  # tensor name -> (shape, dtype)
 
 
-def _skeleton(reader: SafetensorsReader, table: list[Entry], tied: bool) -> dict[str, torch.Tensor]:
-    """Our state dict's tensors with the converted shapes and dtypes, allocated but never
-    written (their pages are never touched, so never resident)."""
-    state = {}
+def table_layout(reader: SafetensorsReader, table: list[Entry]) -> Layout:
+    """Our tensors' shapes and dtypes as ``table`` converts ``reader``'s, from its metadata."""
+    metas = {e.ours: e.to_ours([torch.empty(reader.shape(n), dtype=reader.dtype(n), device="meta") for n in e.hf])
+             for e in table}
+    return {name: (meta.shape, meta.dtype) for name, meta in metas.items()}
+
+
+def table_tensors(reader: SafetensorsReader, table: list[Entry]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our tensors, converting one table entry (its few HF tensors) at a time."""
     for entry in table:
-        meta = entry.to_ours([torch.empty(reader.shape(n), dtype=reader.dtype(n), device="meta") for n in entry.hf])
-        state[entry.ours] = torch.empty(meta.shape, dtype=meta.dtype)
+        yield entry.ours, entry.to_ours([reader.get(name) for name in entry.hf])
+
+
+def _skeleton(layout: Layout, tied: bool) -> dict[str, torch.Tensor]:
+    """Our state dict's tensors, allocated but never written (their pages are never
+    touched, so never resident)."""
+    state = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
     if tied:
         state["lm_head.weight"] = state["embed.weight"]
     return state
@@ -121,21 +126,24 @@ def _fill(file: Path, name: str, tensor: torch.Tensor) -> None:
     mapped["engine"]["model"][name].copy_(tensor)
 
 
-def save_streamed(ckpt_dir: Path, reader: SafetensorsReader, table: list[Entry], tied: bool,
+def save_streamed(ckpt_dir: Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], tied: bool,
                   extra: dict[str, Any]) -> None:
     """The one-process checkpoint of step 0 that ``save_checkpoint`` would write for
-    ``{"step": 0, "engine": {"model": convert(...)}, **extra}``, converting and writing one
-    table entry at a time (the module docstring); published atomically as it is."""
+    ``{"step": 0, "engine": {"model": state}, **extra}``, where ``layout`` gives every tensor's
+    shape and dtype (a tied LM head left out: it is the embedding) and ``tensors`` yields
+    each of them once, written as it comes (the module docstring); published atomically."""
 
     def write(tmp: Path) -> None:
         file = tmp / state_file(0)
         with torch.serialization.skip_data():
-            torch.save({"step": 0, "engine": {"model": _skeleton(reader, table, tied)}, **extra}, file)
+            torch.save({"step": 0, "engine": {"model": _skeleton(layout, tied)}, **extra}, file)
         checksums: dict[str, dict[str, Any]] = {}
-        for entry in table:
-            tensor = entry.to_ours([reader.get(name) for name in entry.hf])
-            _fill(file, entry.ours, tensor)
-            checksums |= tensor_checksums(tensor, f"engine.model.{entry.ours}")
+        for name, tensor in tensors:
+            _fill(file, name, tensor)
+            checksums |= tensor_checksums(tensor, f"engine.model.{name}")
+        unwritten = sorted(set(layout) - {key.removeprefix("engine.model.") for key in checksums})
+        if unwritten:  # their bytes would be whatever the disk held
+            raise RuntimeError(f"save_streamed: {unwritten[0]!r} ({len(unwritten)} such) was never written")
         if tied:
             checksums["engine.model.lm_head.weight"] = checksums["engine.model.embed.weight"]
         with open(file, "rb+") as f:
@@ -171,14 +179,6 @@ def write_config(tmp: Path, final: Path, cfg: Config, source: str, notes: dict[s
     (tmp / "config.yaml").write_text(config_yaml(cfg, header, notes))
 
 
-def write_checkpoint(tmp: Path, final: Path, state: dict[str, torch.Tensor], cfg: Config, source: str,
-                     notes: dict[str, str], extra_yaml_header: str = "") -> None:
-    """Our checkpoint (step 0, weights only, held whole) and its YAML config into ``tmp``."""
-    save_checkpoint(tmp / "checkpoints", 0, {"step": 0, "engine": {"model": state}, "config": to_dict(cfg),
-                                             "source": source}, keep=1)
-    write_config(tmp, final, cfg, source, notes, extra_yaml_header)
-
-
 def prepare_out(out: Path) -> Path:
     """Refuse an existing ``--out``; the temporary directory beside it to build into."""
     if out.exists():
@@ -208,7 +208,8 @@ def import_hf(hf_dir: Path, out: Path) -> dict[str, Any]:
         if final_tokenizer is not None:
             notes["data.tokenizer"] = f"copied from {hf_dir}"
         source = f"imported from {hf_dir.resolve()} ({arch})"
-        save_streamed(tmp / "checkpoints", reader, table, model.tie_embeddings, {"config": to_dict(cfg), "source": source})
+        save_streamed(tmp / "checkpoints", table_layout(reader, table), table_tensors(reader, table), model.tie_embeddings,
+                      {"config": to_dict(cfg), "source": source})
         write_config(tmp, out, cfg, source, notes)
         shutil.copy2(hf_dir / "config.json", tmp / "hf_config.json")
         os.replace(tmp, out)

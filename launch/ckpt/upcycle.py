@@ -4,7 +4,10 @@ granularity, megatron-core's fine-grained upcycling).
 
 ``DENSE`` is a Hugging Face ``LlamaForCausalLM``/``Qwen3ForCausalLM`` directory or our
 checkpoint (or run) of a dense model (``model.moe_every=0``). Every layer becomes an MoE
-layer; attention, norms and embeddings are copied.
+layer; attention, norms and embeddings are copied. It streams: the dense model is read one
+piece (embedding, block, norm, LM head) at a time, upcycled, and written into the
+checkpoint's reserved space (``hf_import.save_streamed``), so at most one block's experts
+are held (a Mistral 7B made 8 experts is a 47B model: 188 GB in fp32).
 
 **Construction.** Let the dense MLP be ``y = W_out · act(W_in · x)`` with F hidden units
 (SwiGLU: F (gate, up) pairs). With granularity G the layer holds ``E·G`` experts of width
@@ -28,31 +31,46 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from launch.ckpt.full_state import read_model_state
+from launch.ckpt.full_state import open_model_state, piece_of
 from launch.ckpt.hf_config import config_from_hf, read_hf_config
 from launch.ckpt.hf_import import (
+    Layout,
     check_tensors,
-    convert,
     copy_tokenizer,
     data_config,
     expected_shapes,
     prepare_out,
-    write_checkpoint,
+    save_streamed,
+    table_layout,
+    table_tensors,
+    write_config,
 )
 from launch.ckpt.safetensors_io import SafetensorsReader
-from launch.config import Config, build
+from launch.config import Config, build, to_dict
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.hf_weights import HF_NAMES, weight_table
 from parallel.checkpoint import CheckpointError
 
 
-def _dense_from_hf(hf_dir: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, str]:
+@dataclass(frozen=True)
+class DenseSource:
+    """A dense model, its tensors unread: ``layout`` (name -> shape, dtype; a tied LM head
+    left out) and ``read`` (the named tensors, read now)."""
+
+    model: ModelConfig
+    origin: str
+    layout: Layout
+    read: Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def _dense_from_hf(hf_dir: Path) -> DenseSource:
     hf, arch = read_hf_config(hf_dir)
     if HF_NAMES[arch].moe:
         raise CheckpointError(f"{hf_dir}: {arch} is already MoE; upcycle a dense LlamaForCausalLM or Qwen3ForCausalLM")
@@ -60,16 +78,19 @@ def _dense_from_hf(hf_dir: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, 
     reader = SafetensorsReader(hf_dir)
     table = weight_table(arch, model, moe)
     check_tensors(reader, table, expected_shapes(model, moe), f"{hf_dir} ({arch})")
-    return convert(reader, table, model.tie_embeddings), model, f"{hf_dir.resolve()} ({arch})"
+    return DenseSource(model, f"{hf_dir.resolve()} ({arch})", table_layout(reader, table),
+                       lambda names: dict(table_tensors(reader, [e for e in table if e.ours in names])))
 
 
-def _dense_from_ours(path: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, str]:
-    state, saved, found = read_model_state(path)
-    model = build(ModelConfig, saved["model"], "model")
+def _dense_from_ours(path: Path) -> DenseSource:
+    state = open_model_state(path)
+    model = build(ModelConfig, state.config["model"], "model")
     if model.moe_every != 0:
-        raise CheckpointError(f"checkpoint {str(found)!r} has MoE layers (model.moe_every={model.moe_every}); upcycle a dense "
-                              "model (model.moe_every=0)")
-    return state, model, str(found)
+        raise CheckpointError(f"checkpoint {str(state.found)!r} has MoE layers (model.moe_every={model.moe_every}); upcycle a "
+                              "dense model (model.moe_every=0)")
+    kept = [n for n in state.shapes if not (n == "lm_head.weight" and model.tie_embeddings)]
+    return DenseSource(model, str(state.found), {n: (torch.Size(state.shapes[n]), state.dtypes[n]) for n in kept},
+                       state.read)
 
 
 def upcycle_mlp(w_in_2FD: torch.Tensor, w_out_DF: torch.Tensor, moe: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +119,8 @@ def upcycled_config(model: ModelConfig, experts: int, top_k: int, granularity: i
 
 
 def upcycle_state(dense: dict[str, torch.Tensor], model: ModelConfig, moe: MoEConfig) -> dict[str, torch.Tensor]:
-    """The MoE state dict: each block's ``ffn.w_in``/``ffn.w_out`` become experts and a zero router."""
+    """The MoE tensors of ``dense`` (the whole model or some of its pieces): each block's
+    ``ffn.w_in``/``ffn.w_out`` become experts and a zero router; the rest is kept."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in dense.items():
         if name.endswith("ffn.w_out.weight"):
@@ -114,12 +136,29 @@ def upcycle_state(dense: dict[str, torch.Tensor], model: ModelConfig, moe: MoECo
     return out
 
 
+def upcycled_layout(dense: DenseSource, model: ModelConfig, moe: MoEConfig) -> Layout:
+    """The MoE tensors' shapes and dtypes: the construction run on meta tensors."""
+    metas = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in dense.layout.items()}
+    return {n: (t.shape, t.dtype) for n, t in upcycle_state(metas, model, moe).items()}
+
+
+def upcycled_tensors(dense: DenseSource, model: ModelConfig, moe: MoEConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The MoE tensors, one piece of the dense model (embedding, block, norm, LM head) read
+    and upcycled at a time: at most one block's experts are held."""
+    pieces: dict[str, list[str]] = {}
+    for name in dense.layout:
+        pieces.setdefault(piece_of(name), []).append(name)
+    for names in pieces.values():
+        yield from upcycle_state(dense.read(names), model, moe).items()
+
+
 def upcycle(source: Path, out: Path, experts: int, top_k: int, granularity: int = 1) -> dict[str, Any]:
     """Write the upcycled checkpoint of ``source`` (HF dense directory or our dense checkpoint) into ``out``."""
     if not source.exists():
         raise CheckpointError(f"{str(source)!r}: no such file or directory; give a dense HF model directory or checkpoint")
     is_hf = (source / "config.json").is_file()
-    dense, model, origin = _dense_from_hf(source) if is_hf else _dense_from_ours(source)
+    dense = _dense_from_hf(source) if is_hf else _dense_from_ours(source)
+    model, origin = dense.model, dense.origin
     if granularity < 1 or model.ffn_dim % granularity:
         raise CheckpointError(f"--granularity {granularity} must be >= 1 and divide the dense MLP's width model.ffn_dim={model.ffn_dim}")
     new_model, moe = upcycled_config(model, experts, top_k, granularity)
@@ -134,9 +173,12 @@ def upcycle(source: Path, out: Path, experts: int, top_k: int, granularity: int 
                  "moe.top_k": "--top-k", "moe.granularity": "--granularity: each expert a 1/G slice of the dense MLP",
                  "moe.expert_ffn_dim": "the dense MLP's width (model.ffn_dim)",
                  "train.init_from": "these weights (a fresh run: step 0, new optimizer)"}
-        write_checkpoint(tmp, out, upcycle_state(dense, new_model, moe), cfg, f"upcycled from {origin}", notes,
-                         f"\nmoe ckpt upcycle --experts {experts} --top-k {top_k} --granularity {granularity}: zero router, "
-                         "experts = dense MLP slices (launch/ckpt/upcycle.py)")
+        source_note = f"upcycled from {origin}"
+        save_streamed(tmp / "checkpoints", upcycled_layout(dense, new_model, moe), upcycled_tensors(dense, new_model, moe),
+                      new_model.tie_embeddings, {"config": to_dict(cfg), "source": source_note})
+        write_config(tmp, out, cfg, source_note, notes,
+                     f"\nmoe ckpt upcycle --experts {experts} --top-k {top_k} --granularity {granularity}: zero router, "
+                     "experts = dense MLP slices (launch/ckpt/upcycle.py)")
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
