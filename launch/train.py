@@ -652,10 +652,10 @@ class Run:
 
     def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's slice of step ``self.step``'s global batch, split into micro-batches."""
-        x_BS, y_BS = self.train_stream.batch(self.step, self.tcfg.batch_size, self.cfg.model.seq_len, self.tcfg.seed)
-        rows = self._dp_rows(self.local_batch)
+        x_BS, y_BS = self.train_stream.batch(self.step, self.tcfg.batch_size, self.cfg.model.seq_len, self.tcfg.seed,
+                                             self._dp_rows(self.local_batch))
         n_micro = self.topology.micro_batches
-        return list(zip(x_BS[rows].chunk(n_micro), y_BS[rows].chunk(n_micro)))
+        return list(zip(x_BS.chunk(n_micro), y_BS.chunk(n_micro)))
 
     @torch.no_grad()
     def _global_load(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:

@@ -163,7 +163,7 @@ def test_prepare_load_round_trip_and_meta(
         assert isinstance(stream, TokenStream)
         assert (stream.vocab_size, stream.eod) == (257, 256)
         np.testing.assert_array_equal(
-            stream.tokens.astype(np.int64), expected_stream([docs[i] for i in ids])
+            np.asarray(stream.tokens, dtype=np.int64), expected_stream([docs[i] for i in ids])
         )
         assert len(stream) == stream.tokens.size
 
@@ -211,7 +211,7 @@ def test_jsonl_documents_and_empty_skipped(tmp_path: Path) -> None:
     for split, want_val in (("train", False), ("val", True)):
         ids = [doc_id for doc_id in texts if is_val(doc_id, 0.3) == want_val]
         np.testing.assert_array_equal(
-            load_split(tmp_path / "ds", split).tokens.astype(np.int64),
+            np.asarray(load_split(tmp_path / "ds", split).tokens, dtype=np.int64),
             expected_stream([texts[i] for i in ids]),
         )
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
@@ -236,6 +236,8 @@ def test_batch_shapes_shift_and_determinism() -> None:
     assert torch.equal(x, again[0]) and torch.equal(y, again[1])
     assert not torch.equal(x, stream.batch(step=8, batch_size=4, seq_len=32, seed=1)[0])
     assert not torch.equal(x, stream.batch(step=7, batch_size=4, seq_len=32, seed=2)[0])
+    rows = stream.batch(step=7, batch_size=4, seq_len=32, seed=1, rows=slice(2, 4))  # a data-parallel rank's
+    assert torch.equal(rows[0], x[2:]) and torch.equal(rows[1], y[2:])
 
 
 def test_batch_starts_cover_the_whole_range() -> None:
@@ -256,7 +258,7 @@ def test_val_batches_fixed_and_covering() -> None:
     assert sum(y.numel() for _, y in batches) >= 400
     x = torch.cat([x for x, _ in batches]).flatten()
     y = torch.cat([y for _, y in batches]).flatten()
-    tokens = torch.from_numpy(stream.tokens)
+    tokens = torch.from_numpy(np.asarray(stream.tokens))
     assert torch.equal(x, tokens[: x.numel()])  # contiguous, non-overlapping, from the start
     assert torch.equal(y, tokens[1 : y.numel() + 1])
     again = stream.val_batches(batch_size=3, seq_len=50, n_tokens=400)
@@ -320,9 +322,12 @@ def test_token_id_outside_vocab(tmp_path: Path) -> None:
         "train": {"documents": 2, "tokens": 5}, "val": {"documents": 1, "tokens": 3},
     }
     write_raw_dataset(tmp_path / "ds", [[1, 2], [3, 300, 4]], meta)
-    with pytest.raises(DataError, match="token id 300 at position 3"):
-        load_split(tmp_path / "ds", "train")
-    assert load_split(tmp_path / "ds", "val").tokens.tolist() == [1, 2, 3, 256]
+    train = load_split(tmp_path / "ds", "train")  # loading reads the index only; each read checks its ids
+    (x, y), = train.val_batches(1, 2, 2)  # the stream is 1 2 EOD 3 300 4 EOD: a window short of the 300
+    assert x.tolist() == [[1, 2]] and y.tolist() == [[2, 256]]
+    with pytest.raises(DataError, match=r"train.bin: token id 300 at stream position 4 is outside vocab_size=257"):
+        train.val_batches(1, 6, 6)
+    assert np.asarray(load_split(tmp_path / "ds", "val").tokens).tolist() == [1, 2, 3, 256]
 
 
 def test_meta_mismatch_and_unknown_tokenizer(prepared: Path) -> None:
@@ -486,3 +491,44 @@ def test_prepare_main_exit_codes(
     argv = [str(tmp_path / "src" / "pkg0"), "--out", str(out), "--val-fraction", "0.3", "--overwrite"]
     assert prepare_main(argv) == 0
     assert json.loads((out / "meta.json").read_text())["sources"] == 8
+
+
+# The child loads a split and reads a batch, then reports how far its peak RSS (VmHWM, kB)
+# rose above its RSS after the imports (megatron-core's among them).
+_LOAD_CHILD = """
+import sys
+from pathlib import Path
+from launch.data import load_split
+from launch.data.stream import _indexed_dataset_module
+_indexed_dataset_module()
+def kb(field): return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1])
+rss = kb('VmRSS:')
+stream = load_split(Path(sys.argv[1]), "train")
+x, y = stream.batch(3, 16, 256, 0)
+print(kb('VmHWM:') - rss, len(stream), int(x.sum()))
+"""
+
+
+def test_a_split_is_read_as_it_is_sampled_not_loaded(tmp_path: Path) -> None:
+    """Loading a 268 MB split and sampling a batch raises the peak RSS by a fixed amount, less
+    than a quarter of the split (measured: 26 MB for splits of 130 and 519 MB; 8d08cec, which
+    loaded the split and built the stream with EODs, 2.4 times the split: 313 MB and 1.24 GB);
+    the batch is the one the whole stream, built in memory here, gives."""
+    import subprocess
+    import sys
+
+    (tmp_path / "src").mkdir()
+    texts = {f"doc{i:02d}.txt": f"document {i} " * 300_000 for i in range(40)}
+    for name, text in texts.items():
+        (tmp_path / "src" / name).write_text(text)
+    prepare(sorted((tmp_path / "src").iterdir()), tmp_path / "ds", 0.1)
+    size = (tmp_path / "ds" / "train.bin").stat().st_size
+    done = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(tmp_path / "ds")], cwd=Path(__file__).resolve().parent.parent,
+                          check=True, capture_output=True, text=True)
+    growth_kb, length, checksum = map(int, done.stdout.split())
+    assert size > 100e6 and growth_kb * 1024 < 0.25 * size, (growth_kb, size)
+    whole = np.concatenate([np.append(np.frombuffer(text.encode(), np.uint8), 256).astype(np.uint16)
+                            for name, text in texts.items() if not is_val(name, 0.1)])
+    assert length == whole.size
+    x, _ = TokenStream(whole, 257, 256).batch(3, 16, 256, 0)
+    assert int(x.sum()) == checksum

@@ -60,7 +60,7 @@ def test_prepared_datasets_split_each_record_by_its_id(tmp_path: Path) -> None:
         for split, want_val in (("train", False), ("val", True)):
             texts = [text for doc_id, text in ids.items() if is_val(doc_id, 0.3) == want_val]
             assert texts, (fmt, split)
-            np.testing.assert_array_equal(load_split(tmp_path / f"ds-{fmt}", split).tokens.astype(np.int64),
+            np.testing.assert_array_equal(np.asarray(load_split(tmp_path / f"ds-{fmt}", split).tokens, dtype=np.int64),
                                           expected_stream(texts))
 
 

@@ -84,7 +84,7 @@ def test_prepare_with_tokenizer_matches_transformers(bpe: Path, sources: list[Pa
         split = "val" if corpus_module._is_val(doc_id, 0.3) else "train"
         expected[split] += reference(path.read_text(), add_special_tokens=False)["input_ids"] + [0]
     for split in ("train", "val"):
-        assert load_split(tmp_path / "ds", split).tokens.tolist() == expected[split]
+        assert np.asarray(load_split(tmp_path / "ds", split).tokens).tolist() == expected[split]
     assert prepared.val.tokens == len(expected["val"]) - prepared.val.documents
 
 
@@ -104,8 +104,8 @@ def test_vocabulary_over_65536_is_stored_as_int32(tmp_path: Path) -> None:
     prepare(docs, tmp_path / "ds", 0.3, tokenizer=tokenizer)
     assert (tmp_path / "ds" / "train.bin").stat().st_size % 4 == 0
     stream = load_split(tmp_path / "ds", "train")
-    assert stream.vocab_size == 70_001 and 70_000 in stream.tokens
-    assert set(np.unique(stream.tokens).tolist()) == {0, 1, 2, 70_000}
+    assert stream.vocab_size == 70_001 and 70_000 in np.asarray(stream.tokens)
+    assert set(np.unique(np.asarray(stream.tokens)).tolist()) == {0, 1, 2, 70_000}
 
 
 def test_a_mistral_shaped_tokenizer_ends_documents_with_its_eos(sources: list[Path], tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ def test_a_mistral_shaped_tokenizer_ends_documents_with_its_eos(sources: list[Pa
     assert tokenizer.eod == reference.eos_token_id == 2
     assert tokenizer.vocab_size == backend.get_vocab_size() == len(reference)
     prepare(sources, tmp_path / "ds", 0.3, tokenizer=tokenizer)
-    ids = [load_split(tmp_path / "ds", split).tokens.tolist() for split in ("train", "val")]
+    ids = [np.asarray(load_split(tmp_path / "ds", split).tokens).tolist() for split in ("train", "val")]
     assert sorted(reference.decode(doc) for split in ids for doc in _split_at(split, 2)) == sorted(text)
 
 

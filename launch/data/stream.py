@@ -1,6 +1,6 @@
 """Reading a prepared dataset: meta.json and the megatron-core .bin/.idx files checked against
-each other, one split as a flat token stream, and the deterministic batch sampler the trainer
-reads from.
+each other, one split as a token stream read on demand from a memory map (``DocumentStream``),
+and the deterministic batch sampler the trainer reads from.
 
 megatron-core is imported inside the functions that need it: the import takes seconds and
 prints fallback warnings, and loading a ``DataConfig`` or running ``moe --help`` should pay for
@@ -92,8 +92,9 @@ def _read_index_header(idx_path: Path) -> tuple[type[np.integer], int]:
 
 
 def _read_documents(prefix: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(all tokens concatenated, per-document lengths) of one split, with .idx and .bin
-    checked against each other before any token is trusted."""
+    """(the split's tokens, documents back to back, as a read-only memory map of its .bin;
+    per-document lengths) of one split, with .idx and .bin checked against each other before
+    any token is trusted. Nothing but the index is read here."""
     IndexedDataset = _indexed_dataset_module().IndexedDataset
 
     idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
@@ -104,39 +105,30 @@ def _read_documents(prefix: Path) -> tuple[np.ndarray, np.ndarray]:
     if sequences == 0:
         raise DataError(f"{idx_path}: the split has no documents; {PREPARE_HINT} with more text")
     try:
-        # mmap=False: megatron's mmap reader cannot open an empty .bin, and its file reader
-        # is only safe once the size check below has passed (it silently under-reads).
+        # mmap=False: megatron's mmap reader cannot open an empty .bin (the size check below
+        # refuses one); only its index is used, the tokens are mapped here after that check.
         dataset = IndexedDataset(str(prefix), mmap=False)
     except AssertionError as exc:
         raise DataError(f"{idx_path}: inconsistent index ({exc}); {PREPARE_HINT} again") from None
     lengths = dataset.sequence_lengths.astype(np.int64)
     expected = int(lengths.sum()) * np.dtype(dtype).itemsize
     actual = bin_path.stat().st_size
-    if actual != expected:
+    if actual != expected or expected == 0:
         raise DataError(
             f"{bin_path}: size mismatch with {idx_path.name}: the index lists {int(lengths.sum())} "
             f"tokens ({expected} bytes) but the file has {actual} bytes; it is truncated or from "
             f"another prepare, {PREPARE_HINT} again"
         )
-    tokens = np.concatenate(dataset[0 : len(dataset)])
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
     sequence_ends = np.concatenate([[0], np.cumsum(lengths)])
     return tokens, np.diff(sequence_ends[dataset.document_indices])
 
 
-def _check_against_meta(
-    meta: dict[str, Any], meta_path: Path, split: str, tokens: np.ndarray, doc_lengths: np.ndarray
-) -> None:
-    """Token ids must fit the vocabulary (an out-of-range id would crash or silently corrupt
-    the embedding lookup), and the split's size must be the one meta.json recorded (catches
-    files mixed from two prepares)."""
-    vocab_size = int(meta["vocab_size"])
-    bad = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
-    if bad.size:
-        raise DataError(
-            f"{meta_path.parent / split}.bin: token id {int(tokens[bad[0]])} at position "
-            f"{int(bad[0])} is outside vocab_size={vocab_size} from {meta_path}; "
-            f"the data was tokenized differently, {PREPARE_HINT} again"
-        )
+def _check_against_meta(meta: dict[str, Any], meta_path: Path, split: str, tokens: np.ndarray,
+                        doc_lengths: np.ndarray) -> None:
+    """The split's size must be the one meta.json recorded (catches files mixed from two
+    prepares). Token ids are checked against the vocabulary as windows are read
+    (``DocumentStream``): a whole-split scan here would read every token on every start."""
     recorded = meta.get(split)
     found = {"documents": int(doc_lengths.size), "tokens": int(tokens.size)}
     if recorded != found:
@@ -146,8 +138,51 @@ def _check_against_meta(
         )
 
 
+class DocumentStream:
+    """The stream ``doc EOD doc EOD ...`` of a split, read on demand: ``tokens`` holds the
+    documents back to back (a memory map of the split's .bin) and the EODs are put in as
+    positions are read, so a rank holds the windows it samples, never the split (a 100B-token
+    split is 200 GB as uint16, four times that as int64). Position ``p`` of the stream is
+    token ``p - i`` of ``tokens`` when it lies in document ``i``, or that document's EOD.
+    Reading a token outside ``[0, vocab_size)`` is one ``DataError`` naming its position."""
+
+    def __init__(self, tokens: np.ndarray, doc_lengths: np.ndarray, vocab_size: int, eod: int, where: str) -> None:
+        self._tokens, self._eod, self._vocab_size, self._where = tokens, eod, vocab_size, where
+        self._lengths = doc_lengths.astype(np.int64)
+        self._firsts = np.cumsum(self._lengths + 1) - (self._lengths + 1)  # stream position of each document's start
+        self.size = int(self._lengths.sum() + self._lengths.size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        """The stream's values (int64) at an array of positions, of any shape."""
+        positions = np.asarray(positions, dtype=np.int64)
+        doc = np.searchsorted(self._firsts, positions, side="right") - 1
+        offset = positions - self._firsts[doc]
+        is_eod = offset == self._lengths[doc]
+        # An EOD reads the next document's first token, or is clipped to the last token: a
+        # value overwritten below, read only to keep the gather one vectorised read.
+        read = np.minimum(self._firsts[doc] - doc + offset, self._tokens.size - 1)
+        values = self._tokens[read].astype(np.int64)
+        values[is_eod] = self._eod
+        bad = np.flatnonzero((values < 0) | (values >= self._vocab_size))
+        if bad.size:
+            at = int(positions.reshape(-1)[bad[0]])
+            raise DataError(
+                f"{self._where}: token id {int(values.reshape(-1)[bad[0]])} at stream position {at} is outside "
+                f"vocab_size={self._vocab_size}; the data was tokenized differently, {PREPARE_HINT} again"
+            )
+        return values
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The whole stream, read (small splits and tests)."""
+        values = self[np.arange(self.size)]
+        return values if dtype is None else values.astype(dtype)
+
+
 def load_split(data_dir: Path, split: str) -> TokenStream:
-    """One split as a flat token stream, each document followed by EOD."""
+    """One split as a token stream, each document followed by EOD, read as it is sampled."""
     if split not in SPLITS:
         raise DataError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
     data_dir = Path(data_dir)
@@ -155,14 +190,7 @@ def load_split(data_dir: Path, split: str) -> TokenStream:
     tokens, doc_lengths = _read_documents(data_dir / split)
     _check_against_meta(meta, data_dir / "meta.json", split, tokens, doc_lengths)
     vocab_size, eod = int(meta["vocab_size"]), int(meta["eod"])
-    dtype = np.uint16 if vocab_size <= 2**16 else np.int64
-    stream = np.empty(tokens.size + doc_lengths.size, dtype=dtype)
-    eod_positions = np.cumsum(doc_lengths + 1) - 1
-    is_token = np.ones(stream.size, dtype=bool)
-    is_token[eod_positions] = False
-    stream[is_token] = tokens
-    stream[eod_positions] = eod
-    return TokenStream(stream, vocab_size, eod)
+    return TokenStream(DocumentStream(tokens, doc_lengths, vocab_size, eod, f"{data_dir / split}.bin"), vocab_size, eod)
 
 
 def _check_at_least(name: str, value: int, minimum: int) -> None:
@@ -173,9 +201,11 @@ def _check_at_least(name: str, value: int, minimum: int) -> None:
 
 @dataclass(frozen=True, eq=False)
 class TokenStream:
-    """A split's tokens as one flat array, sampled in fixed-length windows."""
+    """A split's tokens as one stream, sampled in fixed-length windows: ``tokens`` is an
+    array of the stream (EODs in place) or a ``DocumentStream`` reading a prepared split on
+    demand; either is indexed with arrays of positions."""
 
-    tokens: np.ndarray
+    tokens: np.ndarray | DocumentStream
     vocab_size: int
     eod: int
 
@@ -184,7 +214,7 @@ class TokenStream:
 
     def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, next-token targets) of the (seq_len + 1)-token windows at ``starts``."""
-        windows = self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+        windows = np.asarray(self.tokens[starts[:, None] + np.arange(seq_len + 1)]).astype(np.int64)
         return torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
 
     def _check_fits(self, seq_len: int) -> None:
@@ -197,12 +227,13 @@ class TokenStream:
             )
 
     def batch(
-        self, step: int, batch_size: int, seq_len: int, seed: int
+        self, step: int, batch_size: int, seq_len: int, seed: int, rows: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x_BS, y_BS`` (int64, y is x shifted by one) at random starts.
+        """``x_BS, y_BS`` (int64, y is x shifted by one) at random starts: the ``rows`` of the
+        global batch (a data-parallel rank's), the only windows read.
 
         The batch is a pure function of (seed, step): resuming at a step reproduces it exactly,
-        and data-parallel ranks can each take a slice of the same global batch.
+        and data-parallel ranks each take a slice of the same global batch.
         """
         _check_at_least("step", step, 0)
         _check_at_least("seed", seed, 0)
@@ -210,7 +241,7 @@ class TokenStream:
         self._check_fits(seq_len)
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, len(self) - seq_len - 1, size=batch_size, endpoint=True)
-        return self._windows(starts, seq_len)
+        return self._windows(starts[rows], seq_len)
 
     def val_batches(
         self, batch_size: int, seq_len: int, n_tokens: int
