@@ -200,8 +200,8 @@ def test_plan_refuses_bad_input() -> None:
 def test_routing_variants_count_the_layer_as_built() -> None:
     """Fine-grained experts (G = 2) are counted as built: 2E experts of width F/2, 2K per
     token (twice the rows, the same expert parameters, a router of 2E·D, and ep may divide
-    2E); noisy top-k's router is 2E·D (W_g and W_noise); expert choice computes cf·K rows per
-    token (each expert takes cf·T·K/E tokens)."""
+    2E); noisy top-k's router is 2E·D (W_g and W_noise); expert choice computes C·E/G rows per
+    token (each expert takes C = ceil(cf·G·K/E) tokens of a group of G; cf·K when whole)."""
     layout = ClusterLayout(tp=2, pp=1, ep=8, dp=8, global_batch=64)
     moe, D, E = QWEN.moe, QWEN.model.dim, QWEN.moe.num_experts
     fine = dataclasses.replace(moe, granularity=2)
@@ -211,6 +211,10 @@ def test_routing_variants_count_the_layer_as_built() -> None:
     assert rows_per_rank(moe, layout) == tokens * 8
     assert rows_per_rank(fine, layout) == tokens * 16
     assert rows_per_rank(choice, layout) == tokens * 8 * 2.0
+    # Where cf·G·K/E is not whole, each expert takes C = ceil(...) tokens of a sequence of G:
+    # 100-token sequences, cf 1: C = ceil(100·8/128) = 7, so 7·128/100 rows per token, not cf·K = 8.
+    short, one = dataclasses.replace(layout, seq_len=100), dataclasses.replace(choice, capacity_factor=1.0)
+    assert rows_per_rank(one, short) == pytest.approx(short.tokens / short.tp * 7 * 128 / 100)
     (dense, expert), (fine_dense, fine_expert) = (stage_param_counts(QWEN.model, m, layout, 0) for m in (moe, fine))
     layers = QWEN.model.n_layers
     assert fine_expert == pytest.approx(expert)

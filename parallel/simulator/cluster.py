@@ -86,7 +86,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from moe.accounting import attention_width, train_flops_per_token
+from moe.accounting import attention_width, experts_per_token, train_flops_per_token
 from moe.config import ConfigError, ModelConfig, MoEConfig
 from moe.mlp import input_width
 from parallel.simulator.hardware import Dispatcher, Hardware
@@ -333,10 +333,13 @@ def rows_per_rank(moe: MoEConfig, layout: ClusterLayout) -> float:
     """R: rows one rank's experts compute per micro-batch under uniform routing: its EP
     group routes ``ep·Tn·K`` rows over E experts, ``El`` of them here, each row split over etp
     (K of the built layer: ``K·G`` for fine-grained experts). Expert-choice routing
-    (Zhou et al. 2022) has each expert take ``cf·T·K/E`` tokens, ``cf·K`` rows per token."""
+    (Zhou et al. 2022) has each expert take ``C = min(ceil(cf·G·K/E), G)`` tokens of each
+    group of G (a sequence, or the micro-batch under ``expert_choice_scope=micro_batch``):
+    ``C·E/G`` rows per token (``moe.accounting.experts_per_token``, as the emulation's
+    predictor counts them; ``cf·K`` when ``cf·G·K/E`` is whole)."""
     moe = moe.fine_grained()
-    chosen = moe.capacity_factor if moe.router == "expert_choice" and moe.capacity_factor else 1.0
-    return layout.tokens / layout.tp * moe.top_k * chosen * layout.etp
+    group = layout.seq_len if moe.expert_choice_scope == "sequence" else layout.tokens
+    return layout.tokens / layout.tp * experts_per_token(moe, group) * layout.etp
 
 
 def router_width(moe: MoEConfig) -> int:
