@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from launch.config import check_creatable, check_output_file
+from launch.config import check_creatable, check_output_file, output_dir
 from moe.config import ConfigError
 
 if TYPE_CHECKING:
@@ -698,8 +698,8 @@ def _layouts_main(args: argparse.Namespace, device: torch.device) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"--steps {args.steps} --warmup {args.warmup}: need at least 1 timed step and no negative warmup")
     check_output_file(args.out, "--out", "moe bench", _is_bench_result)
-    runs = args.runs or Path(tempfile.mkdtemp(prefix="bench-layouts-"))
-    rows = bench_layouts(args.config, args.overrides, args.layouts, args.steps, args.warmup, runs)
+    with output_dir(args.runs, "bench-layouts-") as runs:
+        rows = bench_layouts(args.config, args.overrides, args.layouts, args.steps, args.warmup, runs)
     print(f"device: {device_name(device)}; {args.config} {' '.join(args.overrides)}; "
           f"median of {args.steps} steps after {args.warmup} warmup")
     print("\n".join(_layouts_table(rows)))
@@ -715,14 +715,14 @@ def _memory_main(args: argparse.Namespace, device: torch.device) -> int:
     dtypes = parse_choices(args.dtype, "--dtype", DTYPES)
     cases = memory_cases(args.config, args.overrides, args.layouts, modes, dtypes, args.steps)
     check_output_file(args.out, "--out", "moe bench", _is_bench_result)
-    runs = args.runs or Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    run_dirs = [runs / f"{i}-{case.layout}-{case.dtype}-{case.recompute}".replace(",", "_").replace("=", "")
-                for i, case in enumerate(cases)]
-    check_runs_dir(runs, run_dirs)
-    rows = []
-    for i, (case, run_dir) in enumerate(zip(cases, run_dirs)):
-        print(f"case {i + 1}/{len(cases)}: {case.layout}, {case.dtype}, recompute {case.recompute}", file=sys.stderr)
-        rows.append(run_memory_case(args.config, case, args.steps, run_dir))
+    with output_dir(args.runs, "bench-memory-") as runs:
+        run_dirs = [runs / f"{i}-{case.layout}-{case.dtype}-{case.recompute}".replace(",", "_").replace("=", "")
+                    for i, case in enumerate(cases)]
+        check_runs_dir(runs, run_dirs)
+        rows = []
+        for i, (case, run_dir) in enumerate(zip(cases, run_dirs)):
+            print(f"case {i + 1}/{len(cases)}: {case.layout}, {case.dtype}, recompute {case.recompute}", file=sys.stderr)
+            rows.append(run_memory_case(args.config, case, args.steps, run_dir))
     ratios = activation_ratios(rows)
     kind = "CUDA allocator" if device.type == "cuda" else "live CPU tensor bytes (profiler allocator accounting)"
     print(f"device: {device_name(device)}; {args.config} {' '.join(args.overrides)}; step 1 of {args.steps}; {kind}")

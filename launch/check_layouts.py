@@ -51,14 +51,13 @@ import difflib
 import json
 import math
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launch.config import Config, load_config
+from launch.config import Config, load_config, output_dir
 from launch.metrics import read_metrics
 from moe.config import ConfigError
 from parallel.config import ParallelConfig
@@ -283,8 +282,6 @@ def compare(results: list[list[dict[str, Any]]], layouts: list[Layout], rtol: fl
 
 
 def main(argv: list[str]) -> int:
-    from launch.local_launcher import start
-
     parser = argparse.ArgumentParser(prog="moe check-layouts", description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every layout")
@@ -296,7 +293,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_arguments(args.steps, args.rtol)
     layouts = parse_layouts(args.layouts)
-    out = args.out or Path(tempfile.mkdtemp(prefix="check-layouts-"))
+    with output_dir(args.out, "check-layouts-") as out:
+        return _check(args, layouts, out)
+
+
+def _check(args: argparse.Namespace, layouts: list[Layout], out: Path) -> int:
+    """Validate every layout's config, run each into ``out``, compare; 0 when they agree."""
+    from launch.local_launcher import start
+
     layouts, configs = layout_configs(args.config, args.overrides, layouts, args.steps, out)
     warning = aux_scope_warning(layouts, configs)
     if warning:

@@ -13,9 +13,11 @@ import dataclasses
 import difflib
 import math
 import os
+import tempfile
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -431,6 +433,20 @@ def check_output_file(path: Path, flag: str, command: str, ours: Callable[[Path]
     if path.is_file() and not ours(path):
         raise ConfigError(f"{flag} {str(path)!r} exists and was not written by `{command}`; choose another path")
     check_creatable(path, Path(os.path.abspath(path)).parent, flag, "a path in a writable directory")
+
+
+@contextmanager
+def output_dir(given: Path | None, prefix: str) -> Iterator[Path]:
+    """``given``, or a new temporary directory named ``prefix...``, which is removed again
+    when the block fails before writing into it: a config refused at validation leaves no
+    empty directory behind (one that holds a failed run's logs stays)."""
+    out = given if given is not None else Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield out
+    except BaseException:
+        if given is None and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def check_creatable(path: Path, directory: Path, flag: str, fix: str) -> None:

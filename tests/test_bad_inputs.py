@@ -14,6 +14,7 @@ configs, ``{scratch}`` an empty directory of the row's own.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -148,6 +149,8 @@ ROWS = (
     row("check-layouts-zero-steps", f"check-layouts {TINY} --layouts dp=1;dp=2 --steps 0", 2, "--steps 0: must be >= 1"),
     row("check-layouts-unknown-key", f"check-layouts {TINY} --layouts dp=1;sequence_paralel=true", 2,
         "(did you mean 'sequence_parallel'?)"),
+    row("check-layouts-bad-config", f"check-layouts {TINY} moe.granularity=5 --layouts dp=1;dp=2", 2,
+        "moe.granularity=5: must divide moe.expert_ffn_dim=384"),  # and no temporary run directory left
     # the routing menu: sigmoid scores, bias balancing, group-limited routing, fine-grained experts
     row("topk-groups-above-n-groups", f"train {TINY} moe.score=sigmoid moe.n_groups=2 moe.topk_groups=3", 2,
         "moe.topk_groups=3: must be in [1, moe.n_groups=2]"),
@@ -250,6 +253,8 @@ ROWS = (
         "exists and was not written by `moe bench`"),
     row("bench-layouts-out-a-directory", f"bench layouts {TINY} --layouts dp=1 --out {{fx}}/notes", 2,
         "is a directory; give a file path"),
+    row("bench-layouts-bad-config", f"bench layouts {TINY} moe.granularity=5 --layouts dp=1 --out {{scratch}}/l.json", 2,
+        "moe.granularity=5: must divide moe.expert_ffn_dim=384"),
     row("bench-layouts-runs-a-file", f"bench layouts {TINY} --layouts dp=1 --runs {{fx}}/a-file --out {{scratch}}/l.json",
         2, "a-file' is a file; give a directory"),
 )
@@ -366,21 +371,23 @@ class Outcome:
     code: int | None
     output: str
     cwd_left: list[str]
+    tmp_left: list[str]  # what it left in its own TMPDIR
 
 
 def _run(r: Row, fx: Path, base: Path) -> Outcome:
     """``moe`` with ``r``'s arguments in an empty working directory of its own."""
-    cwd, scratch = base / r.id / "cwd", base / r.id / "scratch"
+    cwd, scratch, tmp = base / r.id / "cwd", base / r.id / "scratch", base / r.id / "tmp"
     cwd.mkdir(parents=True)
     scratch.mkdir()
+    tmp.mkdir()
     argv = [a.format(fx=fx, configs=CONFIGS, scratch=scratch) for a in r.argv]
     try:
         proc = subprocess.run([sys.executable, "-m", "launch.cli", *argv], cwd=cwd, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
+                              timeout=TIMEOUT_S, env={**os.environ, "TMPDIR": str(tmp)})
         code, output = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         code, output = None, f"still running after {TIMEOUT_S} s: the input was accepted and work started ({exc})"
-    return Outcome(code, output, sorted(p.name for p in cwd.iterdir()))
+    return Outcome(code, output, sorted(p.name for p in cwd.iterdir()), sorted(p.name for p in tmp.iterdir()))
 
 
 @pytest.fixture(scope="module")
@@ -426,6 +433,7 @@ def test_bad_input(r: Row, ran: tuple[dict[str, Outcome], Path, dict]) -> None:
     errors = [line for line in outcome.output.splitlines() if line.startswith("error: ") or ": error: " in line]
     assert len(errors) == 1 and r.phrase in errors[0], shown
     assert outcome.cwd_left == [], f"{shown}\nwrote {outcome.cwd_left} into its working directory"
+    assert outcome.tmp_left == [], f"{shown}\nleft {outcome.tmp_left} in its temporary directory"
 
 
 def test_no_input_file_changed(ran: tuple[dict[str, Outcome], Path, dict]) -> None:
