@@ -532,3 +532,24 @@ def test_a_split_is_read_as_it_is_sampled_not_loaded(tmp_path: Path) -> None:
     assert length == whole.size
     x, _ = TokenStream(whole, 257, 256).batch(3, 16, 256, 0)
     assert int(x.sum()) == checksum
+
+
+def test_megatron_documents_of_several_sequences_end_once(tmp_path: Path) -> None:
+    """Megatron-LM's preprocessing with --split-sentences writes a document as several
+    sequences: the stream ends each document once, not each sequence."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    for split, docs in (("train", [([1, 2, 3], [2, 1]), ([4], [1]), ([5, 6, 7, 8], [1, 2, 1])]), ("val", [([9], [1])])):
+        builder = IndexedDatasetBuilder(str(out / f"{split}.bin"), dtype=np.uint16)
+        for tokens, lengths in docs:
+            builder.add_document(np.array(tokens, dtype=np.uint16), lengths)
+        builder.finalize(str(out / f"{split}.idx"))
+    meta = {"tokenizer": "bytes", "vocab_size": 257, "eod": 256,
+            "train": {"documents": 3, "tokens": 8}, "val": {"documents": 1, "tokens": 1}}
+    (out / "meta.json").write_text(json.dumps(meta))
+    stream = load_split(out, "train")
+    assert np.asarray(stream.tokens).tolist() == [1, 2, 3, 256, 4, 256, 5, 6, 7, 8, 256]
+    (x, y), = stream.val_batches(1, 10, 10)
+    assert x.tolist() == [[1, 2, 3, 256, 4, 256, 5, 6, 7, 8]] and y.tolist() == [[2, 3, 256, 4, 256, 5, 6, 7, 8, 256]]
