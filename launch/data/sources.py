@@ -166,7 +166,8 @@ def _jsonl_documents(lines: IO[bytes], path: Path, doc_id: str) -> Iterator[tupl
             if text:
                 yield f"{doc_id}:{lineno}", text
     except (*_damaged(), OSError) as err:
-        raise DataError(f"{path}: the compressed stream is damaged ({err}); replace the file or remove it from PATHS") from None
+        raise DataError(f"{path}: cannot be read to its end ({err}): the file (or its compressed stream) is damaged or "
+                        "truncated; replace it or remove it from PATHS") from None
 
 
 def _parquet_documents(path: Path, doc_id: str) -> Iterator[tuple[str, str]]:
